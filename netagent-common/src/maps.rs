@@ -1,0 +1,162 @@
+//! Map names and the `#[repr(C)]` keys and values stored in them.
+
+/// Global datapath configuration, `Array<GlobalConfig>` with one entry (index 0).
+pub const MAP_CONFIG: &str = "CONFIG";
+/// Per-slot configuration, `Array<SlotInfo>` indexed by slot index (entry 0 unused).
+pub const MAP_SLOTS: &str = "SLOTS";
+/// Slot namespace cookie → slot index, `HashMap<u64, u32>` (programs in a slot's
+/// namespace find their slot with `bpf_get_netns_cookie`).
+pub const MAP_NETNS_SLOTS: &str = "NETNS_SLOTS";
+/// Host-side veth ifindex → slot index, `HashMap<u32, u32>`.
+pub const MAP_VETH_SLOTS: &str = "VETH_SLOTS";
+/// Masquerade, original direction: `HashMap<FlowKey, NatEntry>`, keyed by the flow
+/// as it leaves the slot (source = vpeer IP); the value holds the uplink address
+/// and allocated port.
+pub const MAP_NAT_EGRESS: &str = "NAT_EGRESS";
+/// Masquerade, reply direction: `HashMap<FlowKey, NatEntry>`, keyed by the reply as
+/// it arrives on the uplink (destination = uplink address and allocated port); the
+/// value holds the vpeer address and original port.
+pub const MAP_NAT_INGRESS: &str = "NAT_INGRESS";
+/// Host → guest flows (DNAT of HostIP): `HashMap<FlowKey, NatEntry>` keyed by the
+/// flow as it arrives on the slot's `eth0` (destination = HostIP).
+pub const MAP_HOST_FLOWS: &str = "HOST_FLOWS";
+/// Per-slot counters, `PerCpuArray<SlotStats>` indexed by slot index. Entry 0 holds
+/// what cannot be attributed to a slot.
+pub const MAP_STATS: &str = "STATS";
+
+/// Bounded retries when a random masquerade port collides (Cilium's
+/// `SNAT_COLLISION_RETRIES`).
+pub const NAT_COLLISION_RETRIES: u32 = 32;
+/// A flow entry's `last_seen_ns` is refreshed at most this often, so established
+/// flows do not write to shared map memory on every packet.
+pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Highest slot index (DESIGN §1).
+pub const MAX_SLOT_INDEX: u32 = 32767;
+
+/// `GlobalConfig::flags`: the uplink is configured and masquerade may run.
+pub const CONFIG_F_UPLINK: u32 = 1;
+/// `SlotInfo::flags`: the slot is live; anything else makes programs pass packets.
+pub const SLOT_F_ACTIVE: u32 = 1;
+
+/// `NatEntry::state` bits (TCP), used by the userspace reaper for timeouts.
+pub const STATE_SYN: u32 = 1 << 0;
+/// A packet travelled in the reply direction.
+pub const STATE_REPLIED: u32 = 1 << 1;
+/// FIN seen from the side that opened the flow.
+pub const STATE_FIN_ORIG: u32 = 1 << 2;
+/// FIN seen from the other side.
+pub const STATE_FIN_REPLY: u32 = 1 << 3;
+/// RST seen in either direction.
+pub const STATE_RST: u32 = 1 << 4;
+
+/// IP protocol numbers the datapath translates.
+pub const IPPROTO_ICMP: u8 = 1;
+/// TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// UDP.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// The guest's address in every slot, 169.254.0.21, as a network-order `u32`
+/// (i.e. `u32::from_ne_bytes([169, 254, 0, 21])`).
+pub const GUEST_IP_BYTES: [u8; 4] = [169, 254, 0, 21];
+/// The slot-side TAP address, 169.254.0.22.
+pub const TAP_IP_BYTES: [u8; 4] = [169, 254, 0, 22];
+
+/// Global datapath configuration.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// Uplink IPv4 address, network order: the masquerade source.
+    pub uplink_ip: u32,
+    /// Uplink ifindex in the agent's (host) namespace.
+    pub uplink_ifindex: u32,
+    /// First masquerade port, host order (inclusive).
+    pub port_min: u16,
+    /// Last masquerade port, host order (inclusive).
+    pub port_max: u16,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+}
+
+/// Per-slot configuration, written by the agent when a slot is created.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// Slot-side veth address (`eth0`, "vpeer"), network order.
+    pub vpeer_ip: u32,
+    /// Host-reachable address, network order.
+    pub host_ip: u32,
+    /// Host-side veth ifindex (agent namespace).
+    pub veth_ifindex: u32,
+    /// `eth0` ifindex inside the slot namespace.
+    pub eth0_ifindex: u32,
+    /// `tap0` ifindex inside the slot namespace.
+    pub tap_ifindex: u32,
+    /// `SLOT_F_*` bits; 0 means the entry is free.
+    pub flags: u32,
+    /// MAC of the host-side veth.
+    pub veth_mac: [u8; 6],
+    /// MAC of `eth0` in the slot namespace.
+    pub eth0_mac: [u8; 6],
+}
+
+/// One direction of a flow, exactly as it appears in the packet (network order).
+/// ICMP echo uses the identifier as `sport` for requests and `dport` for replies;
+/// the other port is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address.
+    pub saddr: u32,
+    /// Destination address.
+    pub daddr: u32,
+    /// Source port (ICMP echo request: identifier).
+    pub sport: u16,
+    /// Destination port (ICMP echo reply: identifier).
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+}
+
+/// A NAT or tracked-flow entry: the address/port a packet of this direction is
+/// translated to, and the bookkeeping the reaper needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    /// `bpf_ktime_get_boot_ns` of the last packet (refreshed at most every
+    /// `FLOW_TOUCH_INTERVAL_NS`).
+    pub last_seen_ns: u64,
+    /// Translated address, network order.
+    pub addr: u32,
+    /// Translated port (or ICMP identifier), network order.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+    /// Owning slot index.
+    pub slot: u32,
+    /// `STATE_*` bits.
+    pub state: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<SlotInfo>() == 36);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers and byte
+    // arrays, with every padding byte an explicit field: any bit pattern is valid.
+    unsafe impl aya::Pod for super::GlobalConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::counters::SlotStats {}
+}

@@ -1,0 +1,1 @@
+//! TODO(owner): see the module plan in lib.rs.

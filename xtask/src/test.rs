@@ -1,0 +1,26 @@
+//! `cargo xtask test`: the whole suite, as CI runs it.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::{build_ebpf, debian, run_cmd, workspace_root};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    debian::install(debian::TEST_PACKAGES)?;
+    build_ebpf::run(&build_ebpf::Options {})?;
+    let root = workspace_root();
+    run_cmd(
+        Command::new("cargo")
+            .args(["test", "--workspace", "--all-targets", "--"])
+            .args(&opts.args)
+            .current_dir(&root),
+    )
+}
