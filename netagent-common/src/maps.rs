@@ -20,6 +20,9 @@ pub const MAP_NAT_INGRESS: &str = "NAT_INGRESS";
 /// Host → guest flows (DNAT of HostIP): `HashMap<FlowKey, NatEntry>` keyed by the
 /// flow as it arrives on the slot's `eth0` (destination = HostIP).
 pub const MAP_HOST_FLOWS: &str = "HOST_FLOWS";
+/// Addresses of the agent's own (host) namespace, `HashMap<u32, u32>` (network-order
+/// address → 1). Slot traffic to them goes to the host stack instead of the uplink.
+pub const MAP_LOCAL_ADDRS: &str = "LOCAL_ADDRS";
 /// Per-slot counters, `PerCpuArray<SlotStats>` indexed by slot index. Entry 0 holds
 /// what cannot be attributed to a slot.
 pub const MAP_STATS: &str = "STATS";
@@ -77,6 +80,10 @@ pub struct GlobalConfig {
     pub port_max: u16,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// Base of the HostIP /16, network order: slot traffic to it stays on the host.
+    pub host_base: u32,
+    /// Base of the veth /16, network order: slot traffic to it stays on the host.
+    pub vrt_base: u32,
 }
 
 /// Per-slot configuration, written by the agent when a slot is created.
@@ -141,7 +148,7 @@ pub struct NatEntry {
     pub state: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 24);
 const _: () = assert!(core::mem::size_of::<SlotInfo>() == 36);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);

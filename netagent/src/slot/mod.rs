@@ -1,5 +1,47 @@
 //! Slots: addressing, and create/delete with rollback.
+//!
+//! CONTRACT (owned by the slot/topology work; used by the controller and daemon):
+//!
+//! ```ignore
+//! pub struct SlotManager { .. }            // slot/manager.rs
+//! impl SlotManager {
+//!     /// Opens the agent (host) namespace, loads and attaches the datapath
+//!     /// (uplink from config or default route), reserves the masquerade ports,
+//!     /// removes leftovers of a crashed run of the same prefix.
+//!     pub async fn start(cfg: &Config) -> Result<Arc<SlotManager>, SlotError>;
+//!     /// Idempotent: same index and same guest link -> Ok(created = false).
+//!     /// Same index, different guest link -> SlotError::Conflict.
+//!     pub async fn create(&self, index: i64, guest: GuestLink) -> Result<(SlotAddr, bool), SlotError>;
+//!     /// SlotError::NotFound if unknown. Tries every step, reports all failures.
+//!     pub async fn delete(&self, index: i64) -> Result<(), SlotError>;
+//!     pub fn get(&self, index: i64) -> Result<Slot, SlotError>;
+//!     pub fn list(&self) -> Vec<Slot>;                   // sorted by index
+//!     pub fn stats(&self, index: i64) -> Result<SlotStats, SlotError>;
+//!     pub fn table_usage(&self) -> Result<TableUsage, SlotError>;
+//!     pub async fn reap(&self) -> Result<ReapReport, SlotError>;
+//!     /// Deletes every slot and detaches the datapath.
+//!     pub async fn shutdown(&self) -> Result<(), SlotError>;
+//! }
+//! pub struct Slot { pub addr: SlotAddr, pub guest: GuestLink }
+//! ```
+//! Requests for the same index are serialized inside the manager; different
+//! indices run concurrently.
 
 pub mod addressing;
 
 pub use addressing::{AddressPlan, AddressingError, SlotAddr};
+
+/// What the guest side of a slot is.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "guest_link", rename_all = "lowercase")]
+pub enum GuestLink {
+    /// A persistent TAP `tap0` for a VMM (the default).
+    #[default]
+    Tap,
+    /// A veth: the slot end is `tap0`, the other end becomes `eth0` in the existing
+    /// namespace `guest_netns` with the guest address and default route.
+    Veth {
+        /// Name of an existing namespace in `/run/netns`.
+        guest_netns: String,
+    },
+}
