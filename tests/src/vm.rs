@@ -1,0 +1,1 @@
+//! (fixture under construction)
