@@ -1,11 +1,57 @@
+//! netagent's TC datapath: four ingress programs, one per hook of a slot's path.
+//! The entry points only map a program's result to a verdict; the work lives in
+//! one file per concern (see each module).
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+mod conntrack;
+mod csum;
+mod fwd;
+mod maps;
+mod nat;
+mod parse;
+mod slot;
+mod stats;
+mod tap;
+mod uplink;
+mod veth;
 
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// Guest → anywhere, on `tap0` (slot namespace).
 #[classifier]
-pub fn tap_ingress(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+pub fn tap_ingress(ctx: TcContext) -> i32 {
+    match tap::try_tap_ingress(&ctx) {
+        Ok(verdict) => verdict,
+        Err(d) => stats::drop_packet(d.slot, d.reason),
+    }
+}
+
+/// Slot → world masquerade, on the host veth (agent namespace).
+#[classifier]
+pub fn veth_ingress(ctx: TcContext) -> i32 {
+    match veth::try_veth_ingress(&ctx) {
+        Ok(verdict) => verdict,
+        Err(d) => stats::drop_packet(d.slot, d.reason),
+    }
+}
+
+/// World → slot replies, on the uplink (agent namespace).
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    match uplink::try_uplink_ingress(&ctx) {
+        Ok(verdict) => verdict,
+        Err(d) => stats::drop_packet(d.slot, d.reason),
+    }
+}
+
+/// Anything → guest, on `eth0` (slot namespace).
+#[classifier]
+pub fn slot_ingress(ctx: TcContext) -> i32 {
+    match slot::try_slot_ingress(&ctx) {
+        Ok(verdict) => verdict,
+        Err(d) => stats::drop_packet(d.slot, d.reason),
+    }
 }
 
 #[cfg(not(test))]

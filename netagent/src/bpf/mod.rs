@@ -1,11 +1,12 @@
 //! The eBPF datapath from userspace: load the object, attach programs, fill and
-//! read maps, reap expired flows, pin.
+//! read maps, reap expired flows.
 //!
 //! CONTRACT (owned by the datapath work; signatures used by `slot` and the daemon):
 //!
 //! ```ignore
 //! pub struct DatapathConfig { pub max_slots: u32, pub nat_table_size: u32,
-//!     pub host_flow_table_size: u32, pub port_min: u16, pub port_max: u16 }
+//!     pub host_flow_table_size: u32, pub port_min: u16, pub port_max: u16,
+//!     pub host_base: Ipv4Addr, pub vrt_base: Ipv4Addr }   // DatapathConfig::from_config(&Config)
 //! pub struct Datapath { .. }
 //! impl Datapath {
 //!     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, BpfError>;
@@ -24,6 +25,15 @@
 //!     pub fn table_usage(&self) -> Result<TableUsage, BpfError>;
 //!     /// Removes flows idle longer than their timeout; returns how many.
 //!     pub fn reap(&mut self, timeouts: &crate::config::Timeouts) -> Result<ReapReport, BpfError>;
+//!     /// Replaces LOCAL_ADDRS (addresses of the agent namespace: slot traffic to
+//!     /// them goes up the host stack instead of being masqueraded).
+//!     pub fn set_local_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<(), BpfError>;
+//!     /// Detaches the uplink program (slots stay attached).
+//!     pub fn detach_uplink(&mut self) -> Result<(), BpfError>;
+//!     /// Runs one program once on `frame` with BPF_PROG_TEST_RUN (tests).
+//!     pub fn test_run(&self, prog: Program, frame: &[u8]) -> Result<TestRunOutput, BpfError>;
+//!     /// Direct map access for tests and diagnostics.
+//!     pub fn maps(&self) -> &Maps;  pub fn maps_mut(&mut self) -> &mut Maps;
 //! }
 //! pub struct Uplink { pub ifindex: u32, pub name: String, pub ipv4: Ipv4Addr }
 //! pub struct SlotDatapath<'a> { pub index: u32, pub netns: BorrowedFd<'a>,
@@ -31,3 +41,72 @@
 //!     pub eth0_mac: [u8; 6], pub tap_ifindex: u32, pub vpeer_ip: Ipv4Addr,
 //!     pub host_ip: Ipv4Addr }
 //! ```
+//!
+//! Files: `load` (object, map sizes, `Datapath`), `attach` (TCX with a clsact
+//! fallback, per-slot links, netns hopping), `maps` (typed map access),
+//! `reap` (flow expiry), `stats` (counters, table usage), `netns_cookie` (running
+//! code inside a slot namespace, `SO_NETNS_COOKIE`), `test_run` (BPF_PROG_TEST_RUN).
+
+mod attach;
+mod error;
+mod load;
+mod maps;
+mod netns_cookie;
+mod reap;
+mod stats;
+mod test_run;
+
+use std::net::Ipv4Addr;
+use std::os::fd::BorrowedFd;
+
+pub use error::BpfError;
+pub use load::{Datapath, DatapathConfig};
+pub use maps::{FlowTable, Maps};
+pub use netns_cookie::{current_netns_cookie, in_netns};
+pub use reap::ReapReport;
+pub use stats::TableUsage;
+pub use test_run::{Program, TEST_RUN_IFINDEX, TestRunOutput};
+
+/// The uplink: where masqueraded traffic leaves and its replies arrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uplink {
+    /// Interface index in the agent namespace.
+    pub ifindex: u32,
+    /// Interface name (for messages).
+    pub name: String,
+    /// The masquerade source address.
+    pub ipv4: Ipv4Addr,
+}
+
+/// What the datapath needs to know about one slot's links.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotDatapath<'a> {
+    /// Slot index, `1 <= index < max_slots`.
+    pub index: u32,
+    /// The slot's network namespace (an open `/run/netns/...` file).
+    pub netns: BorrowedFd<'a>,
+    /// Host-side veth ifindex (agent namespace).
+    pub veth_ifindex: u32,
+    /// Host-side veth MAC.
+    pub veth_mac: [u8; 6],
+    /// `eth0` ifindex in the slot namespace.
+    pub eth0_ifindex: u32,
+    /// `eth0` MAC.
+    pub eth0_mac: [u8; 6],
+    /// `tap0` ifindex in the slot namespace.
+    pub tap_ifindex: u32,
+    /// Slot-side veth address.
+    pub vpeer_ip: Ipv4Addr,
+    /// Host-reachable address of the slot.
+    pub host_ip: Ipv4Addr,
+}
+
+/// An IPv4 address as the datapath stores it (network order in a native `u32`).
+pub(crate) fn ip_to_map(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// The inverse of `ip_to_map`.
+pub(crate) fn ip_from_map(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr.to_ne_bytes())
+}

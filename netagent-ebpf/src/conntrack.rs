@@ -1,0 +1,128 @@
+//! Flow bookkeeping shared by the masquerade and the host → guest flows: TCP state
+//! bits, the rate-limited `last_seen` refresh, and the `HOST_FLOWS` table.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_boot_ns};
+use netagent_common::{
+    DropReason, FLOW_TOUCH_INTERVAL_NS, FlowKey, NatEntry, STATE_FIN_ORIG, STATE_FIN_REPLY,
+    STATE_REPLIED, STATE_RST, STATE_SYN,
+};
+
+use crate::{
+    maps::HOST_FLOWS,
+    parse::{L4, L4Kind},
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// `EEXIST`, as map helpers return it (negated).
+const EEXIST: i32 = 17;
+
+/// Now, on the clock userspace reads as `CLOCK_BOOTTIME`.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: a helper call without arguments.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// Which side of a flow a packet travels.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// From the side that opened the flow.
+    Original,
+    /// From the other side.
+    Reply,
+}
+
+/// The `STATE_*` bits a packet adds to its flow.
+#[inline(always)]
+pub fn state_bits(l4: &L4, dir: Dir) -> u32 {
+    let mut bits = if dir == Dir::Reply { STATE_REPLIED } else { 0 };
+    if l4.kind == L4Kind::Tcp {
+        let f = l4.tcp_flags;
+        if f & TCP_SYN != 0 && dir == Dir::Original {
+            bits |= STATE_SYN;
+        }
+        if f & TCP_FIN != 0 {
+            bits |= if dir == Dir::Original {
+                STATE_FIN_ORIG
+            } else {
+                STATE_FIN_REPLY
+            };
+        }
+        if f & TCP_RST != 0 {
+            bits |= STATE_RST;
+        }
+    }
+    bits
+}
+
+/// A bare SYN (no ACK) in the original direction: a new connection on a tuple
+/// whose previous connection may still be in the table closing.
+#[inline(always)]
+fn is_new_syn(l4: &L4, dir: Dir) -> bool {
+    l4.kind == L4Kind::Tcp && dir == Dir::Original && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Adds a packet's state bits to an entry and refreshes `last_seen_ns` at most every
+/// `FLOW_TOUCH_INTERVAL_NS`. Writes only what changes, so an established flow
+/// does not dirty the shared cache line on every packet. (Two CPUs racing here may
+/// lose a bit; the next packet of the flow sets it again.)
+#[inline(always)]
+pub fn touch(entry: *mut NatEntry, l4: &L4, dir: Dir, now: u64) {
+    // SAFETY: `entry` comes from a successful map lookup and stays valid for the
+    // rest of this program run (RCU); concurrent writers only race on plain
+    // integers.
+    let e = unsafe { &mut *entry };
+    let bits = state_bits(l4, dir);
+    let state =
+        if is_new_syn(l4, dir) && e.state & (STATE_FIN_ORIG | STATE_FIN_REPLY | STATE_RST) != 0 {
+            STATE_SYN
+        } else {
+            e.state | bits
+        };
+    if state != e.state {
+        e.state = state;
+    }
+    if now.wrapping_sub(e.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
+        e.last_seen_ns = now;
+    }
+}
+
+/// The host → guest flow this guest packet replies to, if any. `key` is the
+/// original direction as it arrived on `eth0`.
+#[inline(always)]
+pub fn host_flow_lookup(key: &FlowKey) -> Option<*mut NatEntry> {
+    HOST_FLOWS.get_ptr_mut(key)
+}
+
+/// Creates or refreshes the host → guest flow `key` (as it arrives on `eth0`),
+/// translated to `guest` (network order).
+#[inline(always)]
+pub fn host_flow_track(
+    key: &FlowKey,
+    l4: &L4,
+    slot: u32,
+    guest: u32,
+    now: u64,
+) -> Result<(), DropReason> {
+    if let Some(entry) = HOST_FLOWS.get_ptr_mut(key) {
+        touch(entry, l4, Dir::Original, now);
+        return Ok(());
+    }
+    let entry = NatEntry {
+        last_seen_ns: now,
+        addr: guest,
+        port: key.dport,
+        _pad: 0,
+        slot,
+        state: state_bits(l4, Dir::Original),
+    };
+    match HOST_FLOWS.insert(key, &entry, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Ok(()),
+        // Another CPU created it first: that entry serves as well.
+        Err(e) if e == -EEXIST => Ok(()),
+        Err(_) => Err(DropReason::NatTableFull),
+    }
+}

@@ -1,0 +1,48 @@
+//! `slot_ingress` (on `eth0`, slot namespace): packets for the vpeer address or
+//! for HostIP are for the guest. Their destination becomes 169.254.0.21 (HostIP
+//! flows are tracked so the guest's replies leave as HostIP again) and they go to
+//! `tap0` with `bpf_redirect_neigh`, which resolves the guest's MAC.
+
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use netagent_common::{Counter, DropReason, FlowKey, GUEST_IP_BYTES};
+
+use crate::{
+    conntrack, csum, fwd,
+    maps::slot_by_netns,
+    parse::{self, IP_DST_OFF},
+    stats::{self, Drop},
+};
+
+#[inline(always)]
+pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
+    let Some((slot, info)) = slot_by_netns(ctx) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let drop = |reason| Drop::new(slot, reason);
+    let Some(ip) = parse::ipv4(ctx).map_err(drop)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let to_host_ip = ip.daddr == info.host_ip;
+    if !to_host_ip && ip.daddr != info.vpeer_ip {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let l4 = parse::l4(ctx, &ip).map_err(drop)?;
+    let guest = u32::from_ne_bytes(GUEST_IP_BYTES);
+    if to_host_ip {
+        if !l4.translatable() {
+            return Err(drop(DropReason::UnsupportedProtocol));
+        }
+        let key = FlowKey {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: l4.sport,
+            dport: l4.dport,
+            proto: ip.proto,
+            _pad: [0; 3],
+        };
+        conntrack::host_flow_track(&key, &l4, slot, guest, conntrack::now_ns()).map_err(drop)?;
+    }
+    csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_DST_OFF, ip.daddr, guest).map_err(drop)?;
+    stats::count_packet(slot, Counter::TO_GUEST_PACKETS, ctx.len());
+    Ok(fwd::redirect_neigh(info.tap_ifindex))
+}

@@ -1,0 +1,95 @@
+//! `veth_ingress` (on the slot's host veth, agent namespace): the masquerade.
+//! Packets from the vpeer address to the world get the uplink address and a port
+//! allocated here, and leave with `bpf_redirect_neigh(uplink)`. Everything else
+//! (replies to the host, traffic to host addresses, ARP) goes up the host stack.
+
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use netagent_common::{Counter, DropReason, FlowKey};
+
+use crate::{
+    conntrack::{self, Dir},
+    csum::{self, PortField},
+    fwd,
+    maps::{LOCAL_ADDRS, VETH_SLOTS, global_config, slot_info},
+    nat,
+    parse::{self, IP_SRC_OFF},
+    stats::{self, Drop},
+};
+
+/// Mask of a /16, network order.
+const NET16_MASK: u32 = u32::from_ne_bytes([255, 255, 0, 0]);
+
+#[inline(always)]
+fn is_multicast_or_broadcast(addr: u32) -> bool {
+    let first = addr.to_ne_bytes()[0];
+    first >= 224 || addr == u32::MAX
+}
+
+#[inline(always)]
+pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
+    // SAFETY: reading a field of the context the kernel passed in.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the value is a plain u32 copied out right away.
+    let Some(slot) = (unsafe { VETH_SLOTS.get(&ifindex) }).copied() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let Some(info) = slot_info(slot) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let drop = |reason| Drop::new(slot, reason);
+    let Some(ip) = parse::ipv4(ctx).map_err(drop)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if ip.saddr != info.vpeer_ip {
+        return Ok(TC_ACT_OK as i32); // HostIP replies and the like: host stack
+    }
+    let Some(cfg) = global_config() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let dnet = ip.daddr & NET16_MASK;
+    if dnet == cfg.host_base
+        || dnet == cfg.vrt_base
+        || is_multicast_or_broadcast(ip.daddr)
+        || LOCAL_ADDRS.get_ptr(&ip.daddr).is_some()
+    {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let l4 = parse::l4(ctx, &ip).map_err(drop)?;
+    if !l4.translatable() {
+        return Err(drop(DropReason::UnsupportedProtocol));
+    }
+    let key = FlowKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let now = conntrack::now_ns();
+    let (nat_ip, nat_port) = match nat::snat_v4_lookup(&key) {
+        Some(entry) => {
+            conntrack::touch(entry, &l4, Dir::Original, now);
+            // SAFETY: pointer from a successful lookup, valid for this run.
+            let e = unsafe { &*entry };
+            (e.addr, e.port)
+        }
+        None => {
+            let state = conntrack::state_bits(&l4, Dir::Original);
+            match nat::snat_v4_alloc(&key, slot, cfg, state, now) {
+                Ok(e) => {
+                    stats::count(slot, Counter::NAT_ALLOCATIONS);
+                    (e.addr, e.port)
+                }
+                Err(reason) => {
+                    stats::count(slot, Counter::NAT_FAILURES);
+                    return Err(drop(reason));
+                }
+            }
+        }
+    };
+    csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip).map_err(drop)?;
+    csum::l4_port_rewrite(ctx, &l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)
+        .map_err(drop)?;
+    Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
+}

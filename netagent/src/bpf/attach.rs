@@ -1,0 +1,392 @@
+//! Attaching the programs: TCX links where the kernel has them (6.6+), a clsact
+//! qdisc and a netlink filter otherwise. Slot programs attach inside the slot
+//! namespace (see `netns_cookie::in_netns`).
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use aya::programs::{
+    ProgramError, SchedClassifier, TcAttachType,
+    tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
+};
+use netagent_common::{CONFIG_F_UPLINK, SLOT_F_ACTIVE, SlotInfo};
+
+use super::netns_cookie::{current_netns_cookie, in_netns};
+use super::test_run::Program;
+use super::{BpfError, Datapath, SlotDatapath, Uplink, ip_to_map};
+
+/// One attached program.
+pub(super) struct AttachedLink {
+    program: Program,
+    id: SchedClassifierLinkId,
+    /// A clsact/netlink filter rather than a TCX link: detaching it needs a
+    /// netlink request in the interface's namespace.
+    netlink: bool,
+}
+
+/// The uplink and its link.
+pub(super) struct AttachedUplink {
+    pub(super) uplink: Uplink,
+    link: AttachedLink,
+}
+
+/// What `attach_slot` made for one slot.
+pub(super) struct AttachedSlot {
+    /// Links inside the slot namespace (`tap_ingress`, `slot_ingress`).
+    ns_links: Vec<AttachedLink>,
+    /// `veth_ingress` on the host veth.
+    host_link: Option<AttachedLink>,
+    /// A duplicate of the slot namespace fd, kept only when a netlink filter
+    /// must be removed from inside it later.
+    netns: Option<OwnedFd>,
+    cookie: u64,
+    veth_ifindex: u32,
+}
+
+fn ifname(ifindex: u32) -> Result<String, BpfError> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has room for IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return Err(BpfError::syscall(
+            format!("if_indextoname({ifindex})"),
+            io::Error::last_os_error(),
+        ));
+    }
+    let name = CStr::from_bytes_until_nul(&buf).map_err(|e| {
+        BpfError::syscall(format!("if_indextoname({ifindex})"), io::Error::other(e))
+    })?;
+    Ok(name.to_string_lossy().into_owned())
+}
+
+fn classifier(ebpf: &mut aya::Ebpf, prog: Program) -> Result<&mut SchedClassifier, BpfError> {
+    let name = prog.name();
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|e| BpfError::program(name, "type check", e))
+}
+
+/// Whether a TCX attach failed because the kernel lacks TCX (then clsact is tried).
+fn tcx_unsupported(e: &ProgramError) -> bool {
+    match e {
+        ProgramError::SyscallError(s) => matches!(
+            s.io_error.raw_os_error(),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524 /* ENOTSUPP */)
+        ),
+        _ => false,
+    }
+}
+
+/// Attaches `prog` to ingress of `ifindex` in the calling thread's namespace.
+fn attach_ingress(
+    ebpf: &mut aya::Ebpf,
+    prog: Program,
+    ifindex: u32,
+) -> Result<AttachedLink, BpfError> {
+    let name = ifname(ifindex)?;
+    let p = classifier(ebpf, prog)?;
+    match p.attach(&name, TcAttachType::Ingress) {
+        Ok(id) => Ok(AttachedLink {
+            program: prog,
+            id,
+            netlink: false,
+        }),
+        Err(e) if tcx_unsupported(&e) => {
+            match tc::qdisc_add_clsact(&name) {
+                Ok(()) | Err(TcError::AlreadyAttached) => {}
+                Err(TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(BpfError::program(
+                        prog.name(),
+                        "adding the clsact qdisc",
+                        ProgramError::from(e),
+                    ));
+                }
+            }
+            let id = p
+                .attach_with_options(
+                    &name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+                .map_err(|e| BpfError::program(prog.name(), "attach (clsact)", e))?;
+            Ok(AttachedLink {
+                program: prog,
+                id,
+                netlink: true,
+            })
+        }
+        Err(e) => Err(BpfError::program(prog.name(), "attach (tcx)", e)),
+    }
+}
+
+/// Detaches one link in the calling thread's namespace. A link whose interface is
+/// already gone counts as detached.
+fn detach(ebpf: &mut aya::Ebpf, link: AttachedLink) -> Result<(), BpfError> {
+    let p = classifier(ebpf, link.program)?;
+    match p.detach(link.id) {
+        Ok(()) => Ok(()),
+        Err(ProgramError::TcError(TcError::NetlinkError(n)))
+            if matches!(n.raw_os_error(), Some(libc::ENODEV) | Some(libc::ENOENT)) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(BpfError::program(link.program.name(), "detach", e)),
+    }
+}
+
+impl Datapath {
+    /// Attaches `uplink_ingress` to the uplink (agent namespace = the caller's) and
+    /// writes CONFIG with the uplink's address and index.
+    pub fn attach_uplink(&mut self, uplink: &Uplink) -> Result<(), BpfError> {
+        if let Some(u) = &self.uplink {
+            return Err(BpfError::UplinkAttached(u.uplink.name.clone()));
+        }
+        let mut global = self.maps.global()?;
+        global.uplink_ip = ip_to_map(uplink.ipv4);
+        global.uplink_ifindex = uplink.ifindex;
+        global.flags |= CONFIG_F_UPLINK;
+        self.maps.write_global(&global)?;
+        match attach_ingress(&mut self.ebpf, Program::UplinkIngress, uplink.ifindex) {
+            Ok(link) => {
+                self.uplink = Some(AttachedUplink {
+                    uplink: uplink.clone(),
+                    link,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                global.flags &= !CONFIG_F_UPLINK;
+                let _ = self.maps.write_global(&global);
+                Err(e)
+            }
+        }
+    }
+
+    /// Detaches the uplink program and clears the uplink from CONFIG, so the slot
+    /// programs stop masquerading. Idempotent.
+    pub fn detach_uplink(&mut self) -> Result<(), BpfError> {
+        let mut global = self.maps.global()?;
+        global.flags &= !CONFIG_F_UPLINK;
+        self.maps.write_global(&global)?;
+        match self.uplink.take() {
+            Some(u) => detach(&mut self.ebpf, u.link),
+            None => Ok(()),
+        }
+    }
+
+    /// The uplink attached, if any.
+    pub fn uplink(&self) -> Option<&Uplink> {
+        self.uplink.as_ref().map(|u| &u.uplink)
+    }
+
+    /// Attaches `tap_ingress` (tap0) and `slot_ingress` (eth0) inside the slot
+    /// namespace and `veth_ingress` on the host veth, then fills SLOTS,
+    /// NETNS_SLOTS and VETH_SLOTS and zeroes the slot's counters. All-or-nothing:
+    /// on failure whatever was attached or written is undone.
+    pub fn attach_slot(&mut self, slot: &SlotDatapath<'_>) -> Result<(), BpfError> {
+        self.check_index(slot.index)?;
+        if self.slots.contains_key(&slot.index) {
+            return Err(BpfError::SlotAttached(slot.index));
+        }
+        let (tap_ifindex, eth0_ifindex) = (slot.tap_ifindex, slot.eth0_ifindex);
+        let ebpf = &mut self.ebpf;
+        let (cookie, ns_links) = in_netns(slot.netns, move || {
+            let cookie = current_netns_cookie()?;
+            let tap = attach_ingress(ebpf, Program::TapIngress, tap_ifindex)?;
+            match attach_ingress(ebpf, Program::SlotIngress, eth0_ifindex) {
+                Ok(eth0) => Ok((cookie, vec![tap, eth0])),
+                Err(e) => {
+                    let _ = detach(ebpf, tap);
+                    Err(e)
+                }
+            }
+        })?;
+        let netns = if ns_links.iter().any(|l| l.netlink) {
+            Some(
+                slot.netns
+                    .try_clone_to_owned()
+                    .map_err(|e| BpfError::syscall("dup(slot netns fd)", e))?,
+            )
+        } else {
+            None
+        };
+        let mut attached = AttachedSlot {
+            ns_links,
+            host_link: None,
+            netns,
+            cookie,
+            veth_ifindex: slot.veth_ifindex,
+        };
+        let result = attach_ingress(&mut self.ebpf, Program::VethIngress, slot.veth_ifindex)
+            .and_then(|link| {
+                attached.host_link = Some(link);
+                self.write_slot_maps(slot, cookie)
+            });
+        match result {
+            Ok(()) => {
+                self.slots.insert(slot.index, attached);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.clear_slot_maps(slot.index, cookie, slot.veth_ifindex);
+                let _ = self.detach_links(attached, Some(slot.netns));
+                Err(e)
+            }
+        }
+    }
+
+    fn write_slot_maps(&mut self, slot: &SlotDatapath<'_>, cookie: u64) -> Result<(), BpfError> {
+        let info = SlotInfo {
+            vpeer_ip: ip_to_map(slot.vpeer_ip),
+            host_ip: ip_to_map(slot.host_ip),
+            veth_ifindex: slot.veth_ifindex,
+            eth0_ifindex: slot.eth0_ifindex,
+            tap_ifindex: slot.tap_ifindex,
+            flags: SLOT_F_ACTIVE,
+            veth_mac: slot.veth_mac,
+            eth0_mac: slot.eth0_mac,
+        };
+        self.maps.zero_stats(slot.index)?;
+        self.maps.set_slot(slot.index, &info)?;
+        self.maps.set_netns_slot(cookie, slot.index)?;
+        self.maps.set_veth_slot(slot.veth_ifindex, slot.index)?;
+        Ok(())
+    }
+
+    /// Removes the slot's lookup entries and SLOTS entry (programs then pass its
+    /// packets), its flows, and zeroes its counters.
+    fn clear_slot_maps(
+        &mut self,
+        index: u32,
+        cookie: u64,
+        veth_ifindex: u32,
+    ) -> Result<(), BpfError> {
+        let mut errors = Vec::new();
+        let mut note = |r: Result<(), BpfError>| {
+            if let Err(e) = r {
+                errors.push(e);
+            }
+        };
+        note(self.maps.set_slot(index, &SlotInfo::default()));
+        note(self.maps.remove_netns_slot(cookie));
+        note(self.maps.remove_veth_slot(veth_ifindex));
+        note(self.maps.remove_slot_flows(index).map(|_| ()));
+        note(self.maps.zero_stats(index));
+        into_result(errors)
+    }
+
+    fn detach_links(
+        &mut self,
+        attached: AttachedSlot,
+        netns: Option<BorrowedFd<'_>>,
+    ) -> Result<(), BpfError> {
+        let mut errors = Vec::new();
+        if let Some(link) = attached.host_link
+            && let Err(e) = detach(&mut self.ebpf, link)
+        {
+            errors.push(e);
+        }
+        let (tcx, netlink): (Vec<_>, Vec<_>) =
+            attached.ns_links.into_iter().partition(|l| !l.netlink);
+        for link in tcx {
+            // Closing a TCX link's fd detaches it; no namespace needed.
+            if let Err(e) = detach(&mut self.ebpf, link) {
+                errors.push(e);
+            }
+        }
+        if !netlink.is_empty() {
+            let ns = attached.netns.as_ref().map(|fd| {
+                use std::os::fd::AsFd;
+                fd.as_fd()
+            });
+            match ns.or(netns) {
+                Some(ns) => {
+                    let ebpf = &mut self.ebpf;
+                    let r = in_netns(ns, move || {
+                        let mut errs = Vec::new();
+                        for link in netlink {
+                            if let Err(e) = detach(ebpf, link) {
+                                errs.push(e);
+                            }
+                        }
+                        into_result(errs)
+                    });
+                    if let Err(e) = r {
+                        errors.push(e);
+                    }
+                }
+                None => errors.push(BpfError::Config(
+                    "a clsact filter in the slot namespace could not be removed: no namespace fd"
+                        .into(),
+                )),
+            }
+        }
+        into_result(errors)
+    }
+
+    /// Detaches the slot's programs and removes every map entry of the slot (slot
+    /// info, lookups, NAT and host-flow entries, counters). Idempotent: an unknown
+    /// slot still gets its SLOTS entry, flows and counters cleared.
+    pub fn detach_slot(&mut self, index: u32) -> Result<(), BpfError> {
+        self.check_index(index)?;
+        let mut errors = Vec::new();
+        match self.slots.remove(&index) {
+            Some(attached) => {
+                let (cookie, veth) = (attached.cookie, attached.veth_ifindex);
+                // Maps first: from here on the programs pass this slot's packets
+                // and create no new flows for it.
+                if let Err(e) = self.maps.set_slot(index, &SlotInfo::default()) {
+                    errors.push(e);
+                }
+                if let Err(e) = self.detach_links(attached, None) {
+                    errors.push(e);
+                }
+                if let Err(e) = self.clear_slot_maps(index, cookie, veth) {
+                    errors.push(e);
+                }
+            }
+            None => {
+                // Not attached by us (e.g. a previous run): clear what is keyed by
+                // the index, and any lookup entry that points at it.
+                for (cookie, i) in self.maps.netns_slots()? {
+                    if i == index
+                        && let Err(e) = self.maps.remove_netns_slot(cookie)
+                    {
+                        errors.push(e);
+                    }
+                }
+                for (ifindex, i) in self.maps.veth_slots()? {
+                    if i == index
+                        && let Err(e) = self.maps.remove_veth_slot(ifindex)
+                    {
+                        errors.push(e);
+                    }
+                }
+                if let Err(e) = self.maps.set_slot(index, &SlotInfo::default()) {
+                    errors.push(e);
+                }
+                if let Err(e) = self.maps.remove_slot_flows(index) {
+                    errors.push(e);
+                }
+                if let Err(e) = self.maps.zero_stats(index) {
+                    errors.push(e);
+                }
+            }
+        }
+        into_result(errors)
+    }
+}
+
+fn into_result(mut errors: Vec<BpfError>) -> Result<(), BpfError> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        _ => Err(BpfError::Multiple(errors)),
+    }
+}

@@ -1,0 +1,180 @@
+//! Loading the embedded object with map sizes from the configuration.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use aya::{EbpfLoader, programs::SchedClassifier};
+use netagent_common::{
+    MAP_HOST_FLOWS, MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_NETNS_SLOTS, MAP_SLOTS, MAP_STATS,
+    MAP_VETH_SLOTS, MAX_SLOT_INDEX,
+};
+
+use super::attach::{AttachedSlot, AttachedUplink};
+use super::maps::Maps;
+use super::test_run::Program;
+use super::{BpfError, ip_to_map};
+use crate::config::Config;
+
+/// The eBPF object built by `cargo xtask build-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netagent-ebpf.o"));
+
+/// Map sizes and the masquerade range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Entries of the per-slot maps; slot indices must be `< max_slots`.
+    pub max_slots: u32,
+    /// Entries of each masquerade table (NAT_EGRESS, NAT_INGRESS).
+    pub nat_table_size: u32,
+    /// Entries of HOST_FLOWS.
+    pub host_flow_table_size: u32,
+    /// First masquerade port (inclusive).
+    pub port_min: u16,
+    /// Last masquerade port (inclusive).
+    pub port_max: u16,
+    /// Base of the HostIP /16: slot traffic to it is not masqueraded.
+    pub host_base: Ipv4Addr,
+    /// Base of the veth /16: slot traffic to it is not masqueraded.
+    pub vrt_base: Ipv4Addr,
+}
+
+/// Entries of LOCAL_ADDRS (addresses of the agent namespace).
+pub const LOCAL_ADDRS_SIZE: u32 = 256;
+
+impl DatapathConfig {
+    /// The datapath part of the agent configuration.
+    pub fn from_config(cfg: &Config) -> Self {
+        DatapathConfig {
+            max_slots: cfg.max_slots,
+            nat_table_size: cfg.nat.table_size,
+            host_flow_table_size: cfg.nat.host_flow_table_size,
+            port_min: cfg.nat.port_min,
+            port_max: cfg.nat.port_max,
+            host_base: cfg.host_base,
+            vrt_base: cfg.vrt_base,
+        }
+    }
+
+    fn validate(&self) -> Result<(), BpfError> {
+        if self.max_slots < 2 || self.max_slots > MAX_SLOT_INDEX + 1 {
+            return Err(BpfError::Config(format!(
+                "max_slots is {}, it must be in 2..={}",
+                self.max_slots,
+                MAX_SLOT_INDEX + 1
+            )));
+        }
+        if self.nat_table_size == 0 || self.host_flow_table_size == 0 {
+            return Err(BpfError::Config(
+                "nat.table_size and nat.host_flow_table_size must be at least 1".into(),
+            ));
+        }
+        if self.port_min == 0 || self.port_min > self.port_max {
+            return Err(BpfError::Config(format!(
+                "masquerade port range {}..={} is empty or starts at 0",
+                self.port_min, self.port_max
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig::from_config(&Config::default())
+    }
+}
+
+/// The loaded datapath: programs, maps and what is attached where.
+pub struct Datapath {
+    pub(super) ebpf: aya::Ebpf,
+    pub(super) maps: Maps,
+    pub(super) cfg: DatapathConfig,
+    pub(super) uplink: Option<AttachedUplink>,
+    pub(super) slots: HashMap<u32, AttachedSlot>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("cfg", &self.cfg)
+            .field("uplink", &self.uplink.as_ref().map(|u| &u.uplink))
+            .field("slots", &self.slots.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Datapath {
+    /// Loads the object, sizes the maps and loads (verifies) all four programs.
+    /// Nothing is attached yet.
+    pub fn load(cfg: &DatapathConfig) -> Result<Datapath, BpfError> {
+        cfg.validate()?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_SLOTS, cfg.max_slots)
+            .map_max_entries(MAP_STATS, cfg.max_slots)
+            .map_max_entries(MAP_NETNS_SLOTS, cfg.max_slots)
+            .map_max_entries(MAP_VETH_SLOTS, cfg.max_slots)
+            .map_max_entries(MAP_NAT_EGRESS, cfg.nat_table_size)
+            .map_max_entries(MAP_NAT_INGRESS, cfg.nat_table_size)
+            .map_max_entries(MAP_HOST_FLOWS, cfg.host_flow_table_size)
+            .map_max_entries(netagent_common::MAP_LOCAL_ADDRS, LOCAL_ADDRS_SIZE)
+            .load(OBJECT)
+            .map_err(|e| BpfError::Load(Box::new(e)))?;
+        for prog in Program::ALL {
+            let name = prog.name();
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|e| BpfError::program(name, "type check", e))?;
+            p.load().map_err(|e| BpfError::program(name, "load", e))?;
+        }
+        let mut maps = Maps::take(&mut ebpf)?;
+        let mut global = maps.global()?;
+        global.port_min = cfg.port_min;
+        global.port_max = cfg.port_max;
+        global.host_base = ip_to_map(cfg.host_base);
+        global.vrt_base = ip_to_map(cfg.vrt_base);
+        maps.write_global(&global)?;
+        Ok(Datapath {
+            ebpf,
+            maps,
+            cfg: cfg.clone(),
+            uplink: None,
+            slots: HashMap::new(),
+        })
+    }
+
+    /// The configuration the datapath was loaded with.
+    pub fn config(&self) -> &DatapathConfig {
+        &self.cfg
+    }
+
+    /// Typed access to the maps (tests seed and read them here).
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// Mutable typed access to the maps.
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// Indices of the slots attached through this `Datapath`.
+    pub fn attached_slots(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.slots.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub(super) fn check_index(&self, index: u32) -> Result<(), BpfError> {
+        if index == 0 || index >= self.cfg.max_slots {
+            return Err(BpfError::SlotIndex {
+                index,
+                max_slots: self.cfg.max_slots,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,141 @@
+//! Flow expiry: entries idle longer than their protocol/state timeout are
+//! removed, both directions of a masquerade flow together. The datapath stamps
+//! `last_seen_ns` with `bpf_ktime_get_boot_ns`, i.e. `CLOCK_BOOTTIME`.
+
+use netagent_common::{
+    FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatEntry, STATE_FIN_ORIG, STATE_FIN_REPLY,
+    STATE_REPLIED, STATE_RST,
+};
+
+use super::maps::FlowTable;
+use super::{BpfError, Datapath};
+use crate::config::Timeouts;
+
+/// What one reaper pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReapReport {
+    /// Masquerade flows removed (each is an egress and an ingress entry).
+    pub nat_flows: usize,
+    /// Stray masquerade entries removed (one direction without the other).
+    pub nat_orphans: usize,
+    /// Host → guest flows removed.
+    pub host_flows: usize,
+}
+
+impl ReapReport {
+    /// Everything removed.
+    pub fn total(&self) -> usize {
+        self.nat_flows + self.nat_orphans + self.host_flows
+    }
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds.
+pub(super) fn boottime_ns() -> Result<u64, BpfError> {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map_err(|e| BpfError::syscall("clock_gettime(CLOCK_BOOTTIME)", e.into()))?;
+    Ok(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+}
+
+/// The idle timeout, in nanoseconds, of a flow of protocol `proto` whose two
+/// directions together have the `STATE_*` bits `state`.
+pub fn timeout_ns(timeouts: &Timeouts, proto: u8, state: u32) -> u64 {
+    let secs = match proto {
+        IPPROTO_TCP => {
+            if state & STATE_RST != 0
+                || state & (STATE_FIN_ORIG | STATE_FIN_REPLY) == (STATE_FIN_ORIG | STATE_FIN_REPLY)
+            {
+                timeouts.tcp_closing
+            } else if state & STATE_REPLIED != 0 {
+                timeouts.tcp_established
+            } else {
+                timeouts.tcp_opening
+            }
+        }
+        IPPROTO_UDP => timeouts.udp,
+        IPPROTO_ICMP => timeouts.icmp,
+        _ => timeouts.udp,
+    };
+    secs.saturating_mul(1_000_000_000)
+}
+
+/// The NAT_INGRESS key of the masquerade flow whose NAT_EGRESS entry is `(k, e)`.
+pub fn reverse_of_egress(k: &FlowKey, e: &NatEntry) -> FlowKey {
+    FlowKey {
+        saddr: k.daddr,
+        daddr: e.addr,
+        sport: k.dport,
+        dport: e.port,
+        proto: k.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The NAT_EGRESS key of the masquerade flow whose NAT_INGRESS entry is `(k, e)`.
+pub fn egress_of_reverse(k: &FlowKey, e: &NatEntry) -> FlowKey {
+    FlowKey {
+        saddr: e.addr,
+        daddr: k.saddr,
+        sport: e.port,
+        dport: k.sport,
+        proto: k.proto,
+        _pad: [0; 3],
+    }
+}
+
+impl Datapath {
+    /// Removes flows idle longer than their timeout; returns how many.
+    pub fn reap(&mut self, timeouts: &Timeouts) -> Result<ReapReport, BpfError> {
+        self.reap_at(timeouts, boottime_ns()?)
+    }
+
+    /// `reap` as if the time (`CLOCK_BOOTTIME`) were `now_ns` (tests).
+    pub fn reap_at(&mut self, timeouts: &Timeouts, now_ns: u64) -> Result<ReapReport, BpfError> {
+        let mut report = ReapReport::default();
+        let maps = &mut self.maps;
+
+        // Masquerade flows: judged on both directions together.
+        for (key, egress) in maps.flows(FlowTable::NatEgress)? {
+            let rkey = reverse_of_egress(&key, &egress);
+            let ingress = maps.flow(FlowTable::NatIngress, &rkey)?;
+            let (state, last) = match &ingress {
+                Some(i) => (
+                    egress.state | i.state,
+                    egress.last_seen_ns.max(i.last_seen_ns),
+                ),
+                None => (egress.state, egress.last_seen_ns),
+            };
+            if now_ns.saturating_sub(last) > timeout_ns(timeouts, key.proto, state) {
+                // Reply direction first: a reply arriving in between finds no entry
+                // and goes to the host, rather than to a flow about to vanish.
+                maps.remove_flow(FlowTable::NatIngress, &rkey)?;
+                maps.remove_flow(FlowTable::NatEgress, &key)?;
+                if ingress.is_some() {
+                    report.nat_flows += 1;
+                } else {
+                    report.nat_orphans += 1;
+                }
+            }
+        }
+        // Reply entries whose egress entry is gone (an allocation undone halfway, or
+        // a flow removed above between the two deletes).
+        for (key, ingress) in maps.flows(FlowTable::NatIngress)? {
+            let ekey = egress_of_reverse(&key, &ingress);
+            if maps.flow(FlowTable::NatEgress, &ekey)?.is_none()
+                && now_ns.saturating_sub(ingress.last_seen_ns)
+                    > timeout_ns(timeouts, key.proto, ingress.state)
+            {
+                maps.remove_flow(FlowTable::NatIngress, &key)?;
+                report.nat_orphans += 1;
+            }
+        }
+        for (key, flow) in maps.flows(FlowTable::HostFlows)? {
+            if now_ns.saturating_sub(flow.last_seen_ns)
+                > timeout_ns(timeouts, key.proto, flow.state)
+            {
+                maps.remove_flow(FlowTable::HostFlows, &key)?;
+                report.host_flows += 1;
+            }
+        }
+        Ok(report)
+    }
+}
