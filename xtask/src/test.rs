@@ -16,6 +16,7 @@ pub struct Options {
 pub fn run(opts: &Options) -> Result<()> {
     debian::install(debian::TEST_PACKAGES)?;
     build_ebpf::run(&build_ebpf::Options {})?;
+    crate::guest::run(&crate::guest::Options {})?;
     let root = workspace_root();
     run_cmd(
         Command::new("cargo")
