@@ -1,1 +1,557 @@
-//! TODO(owner): see the module plan in lib.rs.
+//! The controller applies the actions the API layer parsed from requests. It
+//! validates what the API could not (index range, guest namespace name), calls the
+//! slot backend and shapes the results. The backend is the slot manager in the
+//! daemon and an in-memory fake in unit tests.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use netagent_common::SlotStats;
+use serde::{Deserialize, Serialize};
+
+use crate::slot::{AddressPlan, AddressingError, GuestLink, SlotAddr};
+use crate::stats::{MetricsSnapshot, SlotCounters, TableGauge, render_prometheus};
+
+/// A boxed, sendable future (the backend trait is object-safe with it).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A slot as the API returns it: DESIGN §4's slot object, plus `guest_link`
+/// (`"tap"` or `"veth"`) and, for a veth, `guest_netns`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotView {
+    /// Names and addresses.
+    #[serde(flatten)]
+    pub addr: SlotAddr,
+    /// What the guest side is.
+    #[serde(flatten)]
+    pub guest: GuestLink,
+}
+
+/// The answer of `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// `"ok"` while the datapath is loaded, `"stopping"` during shutdown.
+    pub status: String,
+    /// Slots that exist.
+    pub slots: usize,
+    /// Datapath programs loaded.
+    pub programs_loaded: u64,
+}
+
+/// What went wrong applying an action; the API maps each kind to a status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControllerError {
+    /// The slot index is outside what this agent serves.
+    #[error("{0}")]
+    Index(#[from] AddressingError),
+    /// The index is valid in general but not below this agent's `max_slots`.
+    #[error("slot index {index} is out of range for this agent: max_slots is {max_slots}, so use 1 to {}", max_slots - 1)]
+    AboveMaxSlots {
+        /// The index.
+        index: i64,
+        /// The configured `max_slots`.
+        max_slots: u32,
+    },
+    /// The request is malformed in a way only the controller can see.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The slot does not exist.
+    #[error("slot {0} does not exist")]
+    NotFound(i64),
+    /// The slot exists with a different guest link.
+    #[error("{0}")]
+    Conflict(String),
+    /// The agent is shutting down or its datapath is not loaded.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The operation failed on the host (netlink, BPF); the message says which step.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Flows removed by one reaper run.
+pub type Reaped = u64;
+
+/// What the controller needs from the slot manager. Methods mirror
+/// `slot::SlotManager` (see the contract in `slot/mod.rs`).
+pub trait SlotBackend: Send + Sync + 'static {
+    /// Creates slot `index`; `Ok((slot, false))` if it already existed identically.
+    fn create(
+        &self,
+        index: i64,
+        guest: GuestLink,
+    ) -> BoxFuture<'_, Result<(SlotView, bool), ControllerError>>;
+    /// Deletes slot `index`.
+    fn delete(&self, index: i64) -> BoxFuture<'_, Result<(), ControllerError>>;
+    /// One slot.
+    fn get(&self, index: i64) -> Result<SlotView, ControllerError>;
+    /// Every slot, sorted by index.
+    fn list(&self) -> Vec<SlotView>;
+    /// One slot's counters summed over CPUs.
+    fn stats(&self, index: i64) -> Result<SlotStats, ControllerError>;
+    /// Occupancy of the NAT and flow tables.
+    fn tables(&self) -> Result<Vec<TableGauge>, ControllerError>;
+    /// Datapath programs loaded and attachments in place.
+    fn programs(&self) -> (u64, u64);
+    /// Removes expired flows.
+    fn reap(&self) -> BoxFuture<'_, Result<Reaped, ControllerError>>;
+    /// Deletes every slot and detaches the datapath.
+    fn shutdown(&self) -> BoxFuture<'_, Result<(), ControllerError>>;
+}
+
+/// A documented action, parsed from one API request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `PUT /v1/slots/{n}`.
+    CreateSlot {
+        /// Slot index as given.
+        index: i64,
+        /// The guest side.
+        guest: GuestLink,
+    },
+    /// `DELETE /v1/slots/{n}`.
+    DeleteSlot {
+        /// Slot index as given.
+        index: i64,
+    },
+    /// `GET /v1/slots/{n}`.
+    GetSlot {
+        /// Slot index as given.
+        index: i64,
+    },
+    /// `GET /v1/slots`.
+    ListSlots,
+    /// `GET /v1/slots/{n}/stats`.
+    SlotStats {
+        /// Slot index as given.
+        index: i64,
+    },
+    /// `GET /metrics`.
+    Metrics,
+    /// `GET /healthz`.
+    Health,
+}
+
+/// The result of an action.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// A slot; `created` is false when it already existed identically.
+    Slot {
+        /// The slot.
+        slot: SlotView,
+        /// Whether this request made it.
+        created: bool,
+    },
+    /// The slot is gone.
+    Deleted,
+    /// Every slot.
+    Slots(Vec<SlotView>),
+    /// One slot's counters.
+    Stats(SlotCounters),
+    /// Prometheus text.
+    Metrics(String),
+    /// Health; `healthy` false answers 503.
+    Health {
+        /// The body.
+        health: Health,
+        /// Whether the datapath is loaded and serving.
+        healthy: bool,
+    },
+}
+
+/// Applies actions to a backend.
+pub struct Controller {
+    backend: Arc<dyn SlotBackend>,
+    plan: AddressPlan,
+    max_slots: u32,
+    serving: AtomicBool,
+    reaped: AtomicU64,
+    reap_errors: AtomicU64,
+}
+
+/// Longest namespace name accepted (a file name in `/run/netns`).
+const NETNS_NAME_MAX: usize = 255;
+
+impl Controller {
+    /// A controller over `backend`; `plan` and `max_slots` come from the config.
+    pub fn new(backend: Arc<dyn SlotBackend>, plan: AddressPlan, max_slots: u32) -> Controller {
+        Controller {
+            backend,
+            plan,
+            max_slots,
+            serving: AtomicBool::new(true),
+            reaped: AtomicU64::new(0),
+            reap_errors: AtomicU64::new(0),
+        }
+    }
+
+    fn check_index(&self, index: i64) -> Result<(), ControllerError> {
+        self.plan.slot(index)?;
+        if index >= i64::from(self.max_slots) {
+            return Err(ControllerError::AboveMaxSlots {
+                index,
+                max_slots: self.max_slots,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_serving(&self) -> Result<(), ControllerError> {
+        if self.serving.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(ControllerError::Unavailable(
+                "netagent is shutting down: retry against the next instance".into(),
+            ))
+        }
+    }
+
+    /// Applies one action.
+    pub async fn apply(&self, action: Action) -> Result<Outcome, ControllerError> {
+        match action {
+            Action::CreateSlot { index, guest } => {
+                self.check_index(index)?;
+                check_guest(&guest)?;
+                self.check_serving()?;
+                let (slot, created) = self.backend.create(index, guest).await?;
+                Ok(Outcome::Slot { slot, created })
+            }
+            Action::DeleteSlot { index } => {
+                self.check_index(index)?;
+                self.check_serving()?;
+                self.backend.delete(index).await?;
+                Ok(Outcome::Deleted)
+            }
+            Action::GetSlot { index } => {
+                self.check_index(index)?;
+                Ok(Outcome::Slot {
+                    slot: self.backend.get(index)?,
+                    created: false,
+                })
+            }
+            Action::ListSlots => Ok(Outcome::Slots(self.backend.list())),
+            Action::SlotStats { index } => {
+                self.check_index(index)?;
+                let stats = self.backend.stats(index)?;
+                Ok(Outcome::Stats(SlotCounters::from_stats(
+                    index as u32,
+                    &stats,
+                )))
+            }
+            Action::Metrics => Ok(Outcome::Metrics(render_prometheus(&self.metrics()?))),
+            Action::Health => {
+                let (programs_loaded, _) = self.backend.programs();
+                let serving = self.serving.load(Ordering::Acquire);
+                let healthy = serving && programs_loaded > 0;
+                Ok(Outcome::Health {
+                    health: Health {
+                        status: if !serving {
+                            "stopping"
+                        } else if healthy {
+                            "ok"
+                        } else {
+                            "datapath not loaded"
+                        }
+                        .into(),
+                        slots: self.backend.list().len(),
+                        programs_loaded,
+                    },
+                    healthy,
+                })
+            }
+        }
+    }
+
+    /// Gathers every counter and gauge for `/metrics`.
+    pub fn metrics(&self) -> Result<MetricsSnapshot, ControllerError> {
+        let mut slots = Vec::new();
+        for slot in self.backend.list() {
+            let index = i64::from(slot.addr.index);
+            match self.backend.stats(index) {
+                Ok(stats) => slots.push(SlotCounters::from_stats(slot.addr.index, &stats)),
+                // Deleted between list and read: leave it out.
+                Err(ControllerError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (programs_loaded, program_attachments) = self.backend.programs();
+        Ok(MetricsSnapshot {
+            slots,
+            tables: self.backend.tables()?,
+            programs_loaded,
+            program_attachments,
+            reaped_flows: self.reaped.load(Ordering::Relaxed),
+            reap_errors: self.reap_errors.load(Ordering::Relaxed),
+        })
+    }
+
+    /// One reaper run; failures are counted and logged, never fatal.
+    pub async fn reap_once(&self) {
+        match self.backend.reap().await {
+            Ok(n) => {
+                self.reaped.fetch_add(n, Ordering::Relaxed);
+                if n > 0 {
+                    tracing::debug!(flows = n, "reaped expired flows");
+                }
+            }
+            Err(e) => {
+                self.reap_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "reaping expired flows failed");
+            }
+        }
+    }
+
+    /// Stops accepting changes and deletes every slot (see `daemon` for why).
+    pub async fn shutdown(&self) -> Result<(), ControllerError> {
+        self.serving.store(false, Ordering::Release);
+        self.backend.shutdown().await
+    }
+}
+
+/// Starts the real backend: the slot manager (loads and attaches the datapath).
+pub async fn start_backend(
+    _config: &crate::config::Config,
+) -> Result<Arc<dyn SlotBackend>, crate::error::DaemonError> {
+    Err(crate::error::DaemonError::Start(
+        "this build has no slot manager yet (netagent/src/slot/manager.rs)".into(),
+    ))
+}
+
+/// Removes every resource of `config`'s prefix (no agent may run); returns how
+/// many were removed.
+pub async fn cleanup(_config: &crate::config::Config) -> Result<usize, crate::error::CliError> {
+    Err(crate::error::CliError::Cleanup(
+        "this build has no cleanup yet (netagent/src/cleanup.rs)".into(),
+    ))
+}
+
+fn check_guest(guest: &GuestLink) -> Result<(), ControllerError> {
+    if let GuestLink::Veth { guest_netns } = guest {
+        let ok = !guest_netns.is_empty()
+            && guest_netns.len() <= NETNS_NAME_MAX
+            && guest_netns != "."
+            && guest_netns != ".."
+            && !guest_netns.contains(['/', '\0']);
+        if !ok {
+            return Err(ControllerError::BadRequest(format!(
+                "guest_netns {guest_netns:?} is not a namespace name: give the name of an existing namespace in /run/netns"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An in-memory backend for unit tests of the API and controller.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use netagent_common::Counter;
+
+    use super::*;
+
+    /// Slots in a map; every slot reports the same counters.
+    pub struct FakeBackend {
+        plan: AddressPlan,
+        slots: Mutex<BTreeMap<u32, SlotView>>,
+    }
+
+    impl FakeBackend {
+        pub fn new() -> Arc<FakeBackend> {
+            Arc::new(FakeBackend {
+                plan: AddressPlan::new(
+                    "wrenn",
+                    std::net::Ipv4Addr::new(10, 11, 0, 0),
+                    std::net::Ipv4Addr::new(10, 12, 0, 0),
+                )
+                .unwrap(),
+                slots: Mutex::new(BTreeMap::new()),
+            })
+        }
+
+        pub fn plan(&self) -> AddressPlan {
+            self.plan.clone()
+        }
+    }
+
+    impl SlotBackend for FakeBackend {
+        fn create(
+            &self,
+            index: i64,
+            guest: GuestLink,
+        ) -> BoxFuture<'_, Result<(SlotView, bool), ControllerError>> {
+            Box::pin(async move {
+                let addr = self.plan.slot(index)?;
+                let mut slots = self.slots.lock().unwrap();
+                if let Some(existing) = slots.get(&addr.index) {
+                    return if existing.guest == guest {
+                        Ok((existing.clone(), false))
+                    } else {
+                        Err(ControllerError::Conflict(format!(
+                            "slot {index} exists with another guest link"
+                        )))
+                    };
+                }
+                let view = SlotView { addr, guest };
+                slots.insert(view.addr.index, view.clone());
+                Ok((view, true))
+            })
+        }
+
+        fn delete(&self, index: i64) -> BoxFuture<'_, Result<(), ControllerError>> {
+            Box::pin(async move {
+                let mut slots = self.slots.lock().unwrap();
+                slots
+                    .remove(&(index as u32))
+                    .map(|_| ())
+                    .ok_or(ControllerError::NotFound(index))
+            })
+        }
+
+        fn get(&self, index: i64) -> Result<SlotView, ControllerError> {
+            let slots = self.slots.lock().unwrap();
+            slots
+                .get(&(index as u32))
+                .cloned()
+                .ok_or(ControllerError::NotFound(index))
+        }
+
+        fn list(&self) -> Vec<SlotView> {
+            self.slots.lock().unwrap().values().cloned().collect()
+        }
+
+        fn stats(&self, index: i64) -> Result<SlotStats, ControllerError> {
+            self.get(index)?;
+            let mut stats = SlotStats::default();
+            stats.counters[Counter::FROM_GUEST_PACKETS] = 3;
+            stats.counters[Counter::FROM_GUEST_BYTES] = 300;
+            Ok(stats)
+        }
+
+        fn tables(&self) -> Result<Vec<TableGauge>, ControllerError> {
+            Ok(vec![TableGauge {
+                table: "nat_egress".into(),
+                entries: 0,
+                capacity: 16,
+            }])
+        }
+
+        fn programs(&self) -> (u64, u64) {
+            (4, 1 + 3 * self.slots.lock().unwrap().len() as u64)
+        }
+
+        fn reap(&self) -> BoxFuture<'_, Result<Reaped, ControllerError>> {
+            Box::pin(async { Ok(0) })
+        }
+
+        fn shutdown(&self) -> BoxFuture<'_, Result<(), ControllerError>> {
+            Box::pin(async {
+                self.slots.lock().unwrap().clear();
+                Ok(())
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeBackend;
+    use super::*;
+
+    fn controller() -> Controller {
+        let backend = FakeBackend::new();
+        let plan = backend.plan();
+        Controller::new(backend, plan, 32768)
+    }
+
+    #[tokio::test]
+    async fn create_is_idempotent_and_conflicts_on_another_guest() {
+        let c = controller();
+        let create = |guest| Action::CreateSlot { index: 5, guest };
+        let Outcome::Slot { created, slot } = c.apply(create(GuestLink::Tap)).await.unwrap() else {
+            panic!()
+        };
+        assert!(created);
+        assert_eq!(slot.addr.host_ip.to_string(), "10.11.0.5");
+        let Outcome::Slot { created, .. } = c.apply(create(GuestLink::Tap)).await.unwrap() else {
+            panic!()
+        };
+        assert!(!created);
+        let other = GuestLink::Veth {
+            guest_netns: "g".into(),
+        };
+        assert!(matches!(
+            c.apply(create(other)).await,
+            Err(ControllerError::Conflict(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn indices_are_checked_before_the_backend() {
+        let c = Controller::new(FakeBackend::new(), FakeBackend::new().plan(), 100);
+        for bad in [0, -1, 32768] {
+            let err = c.apply(Action::GetSlot { index: bad }).await.unwrap_err();
+            assert!(matches!(err, ControllerError::Index(_)), "{err}");
+        }
+        let err = c
+            .apply(Action::DeleteSlot { index: 100 })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("1 to 99"), "{err}");
+        let bad = GuestLink::Veth {
+            guest_netns: "../x".into(),
+        };
+        let err = c
+            .apply(Action::CreateSlot {
+                index: 1,
+                guest: bad,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ControllerError::BadRequest(_)));
+    }
+
+    #[tokio::test]
+    async fn shutdown_refuses_changes_and_turns_health_red() {
+        let c = controller();
+        c.shutdown().await.unwrap();
+        let err = c
+            .apply(Action::CreateSlot {
+                index: 1,
+                guest: GuestLink::Tap,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ControllerError::Unavailable(_)));
+        let Outcome::Health { healthy, health } = c.apply(Action::Health).await.unwrap() else {
+            panic!()
+        };
+        assert!(!healthy);
+        assert_eq!(health.status, "stopping");
+    }
+
+    #[test]
+    fn slot_view_json_extends_the_design_shape() {
+        let plan = FakeBackend::new().plan();
+        let v = SlotView {
+            addr: plan.slot(1).unwrap(),
+            guest: GuestLink::Tap,
+        };
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["namespace"], "wrenn-ns-1");
+        assert_eq!(json["guest_link"], "tap");
+        assert_eq!(serde_json::from_value::<SlotView>(json).unwrap(), v);
+        let v = SlotView {
+            addr: plan.slot(2).unwrap(),
+            guest: GuestLink::Veth {
+                guest_netns: "g1".into(),
+            },
+        };
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["guest_netns"], "g1");
+        assert_eq!(serde_json::from_value::<SlotView>(json).unwrap(), v);
+    }
+}

@@ -1,1 +1,451 @@
-//! TODO(owner): see the module plan in lib.rs.
+//! `netagent up`: start-up checks, the per-prefix lock, the bpffs mount, the API
+//! socket, the reaper, and shutdown.
+//!
+//! Start-up order: check privileges and kernel features; take an exclusive `flock`
+//! on `/run/netagent/{prefix}.lock` (a second instance of the prefix refuses to
+//! start); check the socket path (a live instance there → refuse; a stale socket
+//! from a crash → replaced); mount a bpffs at the parent of `--bpffs` if none is
+//! there; start the slot manager (loads and attaches the datapath, removes
+//! leftovers of a crashed run of the prefix); bind the socket (mode 0600) — from
+//! then on the agent is ready; reap expired flows every
+//! `timeouts.reap_interval` seconds.
+//!
+//! **Shutdown** (SIGINT or SIGTERM): stop accepting connections, let in-flight
+//! requests finish (at most `api::server::DRAIN_TIMEOUT`), then **delete every
+//! slot** (namespaces, veths, routes, map entries and flows), detach the datapath,
+//! remove the socket and release the lock. Slots do not outlive the agent: a host
+//! agent re-creates them after restarting netagent. Deleting is the safe default
+//! while slots cannot be adopted — a slot left behind without an agent would keep
+//! stale NAT state nobody reaps. (A later version adopts intact slots instead, so
+//! a restart loses no traffic.) After `kill -9` nothing is deleted; the next
+//! `netagent up` of the prefix, or `netagent cleanup`, removes the leftovers.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::mount::{MsFlags, mount};
+use nix::sys::stat::{Mode, umask};
+use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::api;
+use crate::config::Config;
+use crate::controller::{Controller, SlotBackend};
+use crate::error::DaemonError;
+
+/// Directory of the per-prefix lock files.
+pub const LOCK_DIR: &str = "/run/netagent";
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global `tracing` subscriber (stderr; level from `RUST_LOG`,
+/// default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr);
+    // A second init (tests) is harmless: keep the first subscriber.
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Capabilities `netagent up` needs, as (bit, name).
+const REQUIRED_CAPS: [(u32, &str); 3] = [
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+    (39, "CAP_BPF"),
+];
+
+/// Fails with the names of the missing capabilities (effective set).
+pub fn check_privileges() -> Result<(), DaemonError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = REQUIRED_CAPS
+        .iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(DaemonError::MissingPrivileges {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// Fails when the kernel lacks the BPF syscall; warns about what degrades.
+pub fn check_kernel() -> Result<(), DaemonError> {
+    if !Path::new("/proc/sys/kernel/unprivileged_bpf_disabled").exists() {
+        return Err(DaemonError::MissingKernelFeature {
+            feature: "the bpf() system call".into(),
+            hint: "the kernel was built without CONFIG_BPF_SYSCALL; netagent needs Linux >= 5.10 with BPF".into(),
+        });
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        tracing::warn!(
+            "kernel BTF (/sys/kernel/btf/vmlinux) is missing; BPF diagnostics will be less precise"
+        );
+    }
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Some((major, minor)) = kernel_version(&release)
+        && (major, minor) < (6, 6)
+    {
+        tracing::warn!(
+            kernel = %release,
+            "kernel older than 6.6 has no TCX; programs attach through clsact instead"
+        );
+    }
+    Ok(())
+}
+
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Path of the lock file of `prefix`.
+pub fn lock_path(prefix: &str) -> PathBuf {
+    Path::new(LOCK_DIR).join(format!("{prefix}.lock"))
+}
+
+/// Holds the per-prefix lock until dropped.
+#[derive(Debug)]
+pub struct PrefixLock {
+    _lock: Flock<File>,
+    path: PathBuf,
+}
+
+impl PrefixLock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Takes the exclusive lock of `prefix`, writing our pid into the file; fails
+/// with the holder's pid when another process has it.
+pub fn lock_prefix(prefix: &str) -> Result<PrefixLock, DaemonError> {
+    let path = lock_path(prefix);
+    create_dir(Path::new(LOCK_DIR), 0o755)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|source| DaemonError::Io {
+            what: "open lock file",
+            path: path.clone(),
+            source,
+        })?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            let pid = std::process::id().to_string();
+            let written = lock
+                .set_len(0)
+                .and_then(|()| lock.rewind())
+                .and_then(|()| lock.write_all(pid.as_bytes()));
+            if let Err(source) = written {
+                return Err(DaemonError::Io {
+                    what: "write lock file",
+                    path,
+                    source,
+                });
+            }
+            Ok(PrefixLock { _lock: lock, path })
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            Err(DaemonError::PrefixLocked {
+                prefix: prefix.to_string(),
+                lock: path,
+                holder: if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" by pid {holder}")
+                },
+            })
+        }
+        Err((_, errno)) => Err(DaemonError::Io {
+            what: "lock",
+            path,
+            source: io::Error::from(errno),
+        }),
+    }
+}
+
+fn create_dir(path: &Path, mode: u32) -> Result<(), DaemonError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|source| DaemonError::Io {
+            what: "create directory",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Whether `path` is on a bpffs (statfs magic `BPF_FS_MAGIC`).
+pub fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// Makes `dir` a directory on a bpffs: if its parent is not a bpffs, mounts one
+/// there first (as Cilium does when `/sys/fs/bpf` is not mounted). Returns whether
+/// this call mounted it.
+pub fn ensure_bpffs(dir: &Path) -> Result<bool, DaemonError> {
+    let parent = dir.parent().ok_or_else(|| DaemonError::Io {
+        what: "find the parent of the bpffs directory",
+        path: dir.to_path_buf(),
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    let mut mounted = false;
+    if !is_bpffs(parent) {
+        create_dir(parent, 0o700)?;
+        mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            MsFlags::empty(),
+            Some("mode=0700"),
+        )
+        .map_err(|source| DaemonError::MountBpffs {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+        tracing::info!(path = %parent.display(), "mounted a bpffs");
+        mounted = true;
+    }
+    create_dir(dir, 0o700)?;
+    Ok(mounted)
+}
+
+/// Checks the socket path before start: missing is fine; a socket nobody answers
+/// on (left by a crash) is removed; a socket that answers means another instance
+/// serves there; anything else at the path is refused.
+pub fn check_socket(path: &Path) -> Result<(), DaemonError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(DaemonError::Io {
+                what: "inspect socket",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(DaemonError::SocketPathOccupied {
+            socket: path.to_path_buf(),
+        });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(DaemonError::SocketInUse {
+            socket: path.to_path_buf(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            tracing::warn!(socket = %path.display(), "replacing a stale API socket (left by a crashed run)");
+            std::fs::remove_file(path).map_err(|source| DaemonError::Io {
+                what: "remove stale socket",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(source) => Err(DaemonError::Io {
+            what: "probe socket",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Binds the API socket with mode 0600 (the umask is narrowed around `bind`, so
+/// the socket is never reachable with wider permissions), creating its directory.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    if let Some(dir) = path.parent() {
+        create_dir(dir, 0o755)?;
+    }
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    umask(old);
+    let io_err = |what, source| DaemonError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = bound.map_err(|e| io_err("bind socket", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io_err("chmod socket", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io_err("configure socket", e))?;
+    UnixListener::from_std(listener).map_err(|e| io_err("register socket", e))
+}
+
+/// Resolves on the first SIGINT or SIGTERM with the signal's name.
+fn shutdown_signal() -> Result<impl Future<Output = &'static str>, DaemonError> {
+    let mut term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal {
+        signal: "SIGTERM",
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal {
+        signal: "SIGINT",
+        source,
+    })?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+}
+
+/// Runs the agent until SIGINT/SIGTERM. `config` must be validated.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let plan = config.validate()?;
+    check_privileges()?;
+    check_kernel()?;
+    let lock = lock_prefix(&config.prefix)?;
+    check_socket(&config.socket)?;
+    ensure_bpffs(&config.bpffs)?;
+    let signal = shutdown_signal()?;
+
+    tracing::info!(prefix = %config.prefix, bpffs = %config.bpffs.display(), "starting the datapath");
+    let backend: Arc<dyn SlotBackend> = crate::controller::start_backend(&config).await?;
+    let controller = Arc::new(Controller::new(backend, plan, config.max_slots));
+
+    let listener = match bind_socket(&config.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            if let Err(err) = controller.shutdown().await {
+                tracing::error!(error = %err, "stopping the datapath failed");
+            }
+            return Err(e);
+        }
+    };
+    tracing::info!(socket = %config.socket.display(), lock = %lock.path().display(), "netagent is ready");
+
+    let (stop_reaper, reaper_stopped) = watch::channel(false);
+    let reaper = tokio::spawn(reap_loop(
+        controller.clone(),
+        Duration::from_secs(config.timeouts.reap_interval),
+        reaper_stopped,
+    ));
+
+    let signal_name = Arc::new(std::sync::Mutex::new(""));
+    let recorded = signal_name.clone();
+    api::server::serve(listener, api::router(controller.clone()), async move {
+        let name = signal.await;
+        *recorded.lock().unwrap_or_else(|p| p.into_inner()) = name;
+        tracing::info!(signal = name, "shutting down: no new requests");
+    })
+    .await;
+
+    let _ = stop_reaper.send(true);
+    let _ = reaper.await;
+    let slots = controller.metrics().map(|m| m.slots.len()).unwrap_or(0);
+    tracing::info!(slots, "deleting every slot and detaching the datapath");
+    let result = controller.shutdown().await;
+    if let Err(e) = std::fs::remove_file(&config.socket)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(socket = %config.socket.display(), error = %e, "cannot remove the API socket");
+    }
+    drop(lock);
+    match result {
+        Ok(()) => {
+            tracing::info!("netagent stopped cleanly");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "shutdown left resources behind; `netagent cleanup` removes them");
+            Err(DaemonError::Start(format!("shutdown failed: {e}")))
+        }
+    }
+}
+
+async fn reap_loop(controller: Arc<Controller>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => controller.reap_once().await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(kernel_version("6.18.0-1-cloud-amd64"), Some((6, 18)));
+        assert_eq!(kernel_version("5.10.0"), Some((5, 10)));
+        assert_eq!(kernel_version("garbage"), None);
+    }
+
+    #[test]
+    fn sockets_stale_live_and_occupied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        check_socket(&path).unwrap();
+
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = check_socket(&path).unwrap_err();
+        assert!(matches!(err, DaemonError::SocketInUse { .. }), "{err}");
+        drop(live);
+        // The file stays behind with nobody listening: stale, replaced.
+        assert!(path.exists());
+        check_socket(&path).unwrap();
+        assert!(!path.exists());
+
+        std::fs::write(&path, b"not a socket").unwrap();
+        let err = check_socket(&path).unwrap_err();
+        assert!(
+            matches!(err, DaemonError::SocketPathOccupied { .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bound_socket_is_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/api.sock");
+        let _listener = bind_socket(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}
