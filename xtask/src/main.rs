@@ -4,6 +4,7 @@
 //! `rust-src`, `bpf-linker` built against that nightly's LLVM, and the Debian
 //! packages the tests and benchmarks use.
 
+mod bench;
 mod build_ebpf;
 mod debian;
 mod guest;
@@ -28,6 +29,8 @@ enum Command {
     Test(test::Options),
     /// Install the Debian packages used by tests and benchmarks.
     Deps,
+    /// Benchmark f0, floor, legacy (iptables) and netagent paths (docs/BENCHMARKS.md).
+    Bench(bench::Options),
     /// Prepare the end-to-end tests' microVM guest (kernel + initramfs) in target/guest.
     Guest(guest::Options),
 }
@@ -37,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::Deps => debian::install(debian::TEST_PACKAGES),
+        Command::Bench(opts) => bench::run(&opts),
         Command::Guest(opts) => guest::run(&opts),
     }
 }

@@ -1,0 +1,166 @@
+//! Samples, medians and spread.
+
+/// A datapath under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Path {
+    /// Guest stand-in and server on one bare veth pair.
+    F0,
+    /// The slot chain with plain kernel forwarding, no NAT rules.
+    Floor,
+    /// The seed's iptables rules.
+    Legacy,
+    /// The eBPF datapath.
+    Netagent,
+}
+
+impl Path {
+    pub const ALL: [Path; 4] = [Path::F0, Path::Floor, Path::Legacy, Path::Netagent];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::F0 => "f0",
+            Path::Floor => "floor",
+            Path::Legacy => "legacy",
+            Path::Netagent => "netagent",
+        }
+    }
+}
+
+/// What one sample measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Metric {
+    RttP50,
+    RttP99,
+    RttMin,
+    StreamGbps,
+    StreamMssGbps,
+    UdpKpps,
+    CrrPerSec,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 7] = [
+        Metric::RttP50,
+        Metric::RttP99,
+        Metric::RttMin,
+        Metric::StreamGbps,
+        Metric::StreamMssGbps,
+        Metric::UdpKpps,
+        Metric::CrrPerSec,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::RttP50 => "TCP RTT p50 (µs)",
+            Metric::RttP99 => "TCP RTT p99 (µs)",
+            Metric::RttMin => "TCP RTT min (µs)",
+            Metric::StreamGbps => "TCP stream (Gbit/s)",
+            Metric::StreamMssGbps => "TCP stream, small MSS (Gbit/s)",
+            Metric::UdpKpps => "UDP small packets (kpps received)",
+            Metric::CrrPerSec => "new TCP connections (conn/s)",
+        }
+    }
+
+    /// Whether lower is better (latencies).
+    pub fn lower_is_better(self) -> bool {
+        matches!(self, Metric::RttP50 | Metric::RttP99 | Metric::RttMin)
+    }
+}
+
+/// One measured value.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub path: Path,
+    pub n: u32,
+    pub metric: Metric,
+    pub round: u32,
+    pub value: f64,
+}
+
+/// Median and spread of several rounds.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub count: usize,
+}
+
+impl Summary {
+    pub fn of(values: &[f64]) -> Option<Summary> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some(Summary {
+            median: median_sorted(&v),
+            min: v[0],
+            max: v[v.len() - 1],
+            count: v.len(),
+        })
+    }
+}
+
+fn median_sorted(v: &[f64]) -> f64 {
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The summary of one (path, n, metric) over all rounds.
+pub fn summarize(samples: &[Sample], path: Path, n: u32, metric: Metric) -> Option<Summary> {
+    let values: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.path == path && s.n == n && s.metric == metric)
+        .map(|s| s.value)
+        .collect();
+    Summary::of(&values)
+}
+
+/// Every sample as CSV (path, n, metric, round, value).
+pub fn csv(samples: &[Sample]) -> String {
+    let mut out = String::from("path,n,metric,round,value\n");
+    for s in samples {
+        out.push_str(&format!(
+            "{},{},{:?},{},{}\n",
+            s.path.name(),
+            s.n,
+            s.metric,
+            s.round + 1,
+            s.value
+        ));
+    }
+    out
+}
+
+/// Percentile (0..=100) of unsorted values, nearest-rank.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_percentile() {
+        let s = Summary::of(&[3.0, 1.0, 2.0, 10.0]).unwrap();
+        assert_eq!(s.median, 2.5);
+        assert_eq!((s.min, s.max), (1.0, 10.0));
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 50.0), 2.0);
+        assert_eq!(
+            percentile(&(1..=100).map(f64::from).collect::<Vec<_>>(), 99.0),
+            99.0
+        );
+    }
+}
