@@ -1,1 +1,159 @@
-//! TODO(owner): see the module plan in lib.rs.
+//! Removing every resource of a prefix: slot namespaces (`{prefix}-ns-N` in
+//! `/run/netns`), host veths (`{prefix}-veth-N` / `{prefix}-v{N}`) and the routes
+//! through them, and the pins under the instance's bpffs directory.
+//!
+//! `netagent cleanup` runs this with no daemon; `SlotManager::start` runs the same
+//! removal (without the pins, which the datapath owns) before anything else, so a
+//! crashed run's leftovers never collide with new slots.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use crate::netlink::{Netlink, NetlinkError, netns};
+use crate::slot::{AddressPlan, AddressingError, addressing::TAP_NAME};
+
+/// `statfs` magic of a bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// What a cleanup removed and what it could not.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CleanupReport {
+    /// Namespaces removed.
+    pub namespaces: Vec<String>,
+    /// Host links removed.
+    pub links: Vec<String>,
+    /// Host routes removed.
+    pub routes: usize,
+    /// Pinned objects removed from the bpffs directory.
+    pub pins: usize,
+    /// One message per thing that could not be removed.
+    pub failures: Vec<String>,
+}
+
+impl CleanupReport {
+    /// True if anything was removed.
+    pub fn removed_anything(&self) -> bool {
+        !self.namespaces.is_empty() || !self.links.is_empty() || self.routes > 0 || self.pins > 0
+    }
+}
+
+/// Why a cleanup could not run or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// The prefix is not valid.
+    #[error(transparent)]
+    Prefix(#[from] AddressingError),
+    /// The host namespace could not be read.
+    #[error("{0}")]
+    Netlink(#[from] NetlinkError),
+    /// Some resources could not be removed.
+    #[error("cleanup left resources behind (retry, or remove them by hand): {}", .0.failures.join("; "))]
+    Incomplete(CleanupReport),
+}
+
+/// Removes every resource of `prefix` from the calling thread's network namespace
+/// and `/run/netns`, and the pins under `bpffs`. Needs a tokio runtime. Run it with
+/// the daemon stopped.
+pub async fn cleanup(prefix: &str, bpffs: &Path) -> Result<CleanupReport, CleanupError> {
+    let host_ns = netns::current()?;
+    let host = Netlink::connect_in(host_ns.as_fd())?;
+    let mut report = remove_leftovers(prefix, &host).await?;
+    match remove_pins(bpffs) {
+        Ok(n) => report.pins = n,
+        Err(e) => report
+            .failures
+            .push(format!("remove pins under {}: {e}", bpffs.display())),
+    }
+    if report.failures.is_empty() {
+        Ok(report)
+    } else {
+        Err(CleanupError::Incomplete(report))
+    }
+}
+
+/// Removes `prefix`'s namespaces, host veths and their routes, using the host
+/// connection `host`. Failures are listed in the report, not returned.
+pub async fn remove_leftovers(prefix: &str, host: &Netlink) -> Result<CleanupReport, CleanupError> {
+    // Names depend only on the prefix; the bases are irrelevant here.
+    let plan = AddressPlan::new(
+        prefix,
+        Ipv4Addr::new(10, 11, 0, 0),
+        Ipv4Addr::new(10, 12, 0, 0),
+    )?;
+    let mut report = CleanupReport::default();
+
+    let veths: Vec<_> = host
+        .link_list()
+        .await?
+        .into_iter()
+        .filter(|l| plan.index_of_veth(&l.name).is_some())
+        .collect();
+    for route in host.route_list().await? {
+        if route
+            .oif
+            .is_some_and(|oif| veths.iter().any(|v| v.index == oif))
+        {
+            match host.route_del(&route).await {
+                Ok(true) => report.routes += 1,
+                Ok(false) => {}
+                Err(e) => report.failures.push(e.to_string()),
+            }
+        }
+    }
+    for veth in &veths {
+        match host.link_del(veth.index).await {
+            Ok(true) => report.links.push(veth.name.clone()),
+            Ok(false) => {}
+            Err(e) => report.failures.push(format!("delete {}: {e}", veth.name)),
+        }
+    }
+
+    for name in netns::list()? {
+        if plan.index_of_namespace(&name).is_none() {
+            continue;
+        }
+        // Delete tap0 first: a veth guest link's far end sits in another
+        // namespace and must go now, not whenever the kernel frees this one.
+        if let Ok(ns) = netns::open(&name)
+            && let Ok(slot) = Netlink::connect_in(ns.as_fd())
+            && let Err(e) = slot.link_del_by_name(TAP_NAME).await
+        {
+            report
+                .failures
+                .push(format!("delete {TAP_NAME} in {name}: {e}"));
+        }
+        match netns::delete(&name) {
+            Ok(_) => report.namespaces.push(name),
+            Err(e) => report.failures.push(e.to_string()),
+        }
+    }
+    Ok(report)
+}
+
+/// Removes everything under `dir` if it is on a bpf filesystem; returns how many
+/// pins were removed. A missing directory is nothing to do.
+pub fn remove_pins(dir: &Path) -> io::Result<usize> {
+    let st = match nix::sys::statfs::statfs(dir) {
+        Ok(st) => st,
+        Err(nix::errno::Errno::ENOENT) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        // Not a bpffs (e.g. /sys/fs/bpf unmounted): nothing of ours can be pinned here.
+        return Ok(0);
+    }
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            removed += remove_pins(&path)?;
+            std::fs::remove_dir(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

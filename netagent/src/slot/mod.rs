@@ -28,8 +28,24 @@
 //! indices run concurrently.
 
 pub mod addressing;
+pub mod create;
+mod delete;
+pub mod error;
+pub mod manager;
 
 pub use addressing::{AddressPlan, AddressingError, SlotAddr};
+pub use create::CreateStep;
+pub use error::{SlotError, StepError};
+pub use manager::SlotManager;
+
+/// A slot the manager holds: its addressing and its guest link.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Slot {
+    /// Names and addresses.
+    pub addr: SlotAddr,
+    /// The guest side.
+    pub guest: GuestLink,
+}
 
 /// What the guest side of a slot is.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -1,0 +1,317 @@
+//! Creating a slot, all-or-nothing: each step records how to undo what it made,
+//! and any failure undoes everything in reverse order.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::bpf::SlotDatapath;
+use crate::netlink::{Netlink, NetlinkError, link::Link, netns, tap};
+
+use super::addressing::{
+    GUEST_IP, TAP_IP, TAP_MAC, TAP_PREFIX, TAP_TXQUEUELEN, VETH_PREFIX, VPEER_NAME,
+};
+use super::error::{SlotError, StepError};
+use super::manager::SlotManager;
+use super::{GuestLink, SlotAddr};
+
+/// Name of the guest end of a veth guest link inside the guest namespace.
+pub const GUEST_VETH_NAME: &str = "eth0";
+
+/// The steps of create, in order. With the `fault-injection` feature a test can
+/// make create fail right after any of them has done its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CreateStep {
+    /// The named namespace `{prefix}-ns-N`.
+    Namespace,
+    /// The veth pair: host end `{prefix}-veth-N`, slot end `eth0`.
+    Veth,
+    /// Host veth address (veth_ip/31) and link up.
+    HostVeth,
+    /// `eth0` address (vpeer_ip/31) and link up.
+    SlotVeth,
+    /// `lo` up in the slot namespace.
+    Loopback,
+    /// The persistent TAP `tap0` with its MAC, txqueuelen, address, up
+    /// (`GuestLink::Tap`), or the veth `tap0` whose peer is the guest's `eth0`
+    /// (`GuestLink::Veth`).
+    GuestLink,
+    /// The guest end of a veth guest link: address, up, default route
+    /// (`GuestLink::Veth` only).
+    GuestConfig,
+    /// Default route in the slot namespace via the host veth.
+    SlotRoute,
+    /// Host route `HostIP/32 via vpeer`.
+    HostRoute,
+    /// The datapath programs and map entries.
+    Datapath,
+}
+
+impl CreateStep {
+    /// Every step, in order (`GuestConfig` runs for veth guest links only).
+    pub const ALL: [CreateStep; 10] = [
+        CreateStep::Namespace,
+        CreateStep::Veth,
+        CreateStep::HostVeth,
+        CreateStep::SlotVeth,
+        CreateStep::Loopback,
+        CreateStep::GuestLink,
+        CreateStep::GuestConfig,
+        CreateStep::SlotRoute,
+        CreateStep::HostRoute,
+        CreateStep::Datapath,
+    ];
+
+    /// Stable snake_case name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            CreateStep::Namespace => "namespace",
+            CreateStep::Veth => "veth",
+            CreateStep::HostVeth => "host_veth",
+            CreateStep::SlotVeth => "slot_veth",
+            CreateStep::Loopback => "loopback",
+            CreateStep::GuestLink => "guest_link",
+            CreateStep::GuestConfig => "guest_config",
+            CreateStep::SlotRoute => "slot_route",
+            CreateStep::HostRoute => "host_route",
+            CreateStep::Datapath => "datapath",
+        }
+    }
+}
+
+impl fmt::Display for CreateStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to undo one thing create made.
+enum Undo {
+    Namespace(String),
+    HostLink(String),
+    SlotLink(String),
+    HostRoute(Ipv4Addr),
+    Datapath(u32),
+}
+
+/// A failed step: which, and why.
+struct Failed(CreateStep, StepError);
+
+fn at<E: Into<StepError>>(step: CreateStep) -> impl FnOnce(E) -> Failed {
+    move |e| Failed(step, e.into())
+}
+
+/// Creates slot `addr` with guest link `guest`. On failure everything made so far
+/// is removed before the error is returned.
+pub(super) async fn create(
+    mgr: &SlotManager,
+    addr: &SlotAddr,
+    guest: &GuestLink,
+) -> Result<(), SlotError> {
+    // Resolve the guest namespace before making anything.
+    let guest_ns = match guest {
+        GuestLink::Tap => None,
+        GuestLink::Veth { guest_netns } => Some(netns::open(guest_netns).map_err(|e| match e {
+            NetlinkError::NotFound(_) => SlotError::GuestNamespaceMissing(guest_netns.clone()),
+            e => SlotError::Create {
+                index: addr.index,
+                step: CreateStep::GuestLink,
+                source: e.into(),
+                rollback: Vec::new(),
+            },
+        })?),
+    };
+    let mut undo = Vec::new();
+    match build(mgr, addr, guest_ns.as_ref(), &mut undo).await {
+        Ok(()) => Ok(()),
+        Err(Failed(step, source)) => {
+            let rollback = rollback(mgr, addr, undo).await;
+            if rollback.is_empty() {
+                tracing::warn!(slot = addr.index, %step, error = %source, "create failed; rolled back");
+            } else {
+                tracing::error!(slot = addr.index, %step, error = %source, ?rollback, "create failed; rollback incomplete");
+            }
+            // A name that is taken by something we did not make is the caller's
+            // conflict, not a host failure.
+            if let StepError::Netlink(e) = &source
+                && e.is_exists()
+                && matches!(
+                    step,
+                    CreateStep::Namespace
+                        | CreateStep::Veth
+                        | CreateStep::GuestLink
+                        | CreateStep::HostRoute
+                )
+                && rollback.is_empty()
+            {
+                return Err(SlotError::Conflict(format!(
+                    "creating slot {} failed at step {step}: {e}; something outside this agent uses the name or \
+                     address (remove it, or run `netagent cleanup` if it is a leftover)",
+                    addr.index
+                )));
+            }
+            Err(SlotError::Create {
+                index: addr.index,
+                step,
+                source,
+                rollback,
+            })
+        }
+    }
+}
+
+async fn build(
+    mgr: &SlotManager,
+    addr: &SlotAddr,
+    guest_ns: Option<&OwnedFd>,
+    undo: &mut Vec<Undo>,
+) -> Result<(), Failed> {
+    use CreateStep::*;
+    let host = mgr.host();
+
+    // Namespace.
+    let ns = netns::create(&addr.namespace).map_err(at(Namespace))?;
+    undo.push(Undo::Namespace(addr.namespace.clone()));
+    let slot = Netlink::connect_in(ns.as_fd()).map_err(at(Namespace))?;
+    mgr.inject(Namespace).map_err(at(Namespace))?;
+
+    // Veth pair, peer created directly inside the slot namespace.
+    host.veth_add(&addr.veth, VPEER_NAME, ns.as_fd())
+        .await
+        .map_err(at(Veth))?;
+    undo.push(Undo::HostLink(addr.veth.clone()));
+    mgr.inject(Veth).map_err(at(Veth))?;
+
+    // Host end.
+    let veth = host.link_get(&addr.veth).await.map_err(at(HostVeth))?;
+    host.addr_add(veth.index, addr.veth_ip, VETH_PREFIX)
+        .await
+        .map_err(at(HostVeth))?;
+    host.link_up(veth.index).await.map_err(at(HostVeth))?;
+    mgr.inject(HostVeth).map_err(at(HostVeth))?;
+
+    // Slot end.
+    let eth0 = slot.link_get(VPEER_NAME).await.map_err(at(SlotVeth))?;
+    slot.addr_add(eth0.index, addr.vpeer_ip, VETH_PREFIX)
+        .await
+        .map_err(at(SlotVeth))?;
+    slot.link_up(eth0.index).await.map_err(at(SlotVeth))?;
+    mgr.inject(SlotVeth).map_err(at(SlotVeth))?;
+
+    let lo = slot.link_get("lo").await.map_err(at(Loopback))?;
+    slot.link_up(lo.index).await.map_err(at(Loopback))?;
+    mgr.inject(Loopback).map_err(at(Loopback))?;
+
+    // Guest side: TAP, or a veth into the guest namespace.
+    match guest_ns {
+        None => {
+            netns::run_in(ns.as_fd(), || tap::create_persistent(&addr.tap))
+                .and_then(|r| r)
+                .map_err(at(GuestLink))?;
+        }
+        Some(guest_ns) => {
+            slot.veth_add(&addr.tap, GUEST_VETH_NAME, guest_ns.as_fd())
+                .await
+                .map_err(at(GuestLink))?;
+        }
+    }
+    undo.push(Undo::SlotLink(addr.tap.clone()));
+    let tap = slot.link_get(&addr.tap).await.map_err(at(GuestLink))?;
+    configure_tap(&slot, &tap).await.map_err(at(GuestLink))?;
+    mgr.inject(GuestLink).map_err(at(GuestLink))?;
+
+    if let Some(guest_ns) = guest_ns {
+        let guest = Netlink::connect_in(guest_ns.as_fd()).map_err(at(GuestConfig))?;
+        let geth = guest
+            .link_get(GUEST_VETH_NAME)
+            .await
+            .map_err(at(GuestConfig))?;
+        guest
+            .addr_add(geth.index, GUEST_IP, TAP_PREFIX)
+            .await
+            .map_err(at(GuestConfig))?;
+        guest.link_up(geth.index).await.map_err(at(GuestConfig))?;
+        if let Some(lo) = guest.link_by_name("lo").await.map_err(at(GuestConfig))? {
+            guest.link_up(lo.index).await.map_err(at(GuestConfig))?;
+        }
+        guest
+            .route_add_default(TAP_IP)
+            .await
+            .map_err(at(GuestConfig))?;
+        mgr.inject(GuestConfig).map_err(at(GuestConfig))?;
+    }
+
+    // Routes.
+    slot.route_add_default(addr.veth_ip)
+        .await
+        .map_err(at(SlotRoute))?;
+    mgr.inject(SlotRoute).map_err(at(SlotRoute))?;
+    host.route_add_host(addr.host_ip, addr.vpeer_ip)
+        .await
+        .map_err(at(HostRoute))?;
+    undo.push(Undo::HostRoute(addr.host_ip));
+    mgr.inject(HostRoute).map_err(at(HostRoute))?;
+
+    // Datapath.
+    let sd = SlotDatapath {
+        index: addr.index,
+        netns: ns.as_fd(),
+        veth_ifindex: veth.index,
+        veth_mac: veth.mac6(),
+        eth0_ifindex: eth0.index,
+        eth0_mac: eth0.mac6(),
+        tap_ifindex: tap.index,
+        vpeer_ip: addr.vpeer_ip,
+        host_ip: addr.host_ip,
+    };
+    mgr.attach_slot(&sd).map_err(at(Datapath))?;
+    undo.push(Undo::Datapath(addr.index));
+    mgr.inject(Datapath).map_err(at(Datapath))?;
+    Ok(())
+}
+
+/// MAC, txqueuelen, address and up on the slot's `tap0` (TAP or veth).
+async fn configure_tap(slot: &Netlink, tap: &Link) -> Result<(), NetlinkError> {
+    slot.link_set_mac(tap.index, TAP_MAC).await?;
+    slot.link_set_txqueuelen(tap.index, TAP_TXQUEUELEN).await?;
+    slot.addr_add(tap.index, TAP_IP, TAP_PREFIX).await?;
+    slot.link_up(tap.index).await
+}
+
+/// Undoes in reverse order; returns what could not be undone.
+async fn rollback(mgr: &SlotManager, addr: &SlotAddr, undo: Vec<Undo>) -> Vec<String> {
+    let host = mgr.host();
+    let mut failures = Vec::new();
+    for step in undo.into_iter().rev() {
+        let result: Result<(), String> = match step {
+            Undo::Datapath(index) => mgr.detach_slot(index).map_err(|e| e.to_string()),
+            Undo::HostRoute(dst) => host
+                .route_del_dst(dst, 32)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Undo::SlotLink(name) => match netns::open(&addr.namespace) {
+                Ok(ns) => match Netlink::connect_in(ns.as_fd()) {
+                    Ok(slot) => slot
+                        .link_del_by_name(&name)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) if e.is_gone() => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
+            Undo::HostLink(name) => host
+                .link_del_by_name(&name)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Undo::Namespace(name) => netns::delete(&name).map(drop).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = result {
+            failures.push(e);
+        }
+    }
+    failures
+}

@@ -1,0 +1,374 @@
+//! `SlotManager`: the agent's slots, their creation and deletion, and the datapath
+//! they share (see the contract in `slot/mod.rs`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use netagent_common::SlotStats;
+
+use crate::bpf::{Datapath, DatapathConfig, ReapReport, SlotDatapath, TableUsage, Uplink};
+use crate::config::Config;
+use crate::netlink::{Netlink, netns, sysctl};
+
+use super::create::{self, CreateStep};
+use super::error::{SlotError, StepError};
+use super::{AddressPlan, GuestLink, Slot, SlotAddr, delete};
+
+/// Owns the slots of one agent (one prefix) and the datapath.
+pub struct SlotManager {
+    cfg: Config,
+    plan: AddressPlan,
+    /// The agent (host) namespace: the namespace of the thread that called `start`.
+    host_ns: OwnedFd,
+    host: Netlink,
+    uplink: Uplink,
+    datapath: Mutex<Option<Datapath>>,
+    slots: Mutex<BTreeMap<u32, Slot>>,
+    locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+    /// Parts of the masquerade range this agent added to `ip_local_reserved_ports`.
+    reserved: Mutex<Vec<sysctl::PortRange>>,
+    #[cfg(feature = "fault-injection")]
+    fail_at: Mutex<Option<CreateStep>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn start_err(step: &'static str) -> impl FnOnce(StepError) -> SlotError {
+    move |source| SlotError::Start { step, source }
+}
+
+impl SlotManager {
+    /// Starts the manager in the calling thread's network namespace (the agent's
+    /// "host" namespace): removes leftovers of a crashed run of the same prefix,
+    /// finds the uplink (configured, or the default route's interface) and its
+    /// IPv4 address, loads the datapath and attaches the uplink program, fills
+    /// LOCAL_ADDRS with the namespace's addresses and reserves the masquerade
+    /// ports. Must run inside a tokio runtime.
+    pub async fn start(cfg: &Config) -> Result<Arc<SlotManager>, SlotError> {
+        let plan = AddressPlan::new(&cfg.prefix, cfg.host_base, cfg.vrt_base)
+            .map_err(|e| start_err("check the configuration")(StepError::Other(e.to_string())))?;
+        let host_ns =
+            netns::current().map_err(|e| start_err("open the agent namespace")(e.into()))?;
+        let host = Netlink::connect_in(host_ns.as_fd())
+            .map_err(|e| start_err("connect to rtnetlink")(e.into()))?;
+
+        let report = crate::cleanup::remove_leftovers(&cfg.prefix, &host)
+            .await
+            .map_err(|e| {
+                start_err("remove leftovers of a previous run")(StepError::Other(e.to_string()))
+            })?;
+        if report.removed_anything() {
+            tracing::warn!(
+                namespaces = report.namespaces.len(),
+                links = report.links.len(),
+                routes = report.routes,
+                "removed leftovers of a previous run of prefix {}",
+                cfg.prefix
+            );
+        }
+        if !report.failures.is_empty() {
+            return Err(start_err("remove leftovers of a previous run")(
+                StepError::Other(report.failures.join("; ")),
+            ));
+        }
+
+        let uplink = find_uplink(&host, cfg.uplink.as_deref()).await?;
+        tracing::info!(uplink = %uplink.name, ip = %uplink.ipv4, "uplink");
+
+        let mut dp = Datapath::load(&DatapathConfig::from_config(cfg))
+            .map_err(|e| start_err("load the datapath")(e.into()))?;
+        netns::run_in(host_ns.as_fd(), || dp.attach_uplink(&uplink))
+            .map_err(|e| start_err("attach the uplink program")(e.into()))?
+            .map_err(|e| start_err("attach the uplink program")(e.into()))?;
+        let locals: Vec<_> = host
+            .addr_list()
+            .await
+            .map_err(|e| start_err("list the agent namespace's addresses")(e.into()))?
+            .into_iter()
+            .map(|a| a.ip)
+            .collect();
+        dp.set_local_addrs(&locals)
+            .map_err(|e| start_err("fill LOCAL_ADDRS")(e.into()))?;
+        let range = sysctl::PortRange {
+            min: cfg.nat.port_min,
+            max: cfg.nat.port_max,
+        };
+        let reserved = sysctl::reserve_ports(host_ns.as_fd(), range).map_err(|e| {
+            start_err("reserve the masquerade ports (ip_local_reserved_ports)")(e.into())
+        })?;
+
+        Ok(Arc::new(SlotManager {
+            cfg: cfg.clone(),
+            plan,
+            host_ns,
+            host,
+            uplink,
+            datapath: Mutex::new(Some(dp)),
+            slots: Mutex::new(BTreeMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(reserved),
+            #[cfg(feature = "fault-injection")]
+            fail_at: Mutex::new(None),
+        }))
+    }
+
+    /// The address plan (prefix and bases).
+    pub fn plan(&self) -> &AddressPlan {
+        &self.plan
+    }
+
+    /// The uplink in use.
+    pub fn uplink(&self) -> &Uplink {
+        &self.uplink
+    }
+
+    /// The configuration the manager started with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn addr_of(&self, index: i64) -> Result<SlotAddr, SlotError> {
+        let addr = self.plan.slot(index)?;
+        if addr.index >= self.cfg.max_slots {
+            return Err(SlotError::InvalidIndex(format!(
+                "slot index {index} is out of range: this agent runs with max_slots = {}, so use 1 to {}",
+                self.cfg.max_slots,
+                self.cfg.max_slots - 1
+            )));
+        }
+        Ok(addr)
+    }
+
+    fn index_lock(&self, index: u32) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.locks).entry(index).or_default().clone()
+    }
+
+    /// Creates slot `index`. Idempotent: the same index with the same guest link
+    /// gives `Ok((slot, false))`; a different guest link is `SlotError::Conflict`.
+    /// All-or-nothing: on failure nothing of the slot is left.
+    pub async fn create(
+        &self,
+        index: i64,
+        guest: GuestLink,
+    ) -> Result<(SlotAddr, bool), SlotError> {
+        let addr = self.addr_of(index)?;
+        let index_lock = self.index_lock(addr.index);
+        let _held = index_lock.lock().await;
+        if lock(&self.datapath).is_none() {
+            return Err(SlotError::ShutDown);
+        }
+        if let Some(existing) = lock(&self.slots).get(&addr.index) {
+            return if existing.guest == guest {
+                Ok((existing.addr.clone(), false))
+            } else {
+                Err(SlotError::Conflict(format!(
+                    "slot {index} exists with guest link {:?}; delete it first to change it to {:?}",
+                    existing.guest, guest
+                )))
+            };
+        }
+        create::create(self, &addr, &guest).await?;
+        lock(&self.slots).insert(
+            addr.index,
+            Slot {
+                addr: addr.clone(),
+                guest,
+            },
+        );
+        tracing::info!(slot = addr.index, ns = %addr.namespace, host_ip = %addr.host_ip, "slot created");
+        Ok((addr, true))
+    }
+
+    /// Deletes slot `index`: every step is tried, what is already gone counts as
+    /// done, all failures are returned together (the slot stays listed then, so
+    /// the delete can be retried). `SlotError::NotFound` if the slot is unknown.
+    pub async fn delete(&self, index: i64) -> Result<(), SlotError> {
+        let addr = self.addr_of(index)?;
+        let index_lock = self.index_lock(addr.index);
+        let _held = index_lock.lock().await;
+        if !lock(&self.slots).contains_key(&addr.index) {
+            return Err(SlotError::NotFound(index));
+        }
+        let failures = delete::delete(self, &addr).await;
+        if !failures.is_empty() {
+            return Err(SlotError::Delete {
+                index: addr.index,
+                failures,
+            });
+        }
+        lock(&self.slots).remove(&addr.index);
+        tracing::info!(slot = addr.index, "slot deleted");
+        Ok(())
+    }
+
+    /// One slot; `SlotError::NotFound` if unknown.
+    pub fn get(&self, index: i64) -> Result<Slot, SlotError> {
+        let addr = self.addr_of(index)?;
+        lock(&self.slots)
+            .get(&addr.index)
+            .cloned()
+            .ok_or(SlotError::NotFound(index))
+    }
+
+    /// Every slot, sorted by index.
+    pub fn list(&self) -> Vec<Slot> {
+        lock(&self.slots).values().cloned().collect()
+    }
+
+    /// One slot's counters summed over CPUs.
+    pub fn stats(&self, index: i64) -> Result<SlotStats, SlotError> {
+        let slot = self.get(index)?;
+        self.with_datapath(|dp| dp.slot_stats(slot.addr.index))?
+            .map_err(SlotError::from)
+    }
+
+    /// Occupancy of the NAT and host-flow tables.
+    pub fn table_usage(&self) -> Result<TableUsage, SlotError> {
+        self.with_datapath(|dp| dp.table_usage())?
+            .map_err(SlotError::from)
+    }
+
+    /// Removes flows idle longer than their timeouts.
+    pub async fn reap(&self) -> Result<ReapReport, SlotError> {
+        let timeouts = self.cfg.timeouts.clone();
+        self.with_datapath(|dp| dp.reap(&timeouts))?
+            .map_err(SlotError::from)
+    }
+
+    /// Deletes every slot, detaches the datapath and releases the reserved ports.
+    /// Returns every failure together; calling it again retries what failed.
+    pub async fn shutdown(&self) -> Result<(), SlotError> {
+        let mut failures = Vec::new();
+        let indices: Vec<u32> = lock(&self.slots).keys().copied().collect();
+        for index in indices {
+            if let Err(e) = self.delete(i64::from(index)).await {
+                failures.push(e.to_string());
+            }
+        }
+        if let Some(mut dp) = lock(&self.datapath).take() {
+            match netns::run_in(self.host_ns.as_fd(), || dp.detach_uplink()) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(format!("detach the uplink program: {e}")),
+                Err(e) => failures.push(format!("detach the uplink program: {e}")),
+            }
+            // Dropping the datapath closes every remaining program link.
+            drop(dp);
+        }
+        let reserved = std::mem::take(&mut *lock(&self.reserved));
+        if !reserved.is_empty()
+            && let Err(e) = sysctl::unreserve_ports(self.host_ns.as_fd(), &reserved)
+        {
+            failures.push(format!("release the masquerade ports: {e}"));
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(SlotError::Start {
+                step: "shut down",
+                source: StepError::Other(failures.join("; ")),
+            })
+        }
+    }
+
+    /// Runs `f` with the datapath (tests and diagnostics read maps through it).
+    pub fn with_datapath<T>(&self, f: impl FnOnce(&mut Datapath) -> T) -> Result<T, SlotError> {
+        let mut guard = lock(&self.datapath);
+        let dp = guard.as_mut().ok_or(SlotError::ShutDown)?;
+        Ok(f(dp))
+    }
+
+    /// Makes create fail right after `step` has done its work (`None`: never).
+    #[cfg(feature = "fault-injection")]
+    pub fn set_fail_at(&self, step: Option<CreateStep>) {
+        *lock(&self.fail_at) = step;
+    }
+
+    pub(super) fn inject(&self, _step: CreateStep) -> Result<(), StepError> {
+        #[cfg(feature = "fault-injection")]
+        if *lock(&self.fail_at) == Some(_step) {
+            return Err(StepError::Injected);
+        }
+        Ok(())
+    }
+
+    pub(super) fn host(&self) -> &Netlink {
+        &self.host
+    }
+
+    /// Attaches a slot's programs; interface indices resolve in the host namespace.
+    pub(super) fn attach_slot(&self, slot: &SlotDatapath<'_>) -> Result<(), StepError> {
+        let mut guard = lock(&self.datapath);
+        let dp = guard
+            .as_mut()
+            .ok_or(StepError::Other("the datapath is shut down".into()))?;
+        netns::run_in(self.host_ns.as_fd(), || dp.attach_slot(slot))??;
+        Ok(())
+    }
+
+    /// Detaches a slot's programs and clears its map entries (idempotent).
+    pub(super) fn detach_slot(&self, index: u32) -> Result<(), StepError> {
+        let mut guard = lock(&self.datapath);
+        let Some(dp) = guard.as_mut() else {
+            return Ok(());
+        };
+        netns::run_in(self.host_ns.as_fd(), || dp.detach_slot(index))??;
+        Ok(())
+    }
+}
+
+/// The configured uplink, or the default route's interface, with its first IPv4
+/// address.
+async fn find_uplink(host: &Netlink, name: Option<&str>) -> Result<Uplink, SlotError> {
+    let step = "find the uplink";
+    let link = match name {
+        Some(name) => host
+            .link_by_name(name)
+            .await
+            .map_err(|e| start_err(step)(e.into()))?
+            .ok_or_else(|| {
+                start_err(step)(StepError::Other(format!(
+                    "the configured uplink {name} does not exist in the agent's namespace: check --uplink"
+                )))
+            })?,
+        None => {
+            let route = host
+                .route_default()
+                .await
+                .map_err(|e| start_err(step)(e.into()))?
+                .ok_or_else(|| {
+                    start_err(step)(StepError::Other(
+                        "there is no default route in the agent's namespace: pass --uplink IFACE".into(),
+                    ))
+                })?;
+            let oif = route.oif.ok_or_else(|| {
+                start_err(step)(StepError::Other(
+                    "the default route has no output interface (multipath?): pass --uplink IFACE".into(),
+                ))
+            })?;
+            host.link_by_index(oif)
+                .await
+                .map_err(|e| start_err(step)(e.into()))?
+                .ok_or_else(|| start_err(step)(StepError::Other(format!("default route interface #{oif} vanished"))))?
+        }
+    };
+    let ipv4 = host
+        .addr_list_link(link.index)
+        .await
+        .map_err(|e| start_err(step)(e.into()))?
+        .first()
+        .map(|a| a.ip)
+        .ok_or_else(|| {
+            start_err(step)(StepError::Other(format!(
+                "the uplink {} has no IPv4 address to masquerade to",
+                link.name
+            )))
+        })?;
+    Ok(Uplink {
+        ifindex: link.index,
+        name: link.name,
+        ipv4,
+    })
+}
