@@ -323,7 +323,7 @@ impl PacketBuilder {
     /// The IPv4 datagram (header + L4), without Ethernet.
     pub fn ipv4_bytes(&self) -> Vec<u8> {
         let mut options = self.options.clone();
-        while options.len() % 4 != 0 {
+        while !options.len().is_multiple_of(4) {
             options.push(0);
         }
         let hlen = 20 + options.len();
