@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::RUN_DIR;
-use super::proc::{self, Server, ns_cmd, run_bounded_any};
+use super::proc::{self, Server, ns_cmd};
 use super::topology::{Run, UPLINK};
 
 /// Concurrent API clients used to create many slots.
@@ -203,7 +203,7 @@ impl Agent {
         if let Some(mut d) = self.daemon.take() {
             d.stop(Duration::from_secs(120));
         }
-        let _ = run_bounded_any(
+        let _ = proc::run_cleanup(
             ns_cmd(&self.host_ns, &self.bin.to_string_lossy())
                 .args(["cleanup", "--prefix", &self.prefix, "--bpffs"])
                 .arg(&self.bpffs),

@@ -171,14 +171,20 @@ pub fn run(opts: &Options) -> Result<()> {
         results.notes.push(format!("run aborted early: {e:#}"));
     }
     if !results.samples.is_empty() {
-        let conditions = report::Conditions::collect(&plan);
-        let md = report::render(&plan, &conditions, &results);
+        let mut plan = plan.clone();
+        if outcome.is_err() && opts.out.is_none() {
+            // Never overwrite the committed report with a partial run.
+            plan.out = workspace_root().join("target/bench/BENCHMARKS-partial.md");
+        }
+        let plan = &plan;
+        let conditions = report::Conditions::collect(plan);
+        let md = report::render(plan, &conditions, &results);
         if let Some(dir) = plan.out.parent() {
             std::fs::create_dir_all(dir)?;
         }
         std::fs::write(&plan.out, md).with_context(|| format!("write {}", plan.out.display()))?;
         let svg_path = plan.out.with_file_name("bench.svg");
-        std::fs::write(&svg_path, chart::render(&plan, &results))?;
+        std::fs::write(&svg_path, chart::render(plan, &results))?;
         eprintln!(
             "bench: report {} chart {}",
             plan.out.display(),
@@ -187,7 +193,7 @@ pub fn run(opts: &Options) -> Result<()> {
         let csv_path = workspace_root().join("target/bench/samples.csv");
         std::fs::create_dir_all(csv_path.parent().expect("has a parent"))?;
         std::fs::write(&csv_path, stats::csv(&results.samples))?;
-        print!("{}", report::summary(&plan, &results));
+        print!("{}", report::summary(plan, &results));
     }
     outcome
 }

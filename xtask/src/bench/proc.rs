@@ -112,6 +112,15 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Output> {
 /// Like [`run_bounded`] but returns a failed exit status as `success: false`.
 pub fn run_bounded_any(cmd: &mut Command, limit: Duration) -> Result<Output> {
     check_interrupted()?;
+    run_inner(cmd, limit, true)
+}
+
+/// For cleanup: runs even after Ctrl-C (bounded by `limit` only).
+pub fn run_cleanup(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    run_inner(cmd, limit, false)
+}
+
+fn run_inner(cmd: &mut Command, limit: Duration, interruptible: bool) -> Result<Output> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -135,7 +144,7 @@ pub fn run_bounded_any(cmd: &mut Command, limit: Duration) -> Result<Output> {
         if let Some(status) = child.try_wait()? {
             break Ok(status);
         }
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        if interruptible && INTERRUPTED.load(Ordering::SeqCst) {
             break Err(anyhow::anyhow!("interrupted"));
         }
         if Instant::now() > deadline {

@@ -116,7 +116,7 @@ fn remove_prefix(prefix: &str) {
         let batch: String = names.iter().map(|n| format!("netns del {n}\n")).collect();
         let file = std::path::Path::new(RUN_DIR).join(format!("{prefix}.del"));
         if std::fs::write(&file, batch).is_ok() {
-            let _ = proc::run_bounded_any(
+            let _ = proc::run_cleanup(
                 Command::new("ip").args(["-force", "-batch"]).arg(&file),
                 Duration::from_secs(600),
             );
