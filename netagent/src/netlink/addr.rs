@@ -52,6 +52,7 @@ impl Netlink {
 
     /// Every IPv4 address of the namespace (all links).
     pub async fn addr_list(&self) -> Result<Vec<Addr>> {
+        let _dump = self.dump_lock.lock().await;
         let msgs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -73,6 +74,7 @@ impl Netlink {
     /// Removes `ip/prefix` from link `index`; an address already gone is a success
     /// (`Ok(false)`).
     pub async fn addr_del(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<bool> {
+        let dump = self.dump_lock.lock().await;
         let msgs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -87,6 +89,7 @@ impl Netlink {
         }) else {
             return Ok(false);
         };
+        drop(dump);
         match self.handle.address().del(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) => {

@@ -128,6 +128,7 @@ impl Netlink {
 
     /// Every link of the namespace.
     pub async fn link_list(&self) -> Result<Vec<Link>> {
+        let _dump = self.dump_lock.lock().await;
         self.handle
             .link()
             .get()

@@ -105,6 +105,9 @@ pub type Result<T, E = NetlinkError> = std::result::Result<T, E>;
 #[derive(Clone)]
 pub struct Netlink {
     handle: rtnetlink::Handle,
+    /// A netlink socket runs one dump at a time (a second one fails with EBUSY):
+    /// every dump on this connection holds this lock.
+    dump_lock: Arc<tokio::sync::Mutex<()>>,
     _conn: Arc<AbortOnDrop>,
 }
 
@@ -144,6 +147,7 @@ impl Netlink {
         let task = tokio::spawn(conn);
         Ok(Netlink {
             handle,
+            dump_lock: Arc::new(tokio::sync::Mutex::new(())),
             _conn: Arc::new(AbortOnDrop(task)),
         })
     }

@@ -4,7 +4,9 @@ use std::net::Ipv4Addr;
 
 use futures::TryStreamExt;
 use rtnetlink::RouteMessageBuilder;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+};
 
 use super::{Netlink, NetlinkError, Result};
 
@@ -73,6 +75,7 @@ impl Netlink {
 
     /// IPv4 routes of the main table.
     pub async fn route_list(&self) -> Result<Vec<Route>> {
+        let _dump = self.dump_lock.lock().await;
         let msgs: Vec<RouteMessage> = self
             .handle
             .route()
@@ -121,14 +124,21 @@ impl Netlink {
         }
     }
 
-    /// Deletes `dst/prefix` (any gateway) if present; `Ok(false)` if there was none.
+    /// Deletes `dst/prefix` from the main table (any gateway, any interface)
+    /// without a dump; `Ok(false)` if there was none.
     pub async fn route_del_dst(&self, dst: Ipv4Addr, prefix: u8) -> Result<bool> {
-        let mut deleted = false;
-        for route in self.route_list().await? {
-            if route.dst == dst && route.prefix == prefix {
-                deleted |= self.route_del(&route).await?;
+        // As `ip route del`: protocol unspecified and scope "nowhere" match any.
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere)
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let err = NetlinkError::netlink(format!("delete route {dst}/{prefix}"), e);
+                if err.is_gone() { Ok(false) } else { Err(err) }
             }
         }
-        Ok(deleted)
     }
 }
