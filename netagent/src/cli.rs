@@ -556,12 +556,16 @@ fn cleanup_command(args: CleanupArgs) -> Result<ExitCode, CliError> {
     // Holding the prefix lock proves no agent of the prefix runs, and keeps one
     // from starting while we remove things.
     let lock = crate::daemon::lock_prefix(&cfg.prefix)?;
-    let result = client_runtime()?.block_on(crate::controller::cleanup(&cfg));
+    let result = client_runtime()?.block_on(crate::cleanup::cleanup(&cfg.prefix, &cfg.bpffs));
     drop(lock);
-    let removed = result?;
+    let report = result.map_err(|e| CliError::Cleanup(e.to_string()))?;
     out(&format!(
-        "removed {removed} resource(s) of prefix {}\n",
-        cfg.prefix
+        "prefix {}: removed {} namespace(s), {} link(s), {} route(s), {} pin(s)\n",
+        cfg.prefix,
+        report.namespaces.len(),
+        report.links.len(),
+        report.routes,
+        report.pins
     ))?;
     Ok(ExitCode::SUCCESS)
 }

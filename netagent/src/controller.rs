@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use netagent_common::SlotStats;
 use serde::{Deserialize, Serialize};
 
-use crate::slot::{AddressPlan, AddressingError, GuestLink, SlotAddr};
+use crate::slot::{AddressPlan, AddressingError, GuestLink, SlotAddr, SlotError, SlotManager};
 use crate::stats::{MetricsSnapshot, SlotCounters, TableGauge, render_prometheus};
 
 /// A boxed, sendable future (the backend trait is object-safe with it).
@@ -58,7 +58,7 @@ pub enum ControllerError {
     #[error("{0}")]
     BadRequest(String),
     /// The slot does not exist.
-    #[error("slot {0} does not exist")]
+    #[error("slot {0} does not exist: create it first (PUT /v1/slots/{0})")]
     NotFound(i64),
     /// The slot exists with a different guest link.
     #[error("{0}")]
@@ -310,21 +310,106 @@ impl Controller {
     }
 }
 
-/// Starts the real backend: the slot manager (loads and attaches the datapath).
+/// Starts the real backend: the slot manager (loads and attaches the datapath,
+/// removes leftovers of a crashed run of the prefix).
 pub async fn start_backend(
-    _config: &crate::config::Config,
+    config: &crate::config::Config,
 ) -> Result<Arc<dyn SlotBackend>, crate::error::DaemonError> {
-    Err(crate::error::DaemonError::Start(
-        "this build has no slot manager yet (netagent/src/slot/manager.rs)".into(),
-    ))
+    let manager = SlotManager::start(config)
+        .await
+        .map_err(|e| crate::error::DaemonError::Start(e.to_string()))?;
+    Ok(manager)
 }
 
-/// Removes every resource of `config`'s prefix (no agent may run); returns how
-/// many were removed.
-pub async fn cleanup(_config: &crate::config::Config) -> Result<usize, crate::error::CliError> {
-    Err(crate::error::CliError::Cleanup(
-        "this build has no cleanup yet (netagent/src/cleanup.rs)".into(),
-    ))
+impl From<SlotError> for ControllerError {
+    fn from(e: SlotError) -> ControllerError {
+        match e {
+            SlotError::InvalidIndex(msg) => ControllerError::BadRequest(msg),
+            SlotError::NotFound(index) => ControllerError::NotFound(index),
+            SlotError::Conflict(msg) => ControllerError::Conflict(msg),
+            e @ SlotError::GuestNamespaceMissing(_) => ControllerError::BadRequest(e.to_string()),
+            e @ SlotError::ShutDown => ControllerError::Unavailable(e.to_string()),
+            e => ControllerError::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Programs in the datapath object (`tap_ingress`, `veth_ingress`,
+/// `uplink_ingress`, `slot_ingress`); all are loaded at start.
+const DATAPATH_PROGRAMS: u64 = 4;
+/// Attachments per slot: `tap_ingress`, `slot_ingress` and `veth_ingress`.
+const ATTACHMENTS_PER_SLOT: u64 = 3;
+
+impl SlotBackend for SlotManager {
+    fn create(
+        &self,
+        index: i64,
+        guest: GuestLink,
+    ) -> BoxFuture<'_, Result<(SlotView, bool), ControllerError>> {
+        Box::pin(async move {
+            let (addr, created) = SlotManager::create(self, index, guest.clone()).await?;
+            Ok((SlotView { addr, guest }, created))
+        })
+    }
+
+    fn delete(&self, index: i64) -> BoxFuture<'_, Result<(), ControllerError>> {
+        Box::pin(async move { Ok(SlotManager::delete(self, index).await?) })
+    }
+
+    fn get(&self, index: i64) -> Result<SlotView, ControllerError> {
+        let slot = SlotManager::get(self, index)?;
+        Ok(SlotView {
+            addr: slot.addr,
+            guest: slot.guest,
+        })
+    }
+
+    fn list(&self) -> Vec<SlotView> {
+        SlotManager::list(self)
+            .into_iter()
+            .map(|s| SlotView {
+                addr: s.addr,
+                guest: s.guest,
+            })
+            .collect()
+    }
+
+    fn stats(&self, index: i64) -> Result<SlotStats, ControllerError> {
+        Ok(SlotManager::stats(self, index)?)
+    }
+
+    fn tables(&self) -> Result<Vec<TableGauge>, ControllerError> {
+        let u = self.table_usage()?;
+        let gauge = |table: &str, entries: usize, capacity: u32| TableGauge {
+            table: table.into(),
+            entries: entries as u64,
+            capacity: u64::from(capacity),
+        };
+        Ok(vec![
+            gauge("nat_egress", u.nat_egress, u.nat_capacity),
+            gauge("nat_ingress", u.nat_ingress, u.nat_capacity),
+            gauge("host_flows", u.host_flows, u.host_flow_capacity),
+        ])
+    }
+
+    fn programs(&self) -> (u64, u64) {
+        self.with_datapath(|dp| {
+            let uplink = u64::from(dp.uplink().is_some());
+            (
+                DATAPATH_PROGRAMS,
+                uplink + ATTACHMENTS_PER_SLOT * dp.attached_slots().len() as u64,
+            )
+        })
+        .unwrap_or((0, 0))
+    }
+
+    fn reap(&self) -> BoxFuture<'_, Result<Reaped, ControllerError>> {
+        Box::pin(async move { Ok(SlotManager::reap(self).await?.total() as u64) })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, Result<(), ControllerError>> {
+        Box::pin(async move { Ok(SlotManager::shutdown(self).await?) })
+    }
 }
 
 fn check_guest(guest: &GuestLink) -> Result<(), ControllerError> {

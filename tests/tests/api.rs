@@ -1,0 +1,590 @@
+//! The API over a real Unix socket against a real `netagent up` in a throwaway
+//! host namespace (see `netagent_tests::daemon`): every route, every error,
+//! idempotency, 64 concurrent creates, metrics against stats, the socket and lock
+//! rules, and shutdown.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use netagent::controller::SlotView;
+use netagent::slot::{AddressPlan, GuestLink};
+use netagent::stats::SlotCounters;
+use netagent_common::DropReason;
+use netagent_tests::daemon::{Daemon, Netns, WAN_IP, udp_echo};
+use serde_json::Value;
+
+/// method, path, body, expected status, expected part of the error message.
+type BadRequest<'a> = (&'a str, &'a str, Option<&'a [u8]>, u16, &'a str);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn plan(d: &Daemon) -> AddressPlan {
+    AddressPlan::new(
+        &d.world.prefix,
+        Ipv4Addr::new(10, 11, 0, 0),
+        Ipv4Addr::new(10, 12, 0, 0),
+    )
+    .unwrap()
+}
+
+fn error_of(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| {
+            format!(
+                "<no JSON error field in {:?}>",
+                String::from_utf8_lossy(body)
+            )
+        })
+}
+
+#[test]
+fn every_route_and_every_error() -> Result<()> {
+    let Some(d) = Daemon::start("every_route_and_every_error")? else {
+        return Ok(());
+    };
+    let c = d.client();
+    let plan = plan(&d);
+    rt().block_on(async {
+        // Health and an empty list.
+        let r = c.request("GET", "/healthz", None).await?;
+        ensure!(r.status == 200, "healthz: {}", r.text());
+        let health: Value = r.json("health")?;
+        ensure!(health["status"] == "ok" && health["programs_loaded"] == 4, "{health}");
+        let r = c.request("GET", "/v1/slots", None).await?;
+        ensure!(r.status == 200 && r.text() == "[]", "{} {}", r.status, r.text());
+
+        // Create: 201 with exactly DESIGN §4's slot object (plus guest_link).
+        let r = c.request("PUT", "/v1/slots/1", None).await?;
+        ensure!(r.status == 201, "create: {} {}", r.status, r.text());
+        ensure!(r.content_type.as_deref() == Some("application/json"));
+        let slot: Value = r.json("slot")?;
+        let p = &d.world.prefix;
+        let want = serde_json::json!({"index":1,"namespace":format!("{p}-ns-1"),"veth":format!("{p}-veth-1"),
+            "host_ip":"10.11.0.1","veth_ip":"10.12.0.2","vpeer_ip":"10.12.0.3","tap":"tap0",
+            "tap_ip":"169.254.0.22","tap_mac":"02:fc:00:00:00:05","guest_ip":"169.254.0.21",
+            "guest_netmask":"255.255.255.252","guest_link":"tap"});
+        ensure!(slot == want, "slot JSON {slot} != {want}");
+        ensure!(d.world.slot_namespaces() == vec![format!("{p}-ns-1")]);
+
+        // Identical re-create: 200, same body, nothing new made.
+        let r = c.request("PUT", "/v1/slots/1", Some(b"{}")).await?;
+        ensure!(r.status == 200, "re-create: {} {}", r.status, r.text());
+        ensure!(r.json::<Value>("slot")? == want);
+        let r = c.request("PUT", "/v1/slots/1", Some(br#"{"guest_link":"tap"}"#)).await?;
+        ensure!(r.status == 200, "re-create with explicit tap: {} {}", r.status, r.text());
+
+        // A conflicting re-create (another guest link): 409, slot unchanged.
+        let guest = Netns::add(&format!("{p}-g1"))?;
+        let veth_body = format!(r#"{{"guest_link":"veth","guest_netns":"{}"}}"#, guest.name);
+        let r = c.request("PUT", "/v1/slots/1", Some(veth_body.as_bytes())).await?;
+        ensure!(r.status == 409, "conflict: {} {}", r.status, r.text());
+        ensure!(error_of(&r.body).contains("slot 1"), "{}", r.text());
+        ensure!(c.slot(1).await?.guest == GuestLink::Tap);
+
+        // A veth slot into the guest namespace.
+        let r = c.request("PUT", "/v1/slots/2", Some(veth_body.as_bytes())).await?;
+        ensure!(r.status == 201, "veth create: {} {}", r.status, r.text());
+        let v: SlotView = r.json("slot")?;
+        ensure!(v.guest == GuestLink::Veth { guest_netns: guest.name.clone() }, "{v:?}");
+        ensure!(v.addr == plan.slot(2).unwrap());
+        let r = c.request("PUT", "/v1/slots/3", Some(br#"{"guest_link":"veth","guest_netns":"no-such-ns-x"}"#)).await?;
+        ensure!(r.status == 400, "missing guest ns: {} {}", r.status, r.text());
+        ensure!(error_of(&r.body).contains("no-such-ns-x"), "{}", r.text());
+
+        // GET one, list, stats.
+        let r = c.request("GET", "/v1/slots/1", None).await?;
+        ensure!(r.status == 200 && r.json::<Value>("slot")? == want);
+        let list: Vec<SlotView> = c.slots().await?;
+        ensure!(list.iter().map(|s| s.addr.index).collect::<Vec<_>>() == vec![1, 2], "{list:?}");
+        let r = c.request("GET", "/v1/slots/1/stats", None).await?;
+        ensure!(r.status == 200, "stats: {}", r.text());
+        let stats: Value = r.json("stats")?;
+        for key in ["from_guest", "to_guest"] {
+            ensure!(stats[key]["packets"].is_u64() && stats[key]["bytes"].is_u64(), "{stats}");
+        }
+        ensure!(stats["nat"]["allocations"].is_u64() && stats["nat"]["failures"].is_u64(), "{stats}");
+        for reason in DropReason::ALL {
+            ensure!(stats["drops"][reason.name()].is_u64(), "{} missing in {stats}", reason.name());
+        }
+
+        // /metrics is Prometheus text.
+        let r = c.request("GET", "/metrics", None).await?;
+        ensure!(r.status == 200, "metrics: {}", r.text());
+        ensure!(r.content_type.as_deref().is_some_and(|t| t.starts_with("text/plain")), "{:?}", r.content_type);
+
+        // Every bad request: a 4xx with {"error": ...} naming the problem.
+        let big = vec![b' '; 64 * 1024];
+        let cases: Vec<BadRequest> = vec![
+            ("PUT", "/v1/slots/0", None, 400, "out of range"),
+            ("PUT", "/v1/slots/32768", None, 400, "out of range"),
+            ("PUT", "/v1/slots/-1", None, 400, "out of range"),
+            ("PUT", "/v1/slots/abc", None, 400, "\"abc\" is not an integer"),
+            ("GET", "/v1/slots/abc", None, 400, "not an integer"),
+            ("DELETE", "/v1/slots/0", None, 400, "out of range"),
+            ("GET", "/v1/slots/-1/stats", None, 400, "out of range"),
+            ("GET", "/v1/slots/1024", None, 400, "max_slots"),
+            ("PUT", "/v1/slots/5", Some(b"{not json"), 400, "not valid JSON"),
+            ("PUT", "/v1/slots/5", Some(b"null"), 400, "invalid slot request"),
+            ("PUT", "/v1/slots/5", Some(br#"{"guest_link":"tap","colour":1}"#), 400, "unknown field `colour`"),
+            ("PUT", "/v1/slots/5", Some(br#"{"guest_link":"vhost"}"#), 400, "vhost"),
+            ("PUT", "/v1/slots/5", Some(br#"{"guest_link":"veth"}"#), 400, "guest_netns"),
+            ("PUT", "/v1/slots/5", Some(&big), 413, "too large"),
+            ("POST", "/v1/slots", None, 405, "allowed: GET"),
+            ("DELETE", "/v1/slots", None, 405, "not allowed"),
+            ("POST", "/v1/slots/5", None, 405, "PUT"),
+            ("PATCH", "/v1/slots/5", None, 405, "not allowed"),
+            ("PUT", "/v1/slots/5/stats", None, 405, "not allowed"),
+            ("POST", "/metrics", None, 405, "not allowed"),
+            ("DELETE", "/healthz", None, 405, "not allowed"),
+            ("GET", "/v1/slots/5", None, 404, "slot 5 does not exist"),
+            ("DELETE", "/v1/slots/5", None, 404, "slot 5 does not exist"),
+            ("GET", "/v1/slots/5/stats", None, 404, "slot 5 does not exist"),
+            ("GET", "/", None, 404, "no such route"),
+            ("GET", "/v1/slot/1", None, 404, "no such route"),
+            ("GET", "/v1/slots/1/stats/extra", None, 404, "no such route"),
+        ];
+        for (method, path, body, want_status, needle) in cases {
+            let r = c.request(method, path, body).await?;
+            let err = error_of(&r.body);
+            ensure!(r.status == want_status, "{method} {path}: got {} {err}", r.status);
+            ensure!(r.content_type.as_deref() == Some("application/json"), "{method} {path}: {:?}", r.content_type);
+            ensure!(err.contains(needle), "{method} {path}: {err:?} lacks {needle:?}");
+            if want_status == 405 {
+                ensure!(r.allow.is_some(), "{method} {path}: 405 without Allow");
+            }
+        }
+        // None of them made or removed anything, and the daemon still serves.
+        let after: Vec<u32> = c.slots().await?.iter().map(|s| s.addr.index).collect();
+        ensure!(after == vec![1, 2], "{after:?}");
+        ensure!(d.world.slot_namespaces().len() == 2, "{:?}", d.world.slot_namespaces());
+
+        // Delete: 204 and gone; a second delete is 404.
+        let r = c.request("DELETE", "/v1/slots/2", None).await?;
+        ensure!(r.status == 204 && r.body.is_empty(), "delete: {} {}", r.status, r.text());
+        let r = c.request("DELETE", "/v1/slots/2", None).await?;
+        ensure!(r.status == 404, "second delete: {} {}", r.status, r.text());
+        c.delete_slot(1).await?;
+        ensure!(c.slots().await?.is_empty());
+        ensure!(d.world.slot_namespaces().is_empty(), "{:?}", d.world.slot_namespaces());
+        ensure!(d.world.host_links().iter().all(|l| !l.contains("-v")), "{:?}", d.world.host_links());
+        drop(guest);
+        Ok(())
+    })
+}
+
+#[test]
+fn sixty_four_concurrent_creates_of_distinct_slots() -> Result<()> {
+    let Some(d) = Daemon::start("sixty_four_concurrent_creates_of_distinct_slots")? else {
+        return Ok(());
+    };
+    let plan = plan(&d);
+    // Spread over the index range, including carries into the third octet.
+    let indices: Vec<i64> = (0..64).map(|i| 1 + i * 13).collect();
+    rt().block_on(async {
+        let tasks: Vec<_> = indices
+            .iter()
+            .map(|&n| {
+                let c = d.client();
+                tokio::spawn(
+                    async move { (n, c.request("PUT", &format!("/v1/slots/{n}"), None).await) },
+                )
+            })
+            .collect();
+        let mut seen_ips = BTreeSet::new();
+        let mut seen_names = BTreeSet::new();
+        for t in tasks {
+            let (n, reply) = t.await?;
+            let reply = reply?;
+            ensure!(
+                reply.status == 201,
+                "slot {n}: {} {}",
+                reply.status,
+                reply.text()
+            );
+            let v: SlotView = reply.json("slot")?;
+            ensure!(v.addr == plan.slot(n).unwrap(), "slot {n}: {v:?}");
+            for ip in [v.addr.host_ip, v.addr.veth_ip, v.addr.vpeer_ip] {
+                ensure!(seen_ips.insert(ip), "address {ip} given twice");
+            }
+            ensure!(
+                seen_names.insert(v.addr.namespace.clone())
+                    && seen_names.insert(v.addr.veth.clone())
+            );
+        }
+        let c = d.client();
+        let listed: Vec<i64> = c
+            .slots()
+            .await?
+            .iter()
+            .map(|s| i64::from(s.addr.index))
+            .collect();
+        ensure!(listed == indices, "{listed:?}");
+        ensure!(d.world.slot_namespaces().len() == 64);
+
+        // Concurrent identical re-creates: all 200.
+        let again: Vec<_> = indices
+            .iter()
+            .map(|&n| {
+                let c = d.client();
+                tokio::spawn(async move { c.request("PUT", &format!("/v1/slots/{n}"), None).await })
+            })
+            .collect();
+        for t in again {
+            let r = t.await??;
+            ensure!(r.status == 200, "{} {}", r.status, r.text());
+        }
+
+        // Concurrent deletes: all 204, nothing left.
+        let deletes: Vec<_> = indices
+            .iter()
+            .map(|&n| {
+                let c = d.client();
+                tokio::spawn(
+                    async move { c.request("DELETE", &format!("/v1/slots/{n}"), None).await },
+                )
+            })
+            .collect();
+        for t in deletes {
+            let r = t.await??;
+            ensure!(r.status == 204, "{} {}", r.status, r.text());
+        }
+        ensure!(c.slots().await?.is_empty());
+        ensure!(
+            d.world.slot_namespaces().is_empty(),
+            "{:?}",
+            d.world.slot_namespaces()
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn same_slot_requests_are_serialized() -> Result<()> {
+    let Some(d) = Daemon::start("same_slot_requests_are_serialized")? else {
+        return Ok(());
+    };
+    rt().block_on(async {
+        // Eight racing creates of one slot: exactly one 201, the rest 200.
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let c = d.client();
+                tokio::spawn(async move { c.request("PUT", "/v1/slots/7", None).await })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await??.status);
+        }
+        statuses.sort();
+        ensure!(
+            statuses == [200, 200, 200, 200, 200, 200, 200, 201],
+            "{statuses:?}"
+        );
+        ensure!(d.world.slot_namespaces().len() == 1);
+        Ok(())
+    })
+}
+
+/// Parses `/metrics` with a Prometheus text parser; every sample line must parse.
+fn parse_metrics(text: &str) -> Result<prometheus_parse::Scrape> {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
+    let sample_lines = text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count();
+    ensure!(
+        scrape.samples.len() == sample_lines,
+        "parsed {} of {sample_lines} samples",
+        scrape.samples.len()
+    );
+    Ok(scrape)
+}
+
+fn value(s: &prometheus_parse::Sample) -> f64 {
+    match s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        _ => f64::NAN,
+    }
+}
+
+/// `metric{labels}` → value for one slot.
+fn slot_series(scrape: &prometheus_parse::Scrape, slot: u32) -> BTreeMap<String, f64> {
+    let slot = slot.to_string();
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.labels.get("slot") == Some(slot.as_str()))
+        .map(|s| {
+            let mut labels: Vec<String> = s
+                .labels
+                .iter()
+                .filter(|(k, _)| k.as_str() != "slot")
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            labels.sort();
+            (format!("{}{{{}}}", s.metric, labels.join(",")), value(s))
+        })
+        .collect()
+}
+
+fn expected_series(c: &SlotCounters) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    for (dir, t) in [("from_guest", c.from_guest), ("to_guest", c.to_guest)] {
+        m.insert(
+            format!("netagent_slot_packets_total{{direction={dir}}}"),
+            t.packets as f64,
+        );
+        m.insert(
+            format!("netagent_slot_bytes_total{{direction={dir}}}"),
+            t.bytes as f64,
+        );
+    }
+    m.insert(
+        "netagent_slot_nat_allocations_total{}".into(),
+        c.nat.allocations as f64,
+    );
+    m.insert(
+        "netagent_slot_nat_failures_total{}".into(),
+        c.nat.failures as f64,
+    );
+    for (reason, n) in &c.drops {
+        m.insert(
+            format!("netagent_slot_drops_total{{reason={reason}}}"),
+            *n as f64,
+        );
+    }
+    m
+}
+
+#[test]
+fn metrics_parse_and_match_slot_stats_after_traffic() -> Result<()> {
+    let Some(d) = Daemon::start("metrics_parse_and_match_slot_stats_after_traffic")? else {
+        return Ok(());
+    };
+    let guest = Netns::add(&format!("{}-g1", d.world.prefix))?;
+    let c = d.client();
+    let rt = rt();
+    rt.block_on(async {
+        c.create_slot(
+            3,
+            &GuestLink::Veth {
+                guest_netns: guest.name.clone(),
+            },
+        )
+        .await?;
+        c.create_slot(4, &GuestLink::Tap).await
+    })?;
+
+    // Guest → wan traffic through the datapath: 5 UDP datagrams of 100 bytes,
+    // each echoed back by a server in the wan namespace.
+    let back = udp_echo(&guest.name, &d.world.wan_ns, WAN_IP, 9000, 5, 100)?;
+    if back != 5 {
+        let stats = rt.block_on(c.stats(3));
+        anyhow::bail!(
+            "{back} of 5 echoes came back; slot 3 stats {stats:?}; agent log:\n{}",
+            d.logs()
+        );
+    }
+
+    rt.block_on(async {
+        let stats = c.stats(3).await?;
+        ensure!(stats.from_guest.packets >= 5, "{stats:?}");
+        ensure!(stats.to_guest.packets >= 5, "{stats:?}");
+        ensure!(stats.nat.allocations >= 1, "{stats:?}");
+        // 100 bytes of payload + UDP, IPv4 and Ethernet headers.
+        ensure!(stats.from_guest.bytes >= 5 * 142, "{stats:?}");
+
+        let text = c.metrics().await?;
+        let scrape = parse_metrics(&text)?;
+        // Counters with no traffic since the stats read: the two must agree exactly.
+        let stats = c.stats(3).await?;
+        let got = slot_series(&scrape, 3);
+        let want = expected_series(&stats);
+        ensure!(got == want, "metrics of slot 3 {got:?}\n!= stats {want:?}");
+        let idle = slot_series(&scrape, 4);
+        ensure!(idle == expected_series(&c.stats(4).await?), "{idle:?}");
+        ensure!(idle.values().all(|v| *v == 0.0), "{idle:?}");
+
+        let global = |name: &str, label: Option<(&str, &str)>| -> Result<f64> {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+                .map(value)
+                .with_context(|| format!("{name} {label:?} missing"))
+        };
+        ensure!(global("netagent_slots", None)? == 2.0);
+        ensure!(global("netagent_programs_loaded", None)? == 4.0);
+        ensure!(global("netagent_program_attachments", None)? == 7.0);
+        for table in ["nat_egress", "nat_ingress", "host_flows"] {
+            let cap = global("netagent_table_capacity", Some(("table", table)))?;
+            let used = global("netagent_table_entries", Some(("table", table)))?;
+            ensure!(cap > 0.0 && used <= cap, "{table}: {used}/{cap}");
+        }
+        ensure!(global("netagent_table_capacity", Some(("table", "nat_egress")))? == 4096.0);
+        ensure!(
+            global("netagent_table_entries", Some(("table", "nat_egress")))? >= 1.0,
+            "ping flow not in NAT table"
+        );
+        for reason in DropReason::ALL {
+            ensure!(
+                scrape
+                    .samples
+                    .iter()
+                    .any(|s| s.metric == "netagent_slot_drops_total"
+                        && s.labels.get("reason") == Some(reason.name())),
+                "drop reason {} missing",
+                reason.name()
+            );
+        }
+
+        // Counters are monotonic: more traffic only adds.
+        let before = c.stats(3).await?;
+        let back = udp_echo(&guest.name, &d.world.wan_ns, WAN_IP, 9001, 2, 100)?;
+        ensure!(back == 2);
+        let after = c.stats(3).await?;
+        ensure!(
+            after.from_guest.packets >= before.from_guest.packets + 2,
+            "{before:?} -> {after:?}"
+        );
+        ensure!(after.to_guest.bytes > before.to_guest.bytes);
+        Ok(())
+    })
+}
+
+#[test]
+fn socket_is_private_and_instances_exclude_each_other() -> Result<()> {
+    let Some(mut d) = Daemon::start("socket_is_private_and_instances_exclude_each_other")? else {
+        return Ok(());
+    };
+    let socket = d.world.socket();
+    let meta = std::fs::symlink_metadata(&socket)?;
+    ensure!(meta.file_type().is_socket());
+    ensure!(
+        meta.permissions().mode() & 0o777 == 0o600,
+        "mode {:o}",
+        meta.permissions().mode()
+    );
+
+    // Same prefix, another socket: refused by the prefix lock.
+    let mut args = d.up_args();
+    let sock_at = args.iter().position(|a| a == "--socket").unwrap() + 1;
+    args[sock_at] = d.world.dir.join("other.sock").display().to_string();
+    let log = d.world.dir.join("second.log");
+    let status = d.spawn_in_host(&args, &log)?.wait()?;
+    let text = std::fs::read_to_string(&log)?;
+    ensure!(
+        !status.success(),
+        "a second instance of the prefix started:\n{text}"
+    );
+    ensure!(
+        text.contains("another netagent instance is running with prefix"),
+        "{text}"
+    );
+    ensure!(
+        text.contains(&format!("pid {}", d.pid().unwrap())),
+        "{text}"
+    );
+    ensure!(!d.world.dir.join("other.sock").exists());
+
+    // Another prefix, the same socket: refused because the socket answers.
+    let mut args = d.up_args();
+    let prefix_at = args.iter().position(|a| a == "--prefix").unwrap() + 1;
+    let other_prefix = format!("{}x", d.world.prefix);
+    args[prefix_at] = other_prefix.clone();
+    let log = d.world.dir.join("third.log");
+    let status = d.spawn_in_host(&args, &log)?.wait()?;
+    let _ = std::fs::remove_file(format!("/run/netagent/{other_prefix}.lock"));
+    let text = std::fs::read_to_string(&log)?;
+    ensure!(
+        !status.success(),
+        "a second instance on the socket started:\n{text}"
+    );
+    ensure!(text.contains("already serving on"), "{text}");
+    // The first instance is unharmed.
+    let rt = rt();
+    rt.block_on(d.client().create_slot(9, &GuestLink::Tap))?;
+
+    // A crash leaves the socket file and the slot behind; the next start
+    // replaces the stale socket and removes the leftovers.
+    d.stop_with(nix::sys::signal::Signal::SIGKILL)?;
+    ensure!(socket.exists(), "socket vanished with SIGKILL");
+    ensure!(d.world.slot_namespaces().len() == 1);
+    d.launch(&[])?;
+    ensure!(d.logs().contains("stale"), "{}", d.logs());
+    let slots = rt.block_on(d.client().slots())?;
+    ensure!(slots.is_empty(), "{slots:?}");
+    ensure!(
+        d.world.slot_namespaces().is_empty(),
+        "leftovers: {:?}",
+        d.world.slot_namespaces()
+    );
+    rt.block_on(d.client().create_slot(9, &GuestLink::Tap))?;
+    Ok(())
+}
+
+#[test]
+fn sigterm_deletes_every_slot_and_removes_the_socket() -> Result<()> {
+    let Some(mut d) = Daemon::start("sigterm_deletes_every_slot_and_removes_the_socket")? else {
+        return Ok(());
+    };
+    let rt = rt();
+    rt.block_on(async {
+        for n in [1, 2, 300] {
+            d.client().create_slot(n, &GuestLink::Tap).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    ensure!(d.world.slot_namespaces().len() == 3);
+    ensure!(
+        d.world.host_links().len() == 3,
+        "{:?}",
+        d.world.host_links()
+    );
+    let status = d.stop()?;
+    ensure!(status.success(), "exit {status}:\n{}", d.logs());
+    ensure!(
+        d.world.slot_namespaces().is_empty(),
+        "{:?}",
+        d.world.slot_namespaces()
+    );
+    ensure!(
+        d.world.host_links().is_empty(),
+        "{:?}",
+        d.world.host_links()
+    );
+    ensure!(!d.world.socket().exists(), "socket left behind");
+    let logs = d.logs();
+    ensure!(
+        logs.contains("deleting every slot") && logs.contains("stopped cleanly"),
+        "{logs}"
+    );
+    // JSON logs: every line is a JSON object.
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<Value>(line).with_context(|| format!("not JSON: {line}"))?;
+    }
+    // The CLI now says the daemon is not running, in one line naming the socket.
+    let socket = d.world.socket().display().to_string();
+    let out = d.cli(&["slot", "list", "--socket", &socket])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.lines().count() == 1, "{err}");
+    ensure!(
+        err.contains("not running") && err.contains(&socket),
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(10));
+    Ok(())
+}
