@@ -184,12 +184,24 @@ fn unpacked(out: &Path, pkg: &str) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&download)?;
     eprintln!("xtask: downloading {pkg} {version}");
-    run_cmd(
-        Command::new("apt-get")
-            .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
-            .arg(format!("{pkg}={version}"))
-            .current_dir(&download),
-    )?;
+    let fetch = || {
+        run_cmd(
+            Command::new("apt-get")
+                .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
+                .arg(format!("{pkg}={version}"))
+                .current_dir(&download),
+        )
+    };
+    if fetch().is_err() {
+        // Stale lists name a version the mirror no longer has.
+        eprintln!("xtask: download failed; refreshing the package lists and retrying once");
+        run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+        let version_now = candidate_version(pkg)?;
+        if version_now != version {
+            return unpacked(out, pkg);
+        }
+        fetch()?;
+    }
     let deb = std::fs::read_dir(&download)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
