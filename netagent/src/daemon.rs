@@ -21,8 +21,8 @@
 //! `netagent up` of the prefix, or `netagent cleanup`, removes the leftovers.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::io::{self, IsTerminal, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +60,8 @@ pub fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(io::stderr);
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal());
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {
         LogFormat::Human => builder.try_init(),
@@ -134,10 +135,11 @@ pub fn lock_path(prefix: &str) -> PathBuf {
     Path::new(LOCK_DIR).join(format!("{prefix}.lock"))
 }
 
-/// Holds the per-prefix lock until dropped.
+/// Holds the per-prefix lock; dropping it removes the lock file and releases
+/// the lock.
 #[derive(Debug)]
 pub struct PrefixLock {
-    _lock: Flock<File>,
+    lock: Option<Flock<File>>,
     path: PathBuf,
 }
 
@@ -148,58 +150,92 @@ impl PrefixLock {
     }
 }
 
+impl Drop for PrefixLock {
+    fn drop(&mut self) {
+        // Unlink while still holding the lock: a waiter that opened the old file
+        // finds it unlinked after locking it and retries on a fresh one
+        // (see `lock_prefix`), so two holders can never coexist.
+        let _ = std::fs::remove_file(&self.path);
+        drop(self.lock.take());
+    }
+}
+
+/// Attempts at taking a lock whose file is being replaced under us.
+const LOCK_ATTEMPTS: usize = 8;
+
 /// Takes the exclusive lock of `prefix`, writing our pid into the file; fails
 /// with the holder's pid when another process has it.
 pub fn lock_prefix(prefix: &str) -> Result<PrefixLock, DaemonError> {
     let path = lock_path(prefix);
     create_dir(Path::new(LOCK_DIR), 0o755)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|source| DaemonError::Io {
-            what: "open lock file",
-            path: path.clone(),
-            source,
-        })?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(mut lock) => {
-            let pid = std::process::id().to_string();
-            let written = lock
-                .set_len(0)
-                .and_then(|()| lock.rewind())
-                .and_then(|()| lock.write_all(pid.as_bytes()));
-            if let Err(source) = written {
-                return Err(DaemonError::Io {
-                    what: "write lock file",
+    for _ in 0..LOCK_ATTEMPTS {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| DaemonError::Io {
+                what: "open lock file",
+                path: path.clone(),
+                source,
+            })?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                // The previous holder may have unlinked the file between our
+                // open and our lock: then the lock protects nothing; retry.
+                let same = match (lock.metadata(), std::fs::metadata(&path)) {
+                    (Ok(held), Ok(named)) => held.ino() == named.ino() && held.dev() == named.dev(),
+                    _ => false,
+                };
+                if !same {
+                    continue;
+                }
+                let pid = std::process::id().to_string();
+                let written = lock
+                    .set_len(0)
+                    .and_then(|()| lock.rewind())
+                    .and_then(|()| lock.write_all(pid.as_bytes()));
+                if let Err(source) = written {
+                    return Err(DaemonError::Io {
+                        what: "write lock file",
+                        path,
+                        source,
+                    });
+                }
+                return Ok(PrefixLock {
+                    lock: Some(lock),
                     path,
-                    source,
                 });
             }
-            Ok(PrefixLock { _lock: lock, path })
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(DaemonError::PrefixLocked {
+                    prefix: prefix.to_string(),
+                    lock: path,
+                    holder: if holder.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" by pid {holder}")
+                    },
+                });
+            }
+            Err((_, errno)) => {
+                return Err(DaemonError::Io {
+                    what: "lock",
+                    path,
+                    source: io::Error::from(errno),
+                });
+            }
         }
-        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            Err(DaemonError::PrefixLocked {
-                prefix: prefix.to_string(),
-                lock: path,
-                holder: if holder.is_empty() {
-                    String::new()
-                } else {
-                    format!(" by pid {holder}")
-                },
-            })
-        }
-        Err((_, errno)) => Err(DaemonError::Io {
-            what: "lock",
-            path,
-            source: io::Error::from(errno),
-        }),
     }
+    Err(DaemonError::Io {
+        what: "lock (the lock file keeps being replaced)",
+        path,
+        source: io::Error::from(io::ErrorKind::WouldBlock),
+    })
 }
 
 fn create_dir(path: &Path, mode: u32) -> Result<(), DaemonError> {
@@ -438,6 +474,25 @@ mod tests {
             matches!(err, DaemonError::SocketPathOccupied { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn prefix_lock_excludes_and_cleans_up() {
+        let prefix = format!("ut{}", std::process::id() % 100_000);
+        let first = lock_prefix(&prefix).unwrap();
+        let text = std::fs::read_to_string(first.path()).unwrap();
+        assert_eq!(text, std::process::id().to_string());
+        // flock is per open file description: a second open in this process conflicts too.
+        let err = lock_prefix(&prefix).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("prefix {prefix:?}")) && err.contains("pid"),
+            "{err}"
+        );
+        let path = first.path().to_path_buf();
+        drop(first);
+        assert!(!path.exists());
+        let again = lock_prefix(&prefix).unwrap();
+        drop(again);
     }
 
     #[tokio::test]
