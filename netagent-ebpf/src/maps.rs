@@ -3,6 +3,7 @@
 //! (`EbpfLoader::map_max_entries`), so nothing below is a tuning knob.
 
 use aya_ebpf::{
+    Global,
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
@@ -76,10 +77,29 @@ pub fn slot_info(index: u32) -> Option<&'static SlotInfo> {
     Some(info)
 }
 
-/// The slot whose namespace this packet is in (by `bpf_get_netns_cookie`), with
-/// its configuration.
+/// The slot this program instance serves, set by the loader
+/// (`EbpfLoader::override_global`) when it loads `tap_ingress` and `slot_ingress`
+/// for one slot. 0 in the shared instance.
+///
+/// Per-slot instances exist because a program inside a slot namespace cannot
+/// find its namespace from the packet: `bpf_get_netns_cookie` on a tc program
+/// reports the namespace of the skb's socket, and frames from a TAP or veth have
+/// none (it then returns the initial namespace's cookie).
+#[unsafe(no_mangle)]
+static SLOT_INDEX: Global<u32> = Global::new(0);
+
+/// The slot whose namespace this program runs in, with its configuration.
+///
+/// A per-slot instance knows it from `SLOT_INDEX` (a constant the verifier sees
+/// through). The shared instance falls back to `NETNS_SLOTS` by the netns cookie,
+/// which only works for skbs that carry a socket of that namespace, as in
+/// `BPF_PROG_TEST_RUN`.
 #[inline(always)]
 pub fn slot_by_netns(ctx: &aya_ebpf::programs::TcContext) -> Option<(u32, &'static SlotInfo)> {
+    let index = SLOT_INDEX.load();
+    if index != 0 {
+        return Some((index, slot_info(index)?));
+    }
     use aya_ebpf::EbpfContext as _;
     // SAFETY: the helper only reads the skb that the context points to.
     let cookie = unsafe { aya_ebpf::helpers::generated::bpf_get_netns_cookie(ctx.as_ptr()) };

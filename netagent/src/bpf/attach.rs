@@ -33,6 +33,8 @@ pub(super) struct AttachedUplink {
 
 /// What `attach_slot` made for one slot.
 pub(super) struct AttachedSlot {
+    /// The slot's own instance of `tap_ingress` and `slot_ingress`.
+    programs: aya::Ebpf,
     /// Links inside the slot namespace (`tap_ingress`, `slot_ingress`).
     ns_links: Vec<AttachedLink>,
     /// `veth_ingress` on the host veth.
@@ -141,6 +143,14 @@ fn detach(ebpf: &mut aya::Ebpf, link: AttachedLink) -> Result<(), BpfError> {
 }
 
 impl Datapath {
+    /// The per-slot program instance of slot `index`, attached or only loaded.
+    pub(super) fn slot_instance(&self, index: u32) -> Option<&aya::Ebpf> {
+        self.slots
+            .get(&index)
+            .map(|s| &s.programs)
+            .or_else(|| self.slot_programs.get(&index))
+    }
+
     /// Attaches `uplink_ingress` to the uplink (agent namespace = the caller's) and
     /// writes CONFIG with the uplink's address and index.
     pub fn attach_uplink(&mut self, uplink: &Uplink) -> Result<(), BpfError> {
@@ -195,7 +205,11 @@ impl Datapath {
             return Err(BpfError::SlotAttached(slot.index));
         }
         let (tap_ifindex, eth0_ifindex) = (slot.tap_ifindex, slot.eth0_ifindex);
-        let ebpf = &mut self.ebpf;
+        let mut programs = match self.slot_programs.remove(&slot.index) {
+            Some(p) => p,
+            None => self.load_slot_instance(slot.index)?,
+        };
+        let ebpf = &mut programs;
         let (cookie, ns_links) = in_netns(slot.netns, move || {
             let cookie = current_netns_cookie()?;
             let tap = attach_ingress(ebpf, Program::TapIngress, tap_ifindex)?;
@@ -217,6 +231,7 @@ impl Datapath {
             None
         };
         let mut attached = AttachedSlot {
+            programs,
             ns_links,
             host_link: None,
             netns,
@@ -292,11 +307,12 @@ impl Datapath {
         {
             errors.push(e);
         }
+        let mut programs = attached.programs;
         let (tcx, netlink): (Vec<_>, Vec<_>) =
             attached.ns_links.into_iter().partition(|l| !l.netlink);
         for link in tcx {
             // Closing a TCX link's fd detaches it; no namespace needed.
-            if let Err(e) = detach(&mut self.ebpf, link) {
+            if let Err(e) = detach(&mut programs, link) {
                 errors.push(e);
             }
         }
@@ -307,7 +323,7 @@ impl Datapath {
             });
             match ns.or(netns) {
                 Some(ns) => {
-                    let ebpf = &mut self.ebpf;
+                    let ebpf = &mut programs;
                     let r = in_netns(ns, move || {
                         let mut errs = Vec::new();
                         for link in netlink {
@@ -336,6 +352,7 @@ impl Datapath {
     pub fn detach_slot(&mut self, index: u32) -> Result<(), BpfError> {
         self.check_index(index)?;
         let mut errors = Vec::new();
+        self.slot_programs.remove(&index);
         match self.slots.remove(&index) {
             Some(attached) => {
                 let (cookie, veth) = (attached.cookie, attached.veth_ifindex);

@@ -2,15 +2,17 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use aya::{EbpfLoader, programs::SchedClassifier};
 use netagent_common::{
-    MAP_HOST_FLOWS, MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_NETNS_SLOTS, MAP_SLOTS, MAP_STATS,
-    MAP_VETH_SLOTS, MAX_SLOT_INDEX,
+    MAP_CONFIG, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_NETNS_SLOTS,
+    MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
 };
 
 use super::attach::{AttachedSlot, AttachedUplink};
 use super::maps::Maps;
+use super::pins::PinDir;
 use super::test_run::Program;
 use super::{BpfError, ip_to_map};
 use crate::config::Config;
@@ -35,7 +37,27 @@ pub struct DatapathConfig {
     pub host_base: Ipv4Addr,
     /// Base of the veth /16: slot traffic to it is not masqueraded.
     pub vrt_base: Ipv4Addr,
+    /// bpffs directory for the map pins (the agent's `--bpffs`); a bpffs is
+    /// mounted there if needed (at `/sys/fs/bpf` for paths below it). `None`: a
+    /// private bpffs on a temporary directory, removed with the `Datapath`.
+    pub pin_dir: Option<PathBuf>,
 }
+
+/// Every map of the object (all pinned, so per-slot instances share them).
+pub(super) const MAP_NAMES: [&str; 9] = [
+    MAP_CONFIG,
+    MAP_SLOTS,
+    MAP_NETNS_SLOTS,
+    MAP_VETH_SLOTS,
+    MAP_NAT_EGRESS,
+    MAP_NAT_INGRESS,
+    MAP_HOST_FLOWS,
+    MAP_LOCAL_ADDRS,
+    MAP_STATS,
+];
+
+/// Name of the global the per-slot instances get their slot index from.
+const SLOT_INDEX_GLOBAL: &str = "SLOT_INDEX";
 
 /// Entries of LOCAL_ADDRS (addresses of the agent namespace).
 pub const LOCAL_ADDRS_SIZE: u32 = 256;
@@ -51,7 +73,36 @@ impl DatapathConfig {
             port_max: cfg.nat.port_max,
             host_base: cfg.host_base,
             vrt_base: cfg.vrt_base,
+            pin_dir: Some(cfg.bpffs.clone()),
         }
+    }
+
+    /// The same configuration with a private pin directory (tests).
+    pub fn with_private_pins(mut self) -> Self {
+        self.pin_dir = None;
+        self
+    }
+
+    fn max_entries(&self, map: &str) -> u32 {
+        match map {
+            MAP_SLOTS | MAP_STATS | MAP_NETNS_SLOTS | MAP_VETH_SLOTS => self.max_slots,
+            MAP_NAT_EGRESS | MAP_NAT_INGRESS => self.nat_table_size,
+            MAP_HOST_FLOWS => self.host_flow_table_size,
+            MAP_LOCAL_ADDRS => LOCAL_ADDRS_SIZE,
+            _ => 1,
+        }
+    }
+
+    /// A loader whose maps are (or get) pinned in `pins`, sized from `self`.
+    fn loader<'a>(&self, pins: &PinDir) -> EbpfLoader<'a> {
+        let mut loader = EbpfLoader::new();
+        for name in MAP_NAMES {
+            loader.map_pin_path(name, pins.map_path(name));
+            if name != MAP_CONFIG {
+                loader.map_max_entries(name, self.max_entries(name));
+            }
+        }
+        loader
     }
 
     fn validate(&self) -> Result<(), BpfError> {
@@ -90,6 +141,10 @@ pub struct Datapath {
     pub(super) cfg: DatapathConfig,
     pub(super) uplink: Option<AttachedUplink>,
     pub(super) slots: HashMap<u32, AttachedSlot>,
+    /// Per-slot program instances loaded but not attached (yet).
+    pub(super) slot_programs: HashMap<u32, aya::Ebpf>,
+    /// Declared last: the pins go after everything that uses the maps.
+    pub(super) pins: PinDir,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -107,15 +162,17 @@ impl Datapath {
     /// Nothing is attached yet.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, BpfError> {
         cfg.validate()?;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_SLOTS, cfg.max_slots)
-            .map_max_entries(MAP_STATS, cfg.max_slots)
-            .map_max_entries(MAP_NETNS_SLOTS, cfg.max_slots)
-            .map_max_entries(MAP_VETH_SLOTS, cfg.max_slots)
-            .map_max_entries(MAP_NAT_EGRESS, cfg.nat_table_size)
-            .map_max_entries(MAP_NAT_INGRESS, cfg.nat_table_size)
-            .map_max_entries(MAP_HOST_FLOWS, cfg.host_flow_table_size)
-            .map_max_entries(netagent_common::MAP_LOCAL_ADDRS, LOCAL_ADDRS_SIZE)
+        let pins = match &cfg.pin_dir {
+            Some(dir) => PinDir::at(dir)?,
+            None => PinDir::private()?,
+        };
+        // Pins of a previous run would be reused as they are (other sizes, old
+        // flows): start from fresh maps.
+        for name in MAP_NAMES {
+            pins.unpin(name)?;
+        }
+        let mut ebpf = cfg
+            .loader(&pins)
             .load(OBJECT)
             .map_err(|e| BpfError::Load(Box::new(e)))?;
         for prog in Program::ALL {
@@ -143,7 +200,50 @@ impl Datapath {
             cfg: cfg.clone(),
             uplink: None,
             slots: HashMap::new(),
+            slot_programs: HashMap::new(),
+            pins,
         })
+    }
+
+    /// Loads (verifies) the per-slot instance of `tap_ingress` and `slot_ingress`
+    /// for slot `index`: the same programs with `SLOT_INDEX = index`, sharing the
+    /// pinned maps. `attach_slot` does this itself; tests call it to run the
+    /// per-slot instance with `test_run_slot` without attaching.
+    pub fn load_slot_programs(&mut self, index: u32) -> Result<(), BpfError> {
+        self.check_index(index)?;
+        if self.slots.contains_key(&index) || self.slot_programs.contains_key(&index) {
+            return Ok(());
+        }
+        let ebpf = self.load_slot_instance(index)?;
+        self.slot_programs.insert(index, ebpf);
+        Ok(())
+    }
+
+    pub(super) fn load_slot_instance(&self, index: u32) -> Result<aya::Ebpf, BpfError> {
+        let mut loader = self.cfg.loader(&self.pins);
+        loader.override_global(SLOT_INDEX_GLOBAL, &index, true);
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| BpfError::Load(Box::new(e)))?;
+        for prog in Program::SLOT_NS {
+            let name = prog.name();
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|e| BpfError::program(name, "type check", e))?;
+            p.load()
+                .map_err(|e| BpfError::program(name, "load (slot instance)", e))?;
+        }
+        Ok(ebpf)
+    }
+
+    /// The bpffs directory holding the map pins.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        self.pins.path()
     }
 
     /// The configuration the datapath was loaded with.

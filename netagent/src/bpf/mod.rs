@@ -6,7 +6,8 @@
 //! ```ignore
 //! pub struct DatapathConfig { pub max_slots: u32, pub nat_table_size: u32,
 //!     pub host_flow_table_size: u32, pub port_min: u16, pub port_max: u16,
-//!     pub host_base: Ipv4Addr, pub vrt_base: Ipv4Addr }   // DatapathConfig::from_config(&Config)
+//!     pub host_base: Ipv4Addr, pub vrt_base: Ipv4Addr,
+//!     pub pin_dir: Option<PathBuf> }   // DatapathConfig::from_config(&Config)
 //! pub struct Datapath { .. }
 //! impl Datapath {
 //!     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, BpfError>;
@@ -32,6 +33,18 @@
 //!     pub fn detach_uplink(&mut self) -> Result<(), BpfError>;
 //!     /// Runs one program once on `frame` with BPF_PROG_TEST_RUN (tests).
 //!     pub fn test_run(&self, prog: Program, frame: &[u8]) -> Result<TestRunOutput, BpfError>;
+//!     /// The same `repeat` times; also returns the mean kernel time of one run.
+//!     pub fn test_run_repeat(&self, prog: Program, frame: &[u8], repeat: u32)
+//!         -> Result<(TestRunOutput, Duration), BpfError>;
+//!     /// `reap` at a given CLOCK_BOOTTIME instant (tests).
+//!     pub fn reap_at(&mut self, timeouts: &Timeouts, now_ns: u64) -> Result<ReapReport, BpfError>;
+//!     pub fn uplink(&self) -> Option<&Uplink>;  pub fn attached_slots(&self) -> Vec<u32>;
+//!     pub fn unattributed_stats(&self) -> Result<SlotStats, BpfError>;  // STATS[0]
+//!     /// Loads slot `index`'s program instance without attaching it (tests), and
+//!     /// runs that instance on a frame.
+//!     pub fn load_slot_programs(&mut self, index: u32) -> Result<(), BpfError>;
+//!     pub fn test_run_slot(&self, index: u32, prog: Program, frame: &[u8])
+//!         -> Result<TestRunOutput, BpfError>;
 //!     /// Direct map access for tests and diagnostics.
 //!     pub fn maps(&self) -> &Maps;  pub fn maps_mut(&mut self) -> &mut Maps;
 //! }
@@ -41,6 +54,16 @@
 //!     pub eth0_mac: [u8; 6], pub tap_ifindex: u32, pub vpeer_ip: Ipv4Addr,
 //!     pub host_ip: Ipv4Addr }
 //! ```
+//!
+//! Per-slot program instances: `tap_ingress` and `slot_ingress` run inside the
+//! slot namespace, where nothing in the packet says which slot it is (a tc
+//! program's `bpf_get_netns_cookie` reports the skb's *socket* namespace, and
+//! frames from a TAP or veth carry no socket: it returns the initial
+//! namespace's cookie). So `attach_slot` loads one instance of those two
+//! programs per slot with the slot index as a load-time constant
+//! (`SLOT_INDEX`), sharing the maps through pins in `DatapathConfig::pin_dir`.
+//! `veth_ingress` and `uplink_ingress` run in the agent namespace and find the
+//! slot by ifindex or flow; they have one shared instance.
 //!
 //! Files: `load` (object, map sizes, `Datapath`), `attach` (TCX with a clsact
 //! fallback, per-slot links, netns hopping), `maps` (typed map access),
@@ -52,6 +75,7 @@ mod error;
 mod load;
 mod maps;
 mod netns_cookie;
+mod pins;
 mod reap;
 mod stats;
 mod test_run;

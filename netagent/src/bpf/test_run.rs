@@ -1,6 +1,8 @@
 //! The four programs by name, and running one on a crafted frame with
 //! `BPF_PROG_TEST_RUN` (unit tests of the datapath).
 
+use std::time::Duration;
+
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 
 use super::{BpfError, Datapath};
@@ -34,6 +36,9 @@ impl Program {
         Program::SlotIngress,
     ];
 
+    /// The programs that run inside a slot namespace (one instance per slot).
+    pub const SLOT_NS: [Program; 2] = [Program::TapIngress, Program::SlotIngress];
+
     /// The program's name in the object.
     pub const fn name(self) -> &'static str {
         match self {
@@ -59,28 +64,67 @@ impl Datapath {
     /// returns its verdict and the frame as the program left it. The netns cookie
     /// it sees is the caller's namespace's; its ifindex is `TEST_RUN_IFINDEX`.
     pub fn test_run(&self, prog: Program, frame: &[u8]) -> Result<TestRunOutput, BpfError> {
-        let name = prog.name();
-        let p: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or(BpfError::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|e| BpfError::program(name, "type check", e))?;
-        let mut out = vec![0u8; frame.len() + OUTPUT_HEADROOM];
-        let result = p
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .map_err(|e| BpfError::program(name, "BPF_PROG_TEST_RUN", e))?;
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput {
+        self.test_run_repeat(prog, frame, 1).map(|(out, _)| out)
+    }
+
+    /// Runs `prog` on `frame` `repeat` times in the kernel (the same input each
+    /// time) and returns the last output and the mean time of one run: the
+    /// program's cost per packet.
+    pub fn test_run_repeat(
+        &self,
+        prog: Program,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(TestRunOutput, Duration), BpfError> {
+        run(&self.ebpf, prog, frame, repeat)
+    }
+
+    /// Runs the per-slot instance of `prog` (`tap_ingress` or `slot_ingress`) of
+    /// slot `index` once on `frame`; the slot's programs must be loaded
+    /// (`load_slot_programs` or `attach_slot`).
+    pub fn test_run_slot(
+        &self,
+        index: u32,
+        prog: Program,
+        frame: &[u8],
+    ) -> Result<TestRunOutput, BpfError> {
+        let ebpf = self
+            .slot_instance(index)
+            .ok_or(BpfError::SlotNotLoaded(index))?;
+        run(ebpf, prog, frame, 1).map(|(out, _)| out)
+    }
+}
+
+fn run(
+    ebpf: &aya::Ebpf,
+    prog: Program,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(TestRunOutput, Duration), BpfError> {
+    let name = prog.name();
+    let p: &SchedClassifier = ebpf
+        .program(name)
+        .ok_or(BpfError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|e| BpfError::program(name, "type check", e))?;
+    let mut out = vec![0u8; frame.len() + OUTPUT_HEADROOM];
+    let result = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: repeat.max(1),
+            ..TestRunOptions::default()
+        })
+        .map_err(|e| BpfError::program(name, "BPF_PROG_TEST_RUN", e))?;
+    out.truncate(result.data_size_out as usize);
+    Ok((
+        TestRunOutput {
             verdict: result.return_value as i32,
             frame: out,
-        })
-    }
+        },
+        result.duration,
+    ))
 }

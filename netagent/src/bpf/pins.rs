@@ -1,0 +1,134 @@
+//! The bpffs directory the maps are pinned in. Pins are how the per-slot
+//! program instances (loaded one `Ebpf` per slot, see `load`) share the maps of
+//! the main instance: aya reuses a map that is pinned at the path it is given.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+use super::BpfError;
+
+/// `statfs` magic of a bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is conventionally mounted.
+const SYS_FS_BPF: &str = "/sys/fs/bpf";
+
+/// Counter making private pin directories of one process unique.
+static PRIVATE_DIRS: AtomicU32 = AtomicU32::new(0);
+
+/// A directory on a bpffs holding this datapath's map pins.
+#[derive(Debug)]
+pub(super) struct PinDir {
+    dir: PathBuf,
+    /// A bpffs this instance mounted itself (unmounted and removed on drop).
+    own_mount: Option<PathBuf>,
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+fn mount_bpffs(at: &Path) -> Result<(), BpfError> {
+    mount(Some("bpf"), at, Some("bpf"), MsFlags::empty(), None::<&str>)
+        .map_err(|e| BpfError::syscall(format!("mount -t bpf bpf {}", at.display()), e.into()))
+}
+
+fn create_dir(dir: &Path) -> Result<(), BpfError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| BpfError::syscall(format!("mkdir -p {}", dir.display()), e))
+}
+
+impl PinDir {
+    /// A private bpffs mounted on a fresh temporary directory (tests, or an agent
+    /// without a configured directory).
+    pub(super) fn private() -> Result<PinDir, BpfError> {
+        let n = PRIVATE_DIRS.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("netagent-bpf-{}-{n}", std::process::id()));
+        create_dir(&dir)?;
+        if let Err(e) = mount_bpffs(&dir) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
+        }
+        Ok(PinDir {
+            own_mount: Some(dir.clone()),
+            dir,
+        })
+    }
+
+    /// `dir`, made to be on a bpffs: used as is when it already is; under
+    /// `/sys/fs/bpf` a bpffs is mounted there first when none is; elsewhere one is
+    /// mounted on `dir` itself.
+    pub(super) fn at(dir: &Path) -> Result<PinDir, BpfError> {
+        if dir.is_dir() && is_bpffs(dir) {
+            return Ok(PinDir {
+                dir: dir.to_owned(),
+                own_mount: None,
+            });
+        }
+        let sys = Path::new(SYS_FS_BPF);
+        if dir.starts_with(sys) && dir != sys {
+            if !is_bpffs(sys) {
+                mount_bpffs(sys)?;
+            }
+            create_dir(dir)?;
+            return Ok(PinDir {
+                dir: dir.to_owned(),
+                own_mount: None,
+            });
+        }
+        if let Some(parent) = dir.parent()
+            && parent.is_dir()
+            && is_bpffs(parent)
+        {
+            create_dir(dir)?;
+            return Ok(PinDir {
+                dir: dir.to_owned(),
+                own_mount: None,
+            });
+        }
+        create_dir(dir)?;
+        mount_bpffs(dir)?;
+        Ok(PinDir {
+            dir: dir.to_owned(),
+            own_mount: Some(dir.to_owned()),
+        })
+    }
+
+    /// The directory.
+    pub(super) fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where map `name` is pinned.
+    pub(super) fn map_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Removes the pin of map `name` (absent is fine).
+    pub(super) fn unpin(&self, name: &str) -> Result<(), BpfError> {
+        match std::fs::remove_file(self.map_path(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BpfError::syscall(
+                format!("unlink {}", self.map_path(name).display()),
+                e,
+            )),
+        }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        for name in super::load::MAP_NAMES {
+            let _ = self.unpin(name);
+        }
+        if let Some(mnt) = &self.own_mount {
+            let _ = umount2(mnt, MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir(mnt);
+        }
+    }
+}
