@@ -322,3 +322,37 @@ fn every_client_command_against_a_real_daemon() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn missing_privileges_are_reported_as_such() -> Result<()> {
+    if !Command::new("setpriv")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!(
+            "SKIPPED missing_privileges_are_reported_as_such: setpriv (util-linux) is not installed"
+        );
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(format!("netagent-cli-priv-{}", std::process::id()));
+    let socket = dir.join("api.sock");
+    // An empty bounding set: even root execs the agent without capabilities.
+    let out = Command::new("setpriv")
+        .args(["--bounding-set", "-all", "--inh-caps", "-all", "--"])
+        .arg(netagent_bin()?)
+        .args(["up", "--prefix", "tnopriv", "--socket"])
+        .arg(&socket)
+        .output()?;
+    let err = stderr(&out);
+    ensure!(!out.status.success(), "started without capabilities: {err}");
+    ensure!(err.lines().count() == 1, "{err}");
+    ensure!(
+        err.contains("missing privileges")
+            && err.contains("CAP_NET_ADMIN")
+            && err.contains("CAP_BPF"),
+        "{err}"
+    );
+    ensure!(!socket.exists() && !dir.exists(), "left files behind");
+    Ok(())
+}
