@@ -1532,3 +1532,34 @@ fn attached_slot_carries_real_udp_and_tcp_both_ways() {
     assert!(recv(&server).is_none(), "no traffic after detach");
     dp.detach_uplink().unwrap();
 }
+
+#[test]
+fn maps_are_pinned_and_a_shared_pin_dir_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: needs root (CAP_BPF, mount)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("netagent-pins-test-{}", std::process::id()));
+    let mut cfg = small_config();
+    cfg.pin_dir = Some(dir.clone());
+    let mut first = Datapath::load(&cfg).expect("first instance");
+    assert_eq!(first.pin_dir(), dir.as_path());
+    for map in ["CONFIG", "NAT_EGRESS", "STATS"] {
+        assert!(dir.join(map).exists(), "{map} is pinned");
+    }
+    first
+        .load_slot_programs(3)
+        .expect("slot instance shares the pinned maps");
+    {
+        let mut second = Datapath::load(&cfg).expect("second instance on the same directory");
+        // The first instance must not load slot programs against the second's maps.
+        let err = first.load_slot_programs(4).unwrap_err();
+        assert!(
+            err.to_string().contains("another netagent datapath"),
+            "{err}"
+        );
+        second.load_slot_programs(4).unwrap();
+    }
+    drop(first);
+    assert!(!dir.exists(), "the bpffs mounted for the pins is gone");
+}

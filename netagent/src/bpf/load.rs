@@ -162,7 +162,7 @@ impl Datapath {
     /// Nothing is attached yet.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, BpfError> {
         cfg.validate()?;
-        let pins = match &cfg.pin_dir {
+        let mut pins = match &cfg.pin_dir {
             Some(dir) => PinDir::at(dir)?,
             None => PinDir::private()?,
         };
@@ -175,6 +175,7 @@ impl Datapath {
             .loader(&pins)
             .load(OBJECT)
             .map_err(|e| BpfError::Load(Box::new(e)))?;
+        pins.claim()?;
         for prog in Program::ALL {
             let name = prog.name();
             let p: &mut SchedClassifier = ebpf
@@ -220,6 +221,7 @@ impl Datapath {
     }
 
     pub(super) fn load_slot_instance(&self, index: u32) -> Result<aya::Ebpf, BpfError> {
+        self.pins.check_ours()?;
         let mut loader = self.cfg.loader(&self.pins);
         loader.override_global(SLOT_INDEX_GLOBAL, &index, true);
         let mut ebpf = loader

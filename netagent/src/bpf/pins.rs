@@ -24,6 +24,9 @@ pub(super) struct PinDir {
     dir: PathBuf,
     /// A bpffs this instance mounted itself (unmounted and removed on drop).
     own_mount: Option<PathBuf>,
+    /// Kernel id of the CONFIG map this instance pinned: tells our pins from those
+    /// of another instance pointed at the same directory.
+    config_id: Option<u32>,
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -56,6 +59,7 @@ impl PinDir {
         Ok(PinDir {
             own_mount: Some(dir.clone()),
             dir,
+            config_id: None,
         })
     }
 
@@ -67,6 +71,7 @@ impl PinDir {
             return Ok(PinDir {
                 dir: dir.to_owned(),
                 own_mount: None,
+                config_id: None,
             });
         }
         let sys = Path::new(SYS_FS_BPF);
@@ -78,6 +83,7 @@ impl PinDir {
             return Ok(PinDir {
                 dir: dir.to_owned(),
                 own_mount: None,
+                config_id: None,
             });
         }
         if let Some(parent) = dir.parent()
@@ -88,6 +94,7 @@ impl PinDir {
             return Ok(PinDir {
                 dir: dir.to_owned(),
                 own_mount: None,
+                config_id: None,
             });
         }
         create_dir(dir)?;
@@ -95,6 +102,7 @@ impl PinDir {
         Ok(PinDir {
             dir: dir.to_owned(),
             own_mount: Some(dir.to_owned()),
+            config_id: None,
         })
     }
 
@@ -106,6 +114,37 @@ impl PinDir {
     /// Where map `name` is pinned.
     pub(super) fn map_path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    fn pinned_config_id(&self) -> Option<u32> {
+        aya::maps::MapInfo::from_pin(self.map_path(netagent_common::MAP_CONFIG))
+            .ok()
+            .map(|i| i.id())
+    }
+
+    /// Records that the maps now pinned here are this instance's.
+    pub(super) fn claim(&mut self) -> Result<(), BpfError> {
+        self.config_id = Some(self.pinned_config_id().ok_or_else(|| {
+            BpfError::Config(format!(
+                "the maps were not pinned in {}",
+                self.dir.display()
+            ))
+        })?);
+        Ok(())
+    }
+
+    /// Fails if the pins no longer are this instance's maps (another datapath was
+    /// started on the same directory): per-slot programs would otherwise share
+    /// the other instance's maps.
+    pub(super) fn check_ours(&self) -> Result<(), BpfError> {
+        if self.config_id.is_some() && self.pinned_config_id() == self.config_id {
+            return Ok(());
+        }
+        Err(BpfError::Config(format!(
+            "the map pins in {} belong to another netagent datapath; give each instance \
+             its own bpffs directory",
+            self.dir.display()
+        )))
     }
 
     /// Removes the pin of map `name` (absent is fine).
@@ -123,8 +162,10 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        for name in super::load::MAP_NAMES {
-            let _ = self.unpin(name);
+        if self.check_ours().is_ok() {
+            for name in super::load::MAP_NAMES {
+                let _ = self.unpin(name);
+            }
         }
         if let Some(mnt) = &self.own_mount {
             let _ = umount2(mnt, MntFlags::MNT_DETACH);
