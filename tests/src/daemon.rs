@@ -166,6 +166,8 @@ fn locate_or_build() -> Result<PathBuf> {
 pub struct DaemonOptions {
     /// Extra arguments for `netagent up`.
     pub args: Vec<String>,
+    /// Leave out `--uplink` so the agent picks the default route's interface.
+    pub default_uplink: bool,
 }
 
 /// The test world (host and wan namespaces) of one prefix; removed on drop.
@@ -283,6 +285,7 @@ impl Drop for World {
 pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
+    opts: DaemonOptions,
     /// The world it runs in (dropped after the agent stops).
     pub world: World,
 }
@@ -300,19 +303,21 @@ impl Daemon {
             return Ok(None);
         }
         let world = World::build()?;
+        let extra = opts.args.clone();
         let mut daemon = Daemon {
             child: None,
             log: world.dir.join("netagent.log"),
+            opts,
             world,
         };
-        daemon.launch(&opts.args)?;
+        daemon.launch(&extra)?;
         Ok(Some(daemon))
     }
 
     /// The `netagent up` arguments of this world.
     pub fn up_args(&self) -> Vec<String> {
         let w = &self.world;
-        vec![
+        let mut args: Vec<String> = vec![
             "up".into(),
             "--prefix".into(),
             w.prefix.clone(),
@@ -320,8 +325,11 @@ impl Daemon {
             w.socket().display().to_string(),
             "--bpffs".into(),
             w.bpffs().display().to_string(),
-            "--uplink".into(),
-            UPLINK.into(),
+        ];
+        if !self.opts.default_uplink {
+            args.extend(["--uplink".into(), UPLINK.into()]);
+        }
+        args.extend([
             "--log-format".into(),
             "json".into(),
             // Small tables keep 64 slots' worth of maps cheap.
@@ -331,7 +339,8 @@ impl Daemon {
             "1024".into(),
             "--max-slots".into(),
             "1024".into(),
-        ]
+        ]);
+        args
     }
 
     /// Spawns `netagent ARGS` inside the host namespace, stderr to `log`.

@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use netagent::controller::SlotView;
 use netagent::slot::{AddressPlan, GuestLink};
-use netagent::stats::SlotCounters;
+use netagent::stats::{SlotCounters, Traffic};
 use netagent_common::DropReason;
-use netagent_tests::daemon::{Daemon, Netns, WAN_IP, udp_echo};
+use netagent_tests::daemon::{Daemon, DaemonOptions, Netns, WAN_IP, udp_echo};
 use serde_json::Value;
 
 /// method, path, body, expected status, expected part of the error message.
@@ -400,12 +400,30 @@ fn metrics_parse_and_match_slot_stats_after_traffic() -> Result<()> {
     }
 
     rt.block_on(async {
+        // Exactly the 5 datagrams each way, one flow, 100 bytes of payload + UDP,
+        // IPv4 and Ethernet headers each (ARP and IPv6 are not counted).
         let stats = c.stats(3).await?;
-        ensure!(stats.from_guest.packets >= 5, "{stats:?}");
-        ensure!(stats.to_guest.packets >= 5, "{stats:?}");
-        ensure!(stats.nat.allocations >= 1, "{stats:?}");
-        // 100 bytes of payload + UDP, IPv4 and Ethernet headers.
-        ensure!(stats.from_guest.bytes >= 5 * 142, "{stats:?}");
+        ensure!(
+            stats.from_guest
+                == Traffic {
+                    packets: 5,
+                    bytes: 5 * 142
+                },
+            "{stats:?}"
+        );
+        ensure!(
+            stats.to_guest
+                == Traffic {
+                    packets: 5,
+                    bytes: 5 * 142
+                },
+            "{stats:?}"
+        );
+        ensure!(
+            stats.nat.allocations == 1 && stats.nat.failures == 0,
+            "{stats:?}"
+        );
+        ensure!(stats.drops_total() == 0, "{stats:?}");
 
         let text = c.metrics().await?;
         let scrape = parse_metrics(&text)?;
@@ -586,5 +604,75 @@ fn sigterm_deletes_every_slot_and_removes_the_socket() -> Result<()> {
         "{err}"
     );
     std::thread::sleep(Duration::from_millis(10));
+    Ok(())
+}
+
+#[test]
+fn reaper_expires_idle_flows_with_the_default_uplink() -> Result<()> {
+    // No --uplink: the agent takes the default route's interface (up0).
+    let opts = DaemonOptions {
+        args: ["--timeouts-udp", "1", "--timeouts-reap-interval", "1"]
+            .map(String::from)
+            .to_vec(),
+        default_uplink: true,
+    };
+    let Some(d) = Daemon::start_with("reaper_expires_idle_flows_with_the_default_uplink", opts)?
+    else {
+        return Ok(());
+    };
+    ensure!(d.logs().contains("\"uplink\":\"up0\""), "{}", d.logs());
+    let guest = Netns::add(&format!("{}-g1", d.world.prefix))?;
+    let c = d.client();
+    let rt = rt();
+    rt.block_on(c.create_slot(
+        1,
+        &GuestLink::Veth {
+            guest_netns: guest.name.clone(),
+        },
+    ))?;
+    let back = udp_echo(&guest.name, &d.world.wan_ns, WAN_IP, 9002, 3, 64)?;
+    ensure!(back == 3, "{back} of 3 echoes; log:\n{}", d.logs());
+    let entries = |text: &str| -> Result<(f64, f64)> {
+        let scrape = parse_metrics(text)?;
+        let find = |name: &str, table: Option<&str>| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == name && table.is_none_or(|t| s.labels.get("table") == Some(t))
+                })
+                .map(value)
+                .unwrap_or(f64::NAN)
+        };
+        Ok((
+            find("netagent_table_entries", Some("nat_egress")),
+            find("netagent_reaped_flows_total", None),
+        ))
+    };
+    let (used, reaped_before) = entries(&rt.block_on(c.metrics())?)?;
+    ensure!(
+        used == 1.0,
+        "nat_egress entries {used} right after the flow"
+    );
+    // Idle for longer than the 1 s UDP timeout plus a reaper period or two.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let (used, reaped) = entries(&rt.block_on(c.metrics())?)?;
+        if used == 0.0 {
+            ensure!(
+                reaped >= reaped_before + 1.0,
+                "entries gone but reaped_flows_total {reaped_before} -> {reaped}"
+            );
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the idle UDP flow was never reaped; log:\n{}",
+            d.logs()
+        );
+    }
+    // Counters survive the reaping of flows.
+    ensure!(rt.block_on(c.stats(1))?.from_guest.packets == 3);
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use netagent::controller::SlotView;
 use netagent::stats::SlotCounters;
-use netagent_tests::daemon::{Daemon, netagent_bin};
+use netagent_tests::daemon::{Daemon, Netns, netagent_bin};
 
 fn netagent(args: &[&str]) -> Result<Output> {
     Command::new(netagent_bin()?)
@@ -205,6 +205,24 @@ fn every_client_command_against_a_real_daemon() -> Result<()> {
     );
     let text = stdout(&run(&["slot", "create", "1"])?);
     ensure!(text.contains("already exists"), "{text}");
+    let guest = Netns::add(&format!("{p}-g2"))?;
+    let v: SlotView = serde_json::from_str(&stdout(&run(&[
+        "slot",
+        "create",
+        "2",
+        "--guest-netns",
+        &guest.name,
+        "--json",
+    ])?))?;
+    ensure!(
+        v.guest
+            == netagent::slot::GuestLink::Veth {
+                guest_netns: guest.name.clone()
+            },
+        "{v:?}"
+    );
+    let text = stdout(&run(&["slot", "delete", "2"])?);
+    ensure!(text.trim() == "deleted slot 2", "{text}");
 
     // A bad index: the server's message, one line, exit 1.
     let out = d.cli(&["slot", "create", "0", "--socket", &socket])?;
