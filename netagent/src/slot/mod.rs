@@ -21,11 +21,24 @@
 //!     pub async fn reap(&self) -> Result<ReapReport, SlotError>;
 //!     /// Deletes every slot and detaches the datapath.
 //!     pub async fn shutdown(&self) -> Result<(), SlotError>;
+//!     // Added by the implementation:
+//!     pub fn plan(&self) -> &AddressPlan;  pub fn uplink(&self) -> &Uplink;
+//!     pub fn config(&self) -> &Config;
+//!     /// Runs `f` with the datapath (diagnostics, tests reading maps).
+//!     pub fn with_datapath<T>(&self, f: impl FnOnce(&mut Datapath) -> T) -> Result<T, SlotError>;
+//!     /// `fault-injection` feature only: create fails right after `step`.
+//!     pub fn set_fail_at(&self, step: Option<CreateStep>);
 //! }
 //! pub struct Slot { pub addr: SlotAddr, pub guest: GuestLink }
 //! ```
 //! Requests for the same index are serialized inside the manager; different
 //! indices run concurrently.
+//!
+//! Files: `addressing` (names and addresses), `manager` (the manager, start-up and
+//! shutdown), `create` (the steps of create and their rollback), `delete` (delete
+//! that tries every step), `error` (`SlotError`). The agent namespace is the
+//! namespace of the thread that calls `start`; every later kernel call targets a
+//! namespace explicitly (netlink sockets bound to it, or a thread that joined it).
 
 pub mod addressing;
 pub mod create;
