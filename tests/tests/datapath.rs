@@ -1328,104 +1328,128 @@ fn recv(s: &std::net::UdpSocket) -> Option<(Vec<u8>, std::net::SocketAddr)> {
         .map(|(n, from)| (buf[..n].to_vec(), from))
 }
 
-/// The whole path on real links: a "guest" namespace behind `tap0` (a veth
-/// standing in for the TAP), the slot namespace, the agent ("host") namespace and
-/// a "wan" namespace behind the uplink. `ip_forward` stays 0 everywhere.
+/// A real topology with the datapath attached: a "guest" namespace behind
+/// `tap0` (a veth standing in for the TAP), the slot namespace, the agent
+/// ("host") namespace and a "wan" namespace behind the uplink. `ip_forward`
+/// stays 0 everywhere. Everything is removed on drop.
+struct RealWorld {
+    dp: Datapath,
+    host_ns: std::fs::File,
+    wan_ns: std::fs::File,
+    guest_ns: std::fs::File,
+    names: [String; 4],
+    // Declared last: the namespaces go after the datapath is dropped.
+    _namespaces: Namespaces,
+}
+
+impl RealWorld {
+    fn new(tag: char) -> Option<RealWorld> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: needs root (CAP_NET_ADMIN, CAP_BPF)");
+            return None;
+        }
+        let p = format!("d{tag}{:03x}", std::process::id() & 0xfff);
+        let names = [
+            format!("{p}-host"),
+            format!("{p}-wan"),
+            format!("{p}-slot"),
+            format!("{p}-guest"),
+        ];
+        let guard = Namespaces(names.to_vec());
+        let [h, w, s, g] = &names;
+        for ns in &names {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let veth = format!("{p}-veth-7");
+        ip(&[
+            "-n", h, "link", "add", "up0", "type", "veth", "peer", "name", "wan0", "netns", w,
+        ]);
+        ip(&["-n", h, "addr", "add", "198.18.0.1/24", "dev", "up0"]);
+        ip(&["-n", h, "link", "set", "up0", "up"]);
+        ip(&["-n", w, "addr", "add", "198.18.0.100/24", "dev", "wan0"]);
+        ip(&["-n", w, "link", "set", "wan0", "up"]);
+        ip(&[
+            "-n", h, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", s,
+        ]);
+        ip(&["-n", h, "addr", "add", "10.12.0.14/31", "dev", &veth]);
+        ip(&["-n", h, "link", "set", &veth, "up"]);
+        ip(&["-n", s, "addr", "add", "10.12.0.15/31", "dev", "eth0"]);
+        ip(&["-n", s, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n", s, "link", "add", "tap0", "type", "veth", "peer", "name", "eth0", "netns", g,
+        ]);
+        ip(&["-n", s, "addr", "add", "169.254.0.22/30", "dev", "tap0"]);
+        ip(&["-n", s, "link", "set", "tap0", "up"]);
+        ip(&["-n", g, "addr", "add", "169.254.0.21/30", "dev", "eth0"]);
+        ip(&["-n", g, "link", "set", "eth0", "up"]);
+        ip(&["-n", g, "route", "add", "default", "via", "169.254.0.22"]);
+        ip(&["-n", s, "route", "add", "default", "via", "10.12.0.14"]);
+        ip(&["-n", h, "route", "add", "10.11.0.7/32", "via", "10.12.0.15"]);
+
+        let (host_ns, wan_ns, slot_ns, guest_ns) =
+            (netns_file(h), netns_file(w), netns_file(s), netns_file(g));
+        for ns in [&host_ns, &slot_ns] {
+            let fwd = inside(ns, || {
+                std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            });
+            assert_eq!(fwd.unwrap().trim(), "0", "no ip_forward needed");
+        }
+        let (up_idx, _) = link_info(h, "up0");
+        let (veth_idx, veth_mac) = link_info(h, &veth);
+        let (eth0_idx, eth0_mac) = link_info(s, "eth0");
+        let (tap_idx, _) = link_info(s, "tap0");
+
+        let dp = inside(&host_ns, || {
+            let mut dp = Datapath::load(&small_config()).expect("load");
+            dp.attach_uplink(&netagent::bpf::Uplink {
+                ifindex: up_idx,
+                name: "up0".into(),
+                ipv4: UPLINK_IP,
+            })
+            .expect("attach uplink");
+            dp.set_local_addrs(&[UPLINK_IP, VETH_IP]).unwrap();
+            {
+                use std::os::fd::AsFd;
+                dp.attach_slot(&netagent::bpf::SlotDatapath {
+                    index: SLOT,
+                    netns: slot_ns.as_fd(),
+                    veth_ifindex: veth_idx,
+                    veth_mac,
+                    eth0_ifindex: eth0_idx,
+                    eth0_mac,
+                    tap_ifindex: tap_idx,
+                    vpeer_ip: VPEER,
+                    host_ip: HOST_IP,
+                })
+                .expect("attach slot");
+            }
+            dp
+        });
+        Some(RealWorld {
+            dp,
+            host_ns,
+            wan_ns,
+            guest_ns,
+            names,
+            _namespaces: guard,
+        })
+    }
+}
+
+/// The whole path on real links (see `RealWorld`), checksum offload on.
 #[test]
 fn attached_slot_carries_real_udp_and_tcp_both_ways() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: needs root (CAP_NET_ADMIN, CAP_BPF)");
+    let Some(world) = RealWorld::new('a') else {
         return;
-    }
-    let p = format!("d{:04x}", std::process::id() & 0xffff);
-    let (h, w, s, g) = (
-        format!("{p}-host"),
-        format!("{p}-wan"),
-        format!("{p}-slot"),
-        format!("{p}-guest"),
-    );
-    let _guard = Namespaces(vec![h.clone(), w.clone(), s.clone(), g.clone()]);
-    for ns in [&h, &w, &s, &g] {
-        ip(&["netns", "add", ns]);
-        ip(&["-n", ns, "link", "set", "lo", "up"]);
-    }
-    let veth = format!("{p}-veth-7");
-    ip(&[
-        "-n", &h, "link", "add", "up0", "type", "veth", "peer", "name", "wan0", "netns", &w,
-    ]);
-    ip(&["-n", &h, "addr", "add", "198.18.0.1/24", "dev", "up0"]);
-    ip(&["-n", &h, "link", "set", "up0", "up"]);
-    ip(&["-n", &w, "addr", "add", "198.18.0.100/24", "dev", "wan0"]);
-    ip(&["-n", &w, "link", "set", "wan0", "up"]);
-    ip(&[
-        "-n", &h, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &s,
-    ]);
-    ip(&["-n", &h, "addr", "add", "10.12.0.14/31", "dev", &veth]);
-    ip(&["-n", &h, "link", "set", &veth, "up"]);
-    ip(&["-n", &s, "addr", "add", "10.12.0.15/31", "dev", "eth0"]);
-    ip(&["-n", &s, "link", "set", "eth0", "up"]);
-    ip(&[
-        "-n", &s, "link", "add", "tap0", "type", "veth", "peer", "name", "eth0", "netns", &g,
-    ]);
-    ip(&["-n", &s, "addr", "add", "169.254.0.22/30", "dev", "tap0"]);
-    ip(&["-n", &s, "link", "set", "tap0", "up"]);
-    ip(&["-n", &g, "addr", "add", "169.254.0.21/30", "dev", "eth0"]);
-    ip(&["-n", &g, "link", "set", "eth0", "up"]);
-    ip(&["-n", &g, "route", "add", "default", "via", "169.254.0.22"]);
-    ip(&["-n", &s, "route", "add", "default", "via", "10.12.0.14"]);
-    ip(&[
-        "-n",
-        &h,
-        "route",
-        "add",
-        "10.11.0.7/32",
-        "via",
-        "10.12.0.15",
-    ]);
-
-    let (host_ns, wan_ns, slot_ns, guest_ns) = (
-        netns_file(&h),
-        netns_file(&w),
-        netns_file(&s),
-        netns_file(&g),
-    );
-    for ns in [&host_ns, &slot_ns] {
-        let fwd = inside(ns, || {
-            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
-        });
-        assert_eq!(fwd.unwrap().trim(), "0", "no ip_forward needed");
-    }
-    let (up_idx, _) = link_info(&h, "up0");
-    let (veth_idx, veth_mac) = link_info(&h, &veth);
-    let (eth0_idx, eth0_mac) = link_info(&s, "eth0");
-    let (tap_idx, _) = link_info(&s, "tap0");
-
-    let mut dp = inside(&host_ns, || {
-        let mut dp = Datapath::load(&small_config()).expect("load");
-        dp.attach_uplink(&netagent::bpf::Uplink {
-            ifindex: up_idx,
-            name: "up0".into(),
-            ipv4: UPLINK_IP,
-        })
-        .expect("attach uplink");
-        dp.set_local_addrs(&[UPLINK_IP, VETH_IP]).unwrap();
-        {
-            use std::os::fd::AsFd;
-            dp.attach_slot(&netagent::bpf::SlotDatapath {
-                index: SLOT,
-                netns: slot_ns.as_fd(),
-                veth_ifindex: veth_idx,
-                veth_mac,
-                eth0_ifindex: eth0_idx,
-                eth0_mac,
-                tap_ifindex: tap_idx,
-                vpeer_ip: VPEER,
-                host_ip: HOST_IP,
-            })
-            .expect("attach slot");
-        }
-        dp
-    });
+    };
+    let RealWorld {
+        mut dp,
+        host_ns,
+        wan_ns,
+        guest_ns,
+        ..
+    } = world;
     assert_eq!(dp.attached_slots(), vec![SLOT]);
 
     // Guest → wan over UDP: the wan sees the uplink address and a range port.
@@ -1562,4 +1586,198 @@ fn maps_are_pinned_and_a_shared_pin_dir_is_refused() {
     }
     drop(first);
     assert!(!dir.exists(), "the bpffs mounted for the pins is gone");
+}
+
+/// Turns transmit checksum offload off on `dev` in `ns` (SIOCETHTOOL
+/// ETHTOOL_STXCSUM), so the stack sends full checksums and the receiving stack
+/// verifies them.
+fn tx_checksum_off(ns: &std::fs::File, dev: &str) {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct Ifreq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    let dev = dev.to_owned();
+    inside(ns, move || {
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_STXCSUM,
+            data: 0,
+        };
+        let mut req = Ifreq {
+            name: [0; 16],
+            data: &mut value,
+            _pad: [0; 16],
+        };
+        req.name[..dev.len()].copy_from_slice(dev.as_bytes());
+        // SAFETY: socket(2) with constant arguments; checked below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: `req` is a valid ifreq whose data points at a live ethtool_value.
+        let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut req) };
+        // SAFETY: `fd` is ours.
+        unsafe { libc::close(fd) };
+        assert_eq!(
+            rc,
+            0,
+            "SIOCETHTOOL on {dev}: {}",
+            std::io::Error::last_os_error()
+        );
+    });
+}
+
+/// An AF_PACKET socket on `dev` in `ns` that sees every frame arriving there.
+struct Capture(std::os::fd::OwnedFd);
+
+impl Capture {
+    fn open(ns: &std::fs::File, dev: &str) -> Capture {
+        use std::os::fd::FromRawFd;
+        let dev = std::ffi::CString::new(dev).unwrap();
+        inside(ns, move || {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: socket(2); checked below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: a fresh fd that nothing else owns.
+            let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            // SAFETY: `dev` is a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
+            // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = ifindex as i32;
+            // SAFETY: `sll` is a valid sockaddr_ll of the size given.
+            let rc = unsafe {
+                libc::bind(
+                    fd,
+                    (&raw const sll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 2,
+                tv_usec: 0,
+            };
+            // SAFETY: `tv` is a valid timeval of the size given.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            Capture(owned)
+        })
+    }
+
+    /// The next incoming IPv4 frame for which `want` holds.
+    fn next(&self, want: impl Fn(&packet::Parsed) -> bool) -> Option<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            let mut buf = vec![0u8; 65536];
+            // SAFETY: `buf` is writable for its length.
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return None;
+            }
+            buf.truncate(n as usize);
+            if let Ok(p) = packet::parse(&buf)
+                && want(&p)
+            {
+                return Some(buf);
+            }
+        }
+        None
+    }
+}
+
+/// With transmit checksum offload off everywhere, the translated packets carry
+/// full checksums: verified here on the wire by the independent verifier, and by
+/// the receiving stacks (which drop bad ones).
+#[test]
+fn checksums_are_valid_on_the_wire_with_offload_off() {
+    let Some(world) = RealWorld::new('b') else {
+        return;
+    };
+    tx_checksum_off(&world.guest_ns, "eth0");
+    tx_checksum_off(&world.wan_ns, "wan0");
+    let at_wan = Capture::open(&world.wan_ns, "wan0");
+    let at_guest = Capture::open(&world.guest_ns, "eth0");
+
+    // UDP guest → wan and back.
+    let server = udp_socket(&world.wan_ns, sock(WAN, 7100));
+    let client = udp_socket(&world.guest_ns, sock(GUEST, 0));
+    client.send_to(b"checksum me", sock(WAN, 7100)).unwrap();
+    let frame = at_wan
+        .next(|p| p.proto == IPPROTO_UDP && p.dport == 7100)
+        .expect("the datagram on the wan link");
+    verify_checksums(&frame).expect("masqueraded UDP checksum on the wire");
+    let (_, from) = recv(&server).expect("the wan stack accepted the datagram");
+    server.send_to(b"and me", from).unwrap();
+    let frame = at_guest
+        .next(|p| p.proto == IPPROTO_UDP && p.sport == 7100)
+        .expect("the reply on the guest link");
+    verify_checksums(&frame).expect("reverse-translated UDP checksum");
+    assert_eq!(packet::parse(&frame).unwrap().dst, GUEST);
+    recv(&client).expect("the guest stack accepted the reply");
+
+    // TCP: the handshake and data, checked at both ends.
+    let listener = inside(&world.wan_ns, || {
+        std::net::TcpListener::bind(sock(WAN, 7101)).unwrap()
+    });
+    let stream = inside(&world.guest_ns, || {
+        std::net::TcpStream::connect_timeout(
+            &sock(WAN, 7101).into(),
+            std::time::Duration::from_secs(3),
+        )
+    })
+    .expect("TCP connect with offload off");
+    let syn = at_wan
+        .next(|p| p.proto == IPPROTO_TCP && p.dport == 7101)
+        .expect("the SYN on the wan link");
+    verify_checksums(&syn).expect("masqueraded TCP checksum");
+    let synack = at_guest
+        .next(|p| p.proto == IPPROTO_TCP && p.sport == 7101)
+        .expect("the SYN-ACK on the guest link");
+    verify_checksums(&synack).expect("reverse-translated TCP checksum");
+    let (mut accepted, _) = listener.accept().unwrap();
+    {
+        use std::io::{Read, Write};
+        let mut stream = stream;
+        stream.write_all(&[0xa5; 100_000]).unwrap();
+        let mut got = vec![0; 100_000];
+        accepted.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|b| *b == 0xa5));
+    }
+
+    // Host → guest at HostIP with offload off on the host veth too.
+    tx_checksum_off(&world.host_ns, &format!("{}-veth-7", &world.names[0][..5]));
+    let guest_srv = udp_socket(&world.guest_ns, sock(Ipv4Addr::UNSPECIFIED, 7102));
+    let host_cli = udp_socket(&world.host_ns, sock(Ipv4Addr::UNSPECIFIED, 0));
+    host_cli.send_to(b"to guest", sock(HOST_IP, 7102)).unwrap();
+    let frame = at_guest
+        .next(|p| p.proto == IPPROTO_UDP && p.dport == 7102)
+        .expect("the host's datagram on the guest link");
+    verify_checksums(&frame).expect("DNATed UDP checksum");
+    let (_, from) = recv(&guest_srv).expect("the guest stack accepted it");
+    guest_srv.send_to(b"to host", from).unwrap();
+    let (_, from) = recv(&host_cli).expect("the host stack accepted the reply");
+    assert_eq!(from, sock(HOST_IP, 7102).into());
 }
