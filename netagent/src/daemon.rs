@@ -409,14 +409,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let _ = stop_reaper.send(true);
     let _ = reaper.await;
-    let slots = controller.metrics().map(|m| m.slots.len()).unwrap_or(0);
-    tracing::info!(slots, "deleting every slot and detaching the datapath");
-    let result = controller.shutdown().await;
+    // Nothing serves any more: remove the socket first, so clients see "not
+    // running" at once instead of hanging while slots are deleted.
     if let Err(e) = std::fs::remove_file(&config.socket)
         && e.kind() != io::ErrorKind::NotFound
     {
         tracing::warn!(socket = %config.socket.display(), error = %e, "cannot remove the API socket");
     }
+    let slots = controller.metrics().map(|m| m.slots.len()).unwrap_or(0);
+    tracing::info!(slots, "deleting every slot and detaching the datapath");
+    let result = controller.shutdown().await;
     drop(lock);
     match result {
         Ok(()) => {
@@ -425,7 +427,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
         Err(e) => {
             tracing::error!(error = %e, "shutdown left resources behind; `netagent cleanup` removes them");
-            Err(DaemonError::Start(format!("shutdown failed: {e}")))
+            Err(DaemonError::Shutdown(e.to_string()))
         }
     }
 }

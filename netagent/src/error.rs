@@ -79,6 +79,9 @@ pub enum DaemonError {
     /// The slot manager (datapath and topology) failed to start.
     #[error("cannot start the datapath: {0}")]
     Start(String),
+    /// Shutdown could not remove everything.
+    #[error("shutdown left resources behind: {0} (run `netagent cleanup` with the same --prefix)")]
+    Shutdown(String),
     /// Installing a signal handler failed.
     #[error("cannot install the {signal} handler: {source}")]
     Signal {

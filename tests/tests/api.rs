@@ -496,6 +496,12 @@ fn socket_is_private_and_instances_exclude_each_other() -> Result<()> {
         "mode {:o}",
         meta.permissions().mode()
     );
+    // --bpffs's parent was not a bpffs: the agent mounted one there.
+    ensure!(
+        netagent::daemon::is_bpffs(&d.world.dir.join("bpf")),
+        "no bpffs at the parent of --bpffs"
+    );
+    ensure!(d.logs().contains("mounted a bpffs"), "{}", d.logs());
 
     // Same prefix, another socket: refused by the prefix lock.
     let mut args = d.up_args();
