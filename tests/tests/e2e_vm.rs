@@ -2,38 +2,44 @@
 //!
 //! Needs root and the guest prepared by `cargo xtask guest` (`cargo xtask test` does
 //! it); a missing guest or QEMU fails with what to run, it is never skipped.
+//!
+//! - `vm_boots_and_talks_on_tap`: the fixture alone, on a TAP made with `ip`.
+//! - `guest_vm_reaches_wan_and_host_reaches_guest`: a `SlotManager` in the world's
+//!   host namespace (`tests/src/world.rs`), a real slot, the VM on its `tap0`.
+//! - `daemon_api_vm_stats_and_cleanup`: `netagent up` (`tests/src/daemon.rs`), the
+//!   slot made and removed through the API, its counters read back.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use netagent_tests::vm::{GUEST_IP, GuestVm, guest_cmd};
+use anyhow::{Context, Result, anyhow, ensure};
+use netagent::netlink::netns;
+use netagent::slot::GuestLink;
+use netagent_tests::daemon::{self, Daemon, Netns};
+use netagent_tests::vm::{GUEST_GATEWAY, GUEST_IP, GuestConfig, GuestVm, guest_cmd};
+use netagent_tests::world::{self, World};
 
 /// Wait for a guest command's marker (the guest is already up).
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Port of the test HTTP servers (wan side) and of the guest's httpd.
+const HTTP_PORT: u16 = 8080;
 
 /// Proves the VM fixture without netagent: a persistent TAP in a throwaway
 /// namespace, the guest pinged from the namespace, the guest fetching from a server
 /// in the namespace, and the namespace reaching a server in the guest.
 #[test]
 fn vm_boots_and_talks_on_tap() -> Result<()> {
-    if !is_root() {
-        eprintln!(
-            "SKIP vm_boots_and_talks_on_tap: needs root (CAP_NET_ADMIN) to make namespaces and TAPs"
-        );
+    if !daemon::privileged_or_skip("vm_boots_and_talks_on_tap") {
         return Ok(());
     }
-    let ns = Netns::add(&format!("{}-vm", unique_prefix()))?;
-    let gw = Ipv4Addr::new(169, 254, 0, 22);
-    ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
-    ip(&[
-        "-n", &ns.name, "tuntap", "add", "dev", "tap0", "mode", "tap",
-    ])?;
-    ip(&[
+    let ns = Netns::add(&format!("{}-vm", daemon::unique_prefix()))?;
+    let n = ns.name.as_str();
+    daemon::ip(&["-n", n, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+    daemon::ip(&[
         "-n",
-        &ns.name,
+        n,
         "link",
         "set",
         "tap0",
@@ -43,28 +49,19 @@ fn vm_boots_and_talks_on_tap() -> Result<()> {
         "5000",
         "up",
     ])?;
-    ip(&[
-        "-n",
-        &ns.name,
-        "addr",
-        "add",
-        "169.254.0.22/30",
-        "dev",
-        "tap0",
-    ])?;
+    daemon::ip(&["-n", n, "addr", "add", "169.254.0.22/30", "dev", "tap0"])?;
 
     let nonce = format!("tap-fixture-{:08x}", std::process::id() ^ 0x5eed);
-    let listener =
-        in_netns(&ns.name, || TcpListener::bind((gw, 8080)))?.context("bind 169.254.0.22:8080")?;
+    let listener = in_netns(n, || TcpListener::bind((GUEST_GATEWAY, HTTP_PORT)))?
+        .with_context(|| format!("bind {GUEST_GATEWAY}:{HTTP_PORT}"))?;
     let server = serve_once(listener, nonce.clone());
 
     let cmd = format!(
         "{}; {}; sleep 600",
         guest_cmd::http_server(80, "hello-from-guest"),
-        guest_cmd::http_get("http://169.254.0.22:8080/hello")
+        guest_cmd::http_get(&format!("http://{GUEST_GATEWAY}:{HTTP_PORT}/hello"))
     );
-    let vm = GuestVm::boot(&ns.name, "tap0", &cmd)?;
-    eprintln!("guest up in {:.2?}", vm.boot_time());
+    let vm = GuestVm::boot(n, "tap0", &cmd)?;
 
     // Guest -> namespace: the fetch and what the server saw.
     let status = vm.wait_for("NETAGENT-TEST: FETCH", STEP_TIMEOUT)?;
@@ -84,28 +81,20 @@ fn vm_boots_and_talks_on_tap() -> Result<()> {
     );
     let (peer, request) = server
         .join()
-        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+        .map_err(|_| anyhow!("server thread panicked"))??;
     ensure!(
-        peer.ip() == std::net::IpAddr::V4(GUEST_IP),
+        peer.ip() == IpAddr::V4(GUEST_IP),
         "server saw peer {peer}, expected the guest {GUEST_IP}"
     );
     ensure!(request.starts_with("GET /hello "), "server got {request:?}");
 
     // Namespace -> guest: ICMP.
-    let ping = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", ns.name))
-        .args([
-            "--",
-            "busybox",
-            "ping",
-            "-c",
-            "3",
-            "-W",
-            "5",
-            &GUEST_IP.to_string(),
-        ])
-        .output()
-        .context("run busybox ping (install busybox-static: cargo xtask deps)")?;
+    let ping = daemon::in_netns(
+        n,
+        "busybox",
+        &["ping", "-c", "3", "-W", "5", &GUEST_IP.to_string()],
+    )
+    .context("run busybox ping (install busybox-static: cargo xtask deps)")?;
     let ping_out = String::from_utf8_lossy(&ping.stdout);
     ensure!(
         ping.status.success() && ping_out.contains("3 packets received"),
@@ -115,87 +104,286 @@ fn vm_boots_and_talks_on_tap() -> Result<()> {
 
     // Namespace -> guest: TCP to the guest's httpd, which reports our address.
     vm.wait_for("NETAGENT-TEST: HTTPD 80", STEP_TIMEOUT)?;
-    let peer_page = in_netns(&ns.name, || {
+    let peer_page = in_netns(n, || {
         http_get(SocketAddr::from((GUEST_IP, 80)), "/cgi-bin/peer")
     })??;
     ensure!(
-        peer_page.contains(&format!("peer={gw}")),
+        peer_page.contains(&format!("peer={GUEST_GATEWAY}")),
         "guest httpd answered {peer_page:?}"
     );
-    let index = in_netns(&ns.name, || http_get(SocketAddr::from((GUEST_IP, 80)), "/"))??;
+    let index = in_netns(n, || http_get(SocketAddr::from((GUEST_IP, 80)), "/"))??;
     ensure!(
         index.contains("hello-from-guest"),
         "guest httpd answered {index:?}"
     );
     eprintln!(
-        "boot {:.2?}; fetch, ping and guest httpd all fine",
+        "guest up in {:.2?}; fetch, ping and the guest's httpd all fine",
         vm.boot_time()
     );
     Ok(())
 }
 
-// ---- helpers (local to this suite) ----
+/// A real slot made by a `SlotManager` in the world's host namespace; a VM on its
+/// `tap0` fetches from a wan server (which sees the uplink address and a port of
+/// the masquerade range), and the host reaches the guest's HTTP server at HostIP
+/// (the guest sees the host's veth address; the connection only works if the
+/// replies come back from HostIP). Once with virtio offloads on (partial
+/// checksums and TSO from the guest, as a VMM runs it) and once off.
+#[test]
+fn guest_vm_reaches_wan_and_host_reaches_guest() -> Result<()> {
+    let Some(world) = World::new()? else {
+        return Ok(());
+    };
+    let agent = world.start_agent(|_| {})?;
+    let (slot, _) = agent.run(|m| async move { m.create(1, GuestLink::Tap).await })??;
+    let nat = world.config().nat;
+    let wan = world.wan_name();
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
+    for offload in [true, false] {
+        // Larger than one segment, so segmentation and checksum offload matter.
+        let body = format!("wan-{offload}-{}", "x".repeat(20_000));
+        let listener = in_netns(&wan, || TcpListener::bind((world::WAN_IP, HTTP_PORT)))??;
+        let server = serve_once(listener, body.clone());
+        let mut cfg = GuestConfig::new(
+            &slot.namespace,
+            &slot.tap,
+            &format!(
+                "{}; {} | tail -c 64; sleep 600",
+                guest_cmd::http_server(HTTP_PORT, "hello-from-guest"),
+                guest_cmd::http_get(&format!("http://{}:{HTTP_PORT}/big", world::WAN_IP))
+            ),
+        );
+        cfg.offload = offload;
+        let vm = GuestVm::boot_with(&cfg)?;
+        let status = vm.wait_for("NETAGENT-TEST: FETCH", STEP_TIMEOUT)?;
+        ensure!(
+            status.ends_with("FETCH 0"),
+            "offload {offload}: guest wget failed: {status}\n{}",
+            vm.console()
+        );
+        let got = between(
+            &vm.console(),
+            "NETAGENT-TEST: BODY-BEGIN",
+            "NETAGENT-TEST: BODY-END",
+        );
+        ensure!(
+            !got.is_empty() && body.ends_with(&got),
+            "offload {offload}: guest got the tail {got:?}"
+        );
+        let (peer, request) = server
+            .join()
+            .map_err(|_| anyhow!("wan server panicked"))??;
+        ensure!(
+            request.starts_with("GET /big "),
+            "wan server got {request:?}"
+        );
+        ensure!(
+            peer.ip() == IpAddr::V4(world::UPLINK_IP)
+                && (nat.port_min..=nat.port_max).contains(&peer.port()),
+            "offload {offload}: wan server saw {peer}, expected {} with a port in {}-{}",
+            world::UPLINK_IP,
+            nat.port_min,
+            nat.port_max
+        );
 
-/// `t` + 4 hex digits, unique enough per test run.
-fn unique_prefix() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("t{:04x}", (std::process::id() ^ nanos) & 0xffff)
-}
-
-/// A throwaway named network namespace, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn add(name: &str) -> Result<Netns> {
-        ip(&["netns", "add", name])?;
-        Ok(Netns {
-            name: name.to_string(),
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("run ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
+        vm.wait_for(&format!("NETAGENT-TEST: HTTPD {HTTP_PORT}"), STEP_TIMEOUT)?;
+        let guest_at_host_ip = SocketAddr::from((slot.host_ip, HTTP_PORT));
+        let peer_page = world.in_host(|| http_get(guest_at_host_ip, "/cgi-bin/peer"))??;
+        ensure!(
+            peer_page.contains(&format!("peer={}", slot.veth_ip)),
+            "offload {offload}: guest httpd via HostIP answered {peer_page:?}"
+        );
+        let index = world.in_host(|| http_get(guest_at_host_ip, "/"))??;
+        ensure!(
+            index.contains("hello-from-guest"),
+            "guest httpd via HostIP answered {index:?}"
+        );
+        eprintln!(
+            "offload {offload}: guest up in {:.2?}, the wan saw {peer}, the host reached {}",
+            vm.boot_time(),
+            slot.host_ip
         );
     }
+    agent.run(|m| async move { m.delete(1).await })??;
+    agent.shutdown()
+}
+
+/// Issue 3 end to end: daemon up, slot created through the API, the VM fetches a
+/// known amount from a wan server and pings it, the slot's stats and /metrics show
+/// that traffic consistently, the slot is deleted and nothing of it is left.
+#[test]
+fn daemon_api_vm_stats_and_cleanup() -> Result<()> {
+    const INDEX: i64 = 7;
+    const BODY_LEN: usize = 50_000;
+    let Some(mut d) = Daemon::start("daemon_api_vm_stats_and_cleanup")? else {
+        return Ok(());
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = d.client();
+    let (slot, created) = rt.block_on(client.create_slot(INDEX, &GuestLink::Tap))?;
+    ensure!(created, "PUT /v1/slots/{INDEX} did not answer 201");
+    let addr = slot.addr;
+    ensure!(
+        addr.namespace == format!("{}-ns-{INDEX}", d.world.prefix),
+        "namespace {}",
+        addr.namespace
+    );
+    ensure!(
+        addr.guest_ip == GUEST_IP && addr.tap == "tap0",
+        "slot {addr:?}"
+    );
+    let fresh = rt.block_on(client.stats(INDEX))?;
+    ensure!(
+        fresh.from_guest.packets == 0 && fresh.to_guest.packets == 0,
+        "a new slot has traffic: {fresh:?}"
+    );
+
+    let wan_ip: Ipv4Addr = daemon::WAN_IP.parse()?;
+    let uplink_ip: Ipv4Addr = daemon::UPLINK_IP.parse()?;
+    let listener = in_netns(&d.world.wan_ns, || TcpListener::bind((wan_ip, HTTP_PORT)))??;
+    let server = serve_once(listener, "s".repeat(BODY_LEN));
+    let vm = GuestVm::boot(
+        &addr.namespace,
+        &addr.tap,
+        &format!(
+            "timeout 20 wget -q -O /tmp/body http://{wan_ip}:{HTTP_PORT}/stats; \
+             echo \"NETAGENT-TEST: GOT $? $(wc -c < /tmp/body)\"; \
+             ping -c 2 -W 5 {wan_ip} >/dev/null; echo \"NETAGENT-TEST: PING $?\""
+        ),
+    )?;
+    let got = vm.wait_for("NETAGENT-TEST: GOT", STEP_TIMEOUT)?;
+    ensure!(
+        got.ends_with(&format!("GOT 0 {BODY_LEN}")),
+        "guest fetch: {got}\n{}",
+        vm.console()
+    );
+    let ping = vm.wait_for("NETAGENT-TEST: PING", STEP_TIMEOUT)?;
+    ensure!(
+        ping.ends_with("PING 0"),
+        "guest ping to the wan: {ping}\n{}",
+        vm.console()
+    );
+    vm.wait_exit(STEP_TIMEOUT)?;
+    let (peer, _) = server
+        .join()
+        .map_err(|_| anyhow!("wan server panicked"))??;
+    ensure!(
+        peer.ip() == IpAddr::V4(uplink_ip),
+        "wan server saw {peer}, expected {uplink_ip}"
+    );
+    drop(vm);
+
+    // The guest is gone, so the counters are still: the API and /metrics must agree.
+    let stats = rt.block_on(client.stats(INDEX))?;
+    ensure!(
+        stats.from_guest.packets > 0 && stats.to_guest.packets > 0,
+        "no traffic counted: {stats:?}"
+    );
+    ensure!(
+        stats.to_guest.bytes > BODY_LEN as u64,
+        "to_guest bytes below the body size: {stats:?}"
+    );
+    for t in [&stats.from_guest, &stats.to_guest] {
+        // Every counted frame is at least an Ethernet + IPv4 header and at most a
+        // 64 KiB GSO packet.
+        ensure!(
+            t.bytes >= 34 * t.packets && t.bytes <= 65_550 * t.packets,
+            "bytes inconsistent with packets: {stats:?}"
+        );
+    }
+    ensure!(
+        stats.nat.allocations >= 2,
+        "a TCP and an ICMP flow need two allocations: {stats:?}"
+    );
+    ensure!(
+        stats.nat.failures == 0 && stats.drops_total() == 0,
+        "failures or drops: {stats:?}"
+    );
+    let metrics = rt.block_on(client.metrics())?;
+    for (family, dir, want) in [
+        (
+            "netagent_slot_packets_total",
+            "from_guest",
+            stats.from_guest.packets,
+        ),
+        (
+            "netagent_slot_packets_total",
+            "to_guest",
+            stats.to_guest.packets,
+        ),
+        (
+            "netagent_slot_bytes_total",
+            "from_guest",
+            stats.from_guest.bytes,
+        ),
+        (
+            "netagent_slot_bytes_total",
+            "to_guest",
+            stats.to_guest.bytes,
+        ),
+    ] {
+        let series = format!("{family}{{slot=\"{INDEX}\",direction=\"{dir}\"}}");
+        let value = metric(&metrics, &series)
+            .with_context(|| format!("no {series} in /metrics:\n{metrics}"))?;
+        ensure!(value == want, "{series} = {value}, the stats say {want}");
+    }
+    let series = format!("netagent_slot_nat_allocations_total{{slot=\"{INDEX}\"}}");
+    ensure!(
+        metric(&metrics, &series) == Some(stats.nat.allocations),
+        "{series} differs from the stats"
+    );
+    eprintln!("after the fetch and ping: {stats:?}");
+
+    rt.block_on(client.delete_slot(INDEX))?;
+    let gone = rt.block_on(client.request("GET", &format!("/v1/slots/{INDEX}"), None))?;
+    ensure!(
+        gone.status == 404,
+        "GET a deleted slot answered {}",
+        gone.status
+    );
+    ensure!(
+        d.world.slot_namespaces().is_empty(),
+        "namespaces left: {:?}",
+        d.world.slot_namespaces()
+    );
+    ensure!(
+        d.world.host_links().is_empty(),
+        "host links left: {:?}",
+        d.world.host_links()
+    );
+    let routes = daemon::in_netns(
+        &d.world.host_ns,
+        "ip",
+        &["-o", "route", "show", "table", "all"],
+    )?;
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    ensure!(
+        !routes.contains(&addr.host_ip.to_string()),
+        "a route to {} is left:\n{routes}",
+        addr.host_ip
+    );
+    let metrics = rt.block_on(client.metrics())?;
+    ensure!(
+        !metrics.contains(&format!("slot=\"{INDEX}\"")),
+        "/metrics still lists slot {INDEX}"
+    );
+    let status = d.stop()?;
+    ensure!(
+        status.success(),
+        "netagent up exited with {status}:\n{}",
+        d.logs()
+    );
     Ok(())
 }
 
-/// Runs `f` on a thread that has entered the network namespace `name`; sockets it
-/// creates stay in that namespace wherever they are used afterwards.
+// ---- helpers ----
+
+/// Runs `f` on a thread inside the named namespace; sockets it makes stay there.
 fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let file = std::fs::File::open(format!("/run/netns/{name}"))
-        .with_context(|| format!("open netns {name}"))?;
-    std::thread::scope(|s| {
-        s.spawn(move || -> Result<T> {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
-    })
+    let ns = netns::open(name)?;
+    Ok(netns::run_in(ns.as_fd(), f)?)
 }
 
 /// Accepts one HTTP request, answers `body`, returns the peer and request line.
@@ -259,530 +447,9 @@ fn between(console: &str, begin: &str, end: &str) -> String {
         .to_string()
 }
 
-// ---- with netagent ----
-
-/// Uplink address of the test "host" namespace, on the veth to the "wan" namespace.
-const UPLINK_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-/// The wan namespace's address (the test servers).
-const WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-/// Masquerade range the daemon is started with (its defaults).
-const PORT_MIN: u16 = 20000;
-const PORT_MAX: u16 = 32767;
-
-/// A real slot from a daemon in a throwaway host namespace; a VM on its `tap0`
-/// fetches from a wan server (which sees the uplink address and a masquerade port),
-/// and the host reaches the guest's HTTP server at HostIP (the reply must come back
-/// from HostIP for the connection to work). Once with virtio offloads on (partial
-/// checksums, TSO, as a VMM runs it) and once off.
-#[test]
-fn guest_vm_reaches_wan_and_host_reaches_guest() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP guest_vm_reaches_wan_and_host_reaches_guest: needs root");
-        return Ok(());
-    }
-    let world = World::new()?;
-    let daemon = Daemon::up(&world)?;
-    let slot = daemon
-        .request("PUT", "/v1/slots/1")?
-        .expect_status(201)?
-        .json()?;
-    let netns = slot["namespace"]
-        .as_str()
-        .context("slot.namespace")?
-        .to_string();
-    let host_ip: Ipv4Addr = slot["host_ip"].as_str().context("slot.host_ip")?.parse()?;
-    let veth_ip: Ipv4Addr = slot["veth_ip"].as_str().context("slot.veth_ip")?.parse()?;
-
-    for offload in [true, false] {
-        // A body larger than one segment, so TSO/GRO paths are exercised.
-        let body = format!("wan-{offload}-{}", "x".repeat(20_000));
-        let listener = in_netns(&world.wan.name, || TcpListener::bind((WAN_IP, 8080)))??;
-        let server = serve_once(listener, body.clone());
-        let mut cfg = netagent_tests::vm::GuestConfig::new(
-            &netns,
-            "tap0",
-            &format!(
-                "{}; {} | tail -c 64; sleep 600",
-                guest_cmd::http_server(8080, "hello-from-guest"),
-                guest_cmd::http_get(&format!("http://{WAN_IP}:8080/big"))
-            ),
-        );
-        cfg.offload = offload;
-        let vm = GuestVm::boot_with(&cfg)?;
-        let status = vm.wait_for("NETAGENT-TEST: FETCH", STEP_TIMEOUT)?;
-        ensure!(
-            status.ends_with("FETCH 0"),
-            "offload {offload}: guest wget failed: {status}\n{}",
-            vm.console()
-        );
-        let got = between(
-            &vm.console(),
-            "NETAGENT-TEST: BODY-BEGIN",
-            "NETAGENT-TEST: BODY-END",
-        );
-        ensure!(
-            body.ends_with(&got) && !got.is_empty(),
-            "offload {offload}: guest got the tail {got:?}"
-        );
-        let (peer, request) = server
-            .join()
-            .map_err(|_| anyhow::anyhow!("wan server panicked"))??;
-        ensure!(
-            request.starts_with("GET /big "),
-            "wan server got {request:?}"
-        );
-        ensure!(
-            peer.ip() == std::net::IpAddr::V4(UPLINK_IP)
-                && (PORT_MIN..=PORT_MAX).contains(&peer.port()),
-            "offload {offload}: wan server saw {peer}, expected {UPLINK_IP} with a port in {PORT_MIN}-{PORT_MAX}"
-        );
-
-        // Host -> guest at HostIP; the guest sees the host's veth address.
-        vm.wait_for("NETAGENT-TEST: HTTPD 8080", STEP_TIMEOUT)?;
-        let peer_page = in_netns(&world.host.name, || {
-            http_get(SocketAddr::from((host_ip, 8080)), "/cgi-bin/peer")
-        })??;
-        ensure!(
-            peer_page.contains(&format!("peer={veth_ip}")),
-            "offload {offload}: guest httpd via HostIP answered {peer_page:?}"
-        );
-        let index = in_netns(&world.host.name, || {
-            http_get(SocketAddr::from((host_ip, 8080)), "/")
-        })??;
-        ensure!(
-            index.contains("hello-from-guest"),
-            "guest httpd via HostIP answered {index:?}"
-        );
-        eprintln!(
-            "offload {offload}: boot {:.2?}, wan saw {peer}, host reached {host_ip}",
-            vm.boot_time()
-        );
-    }
-    daemon
-        .request("DELETE", "/v1/slots/1")?
-        .expect_status(204)?;
-    daemon.stop()
-}
-
-/// Issue 3 end to end: daemon up, slot created through the API, the VM fetches a
-/// known amount from a wan server, the slot's stats and /metrics show that traffic
-/// consistently, the slot is deleted and nothing of it is left.
-#[test]
-fn daemon_api_vm_stats_and_cleanup() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP daemon_api_vm_stats_and_cleanup: needs root");
-        return Ok(());
-    }
-    const INDEX: u32 = 7;
-    const BODY_LEN: usize = 50_000;
-    let world = World::new()?;
-    let daemon = Daemon::up(&world)?;
-    let slot = daemon
-        .request("PUT", &format!("/v1/slots/{INDEX}"))?
-        .expect_status(201)?
-        .json()?;
-    let netns = slot["namespace"]
-        .as_str()
-        .context("slot.namespace")?
-        .to_string();
-    let veth = slot["veth"].as_str().context("slot.veth")?.to_string();
-    let host_ip = slot["host_ip"]
-        .as_str()
-        .context("slot.host_ip")?
-        .to_string();
-    ensure!(
-        slot["guest_ip"] == "169.254.0.21" && slot["tap"] == "tap0",
-        "slot JSON {slot}"
-    );
-    ensure!(
-        netns == format!("{}-ns-{INDEX}", world.prefix),
-        "namespace {netns}"
-    );
-    let fresh = daemon
-        .request("GET", &format!("/v1/slots/{INDEX}/stats"))?
-        .expect_status(200)?
-        .json()?;
-    ensure!(
-        fresh["from_guest"]["packets"] == 0 && fresh["to_guest"]["packets"] == 0,
-        "new slot stats {fresh}"
-    );
-
-    let body = "s".repeat(BODY_LEN);
-    let listener = in_netns(&world.wan.name, || TcpListener::bind((WAN_IP, 8081)))??;
-    let server = serve_once(listener, body);
-    let vm = GuestVm::boot(
-        &netns,
-        "tap0",
-        &format!(
-            "timeout 20 wget -q -O /tmp/body http://{WAN_IP}:8081/stats; echo \"NETAGENT-TEST: GOT $? $(wc -c < /tmp/body)\"; \
-             ping -c 2 -W 5 {WAN_IP} >/dev/null; echo \"NETAGENT-TEST: PING $?\""
-        ),
-    )?;
-    let got = vm.wait_for("NETAGENT-TEST: GOT", STEP_TIMEOUT)?;
-    ensure!(
-        got.ends_with(&format!("GOT 0 {BODY_LEN}")),
-        "guest fetch: {got}\n{}",
-        vm.console()
-    );
-    let ping = vm.wait_for("NETAGENT-TEST: PING", STEP_TIMEOUT)?;
-    ensure!(ping.ends_with("PING 0"), "guest ping to the wan: {ping}");
-    vm.wait_exit(STEP_TIMEOUT)?;
-    let (peer, _) = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("wan server panicked"))??;
-    ensure!(
-        peer.ip() == std::net::IpAddr::V4(UPLINK_IP),
-        "wan server saw {peer}"
-    );
-    drop(vm);
-
-    // Traffic has stopped: the API and /metrics must agree exactly.
-    let stats = daemon
-        .request("GET", &format!("/v1/slots/{INDEX}/stats"))?
-        .expect_status(200)?
-        .json()?;
-    let count = |dir: &str, what: &str| stats[dir][what].as_u64().unwrap_or(0);
-    ensure!(
-        count("from_guest", "packets") > 0 && count("to_guest", "packets") > 0,
-        "stats {stats}"
-    );
-    ensure!(
-        count("to_guest", "bytes") > BODY_LEN as u64,
-        "to_guest bytes below the body size: {stats}"
-    );
-    ensure!(
-        count("from_guest", "bytes") >= 60 * count("from_guest", "packets")
-            && count("to_guest", "bytes") >= 60 * count("to_guest", "packets"),
-        "bytes inconsistent with packets: {stats}"
-    );
-    ensure!(
-        stats["nat"]["allocations"].as_u64().unwrap_or(0) >= 2,
-        "a TCP flow and a ping flow: {stats}"
-    );
-    ensure!(stats["nat"]["failures"] == 0, "nat failures: {stats}");
-    let metrics = daemon.request("GET", "/metrics")?.expect_status(200)?.body;
-    for (dir, what, family) in [
-        ("from_guest", "packets", "netagent_slot_packets_total"),
-        ("to_guest", "packets", "netagent_slot_packets_total"),
-        ("from_guest", "bytes", "netagent_slot_bytes_total"),
-        ("to_guest", "bytes", "netagent_slot_bytes_total"),
-    ] {
-        let series = format!("{family}{{slot=\"{INDEX}\",direction=\"{dir}\"}}");
-        let value = metric(&metrics, &series)
-            .with_context(|| format!("no {series} in /metrics:\n{metrics}"))?;
-        ensure!(
-            value == count(dir, what),
-            "{series} = {value}, stats say {}",
-            count(dir, what)
-        );
-    }
-    let allocations = metric(
-        &metrics,
-        &format!("netagent_slot_nat_allocations_total{{slot=\"{INDEX}\"}}"),
-    )
-    .context("no nat allocations series")?;
-    ensure!(
-        allocations == stats["nat"]["allocations"].as_u64().unwrap_or(u64::MAX),
-        "nat allocations differ"
-    );
-    eprintln!("stats after the fetch: {stats}");
-
-    daemon
-        .request("DELETE", &format!("/v1/slots/{INDEX}"))?
-        .expect_status(204)?;
-    daemon
-        .request("GET", &format!("/v1/slots/{INDEX}"))?
-        .expect_status(404)?;
-    ensure!(
-        !std::path::Path::new(&format!("/run/netns/{netns}")).exists(),
-        "namespace {netns} left behind"
-    );
-    let links = ip_output(&["-n", &world.host.name, "-o", "link", "show"])?;
-    ensure!(
-        !links.contains(&format!("{veth}@")) && !links.contains(&format!(" {veth}:")),
-        "veth {veth} left behind:\n{links}"
-    );
-    let routes = ip_output(&["-n", &world.host.name, "route", "show"])?;
-    ensure!(
-        !routes.contains(&host_ip),
-        "route to {host_ip} left behind:\n{routes}"
-    );
-    let metrics = daemon.request("GET", "/metrics")?.expect_status(200)?.body;
-    ensure!(
-        !metrics.contains(&format!("slot=\"{INDEX}\"")),
-        "metrics still list slot {INDEX}"
-    );
-    daemon.stop()
-}
-
 /// The value of one series (exact name with labels) in Prometheus text.
 fn metric(text: &str, series: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
         .map(|v| v as u64)
-}
-
-fn ip_output(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().context("run ip")?;
-    ensure!(
-        out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The namespace world: `{p}-host` (where the agent runs; uplink `up0`
-/// 198.18.0.2/24, default route via the wan) and `{p}-wan` (the test servers,
-/// 198.18.0.1/24).
-struct World {
-    prefix: String,
-    // Field order = drop order: host before wan (the veth goes with either).
-    host: Netns,
-    wan: Netns,
-}
-
-impl World {
-    fn new() -> Result<World> {
-        let prefix = unique_prefix();
-        let host = Netns::add(&format!("{prefix}-host"))?;
-        let wan = Netns::add(&format!("{prefix}-wan"))?;
-        let (h, w) = (host.name.as_str(), wan.name.as_str());
-        ip(&["-n", h, "link", "set", "lo", "up"])?;
-        ip(&["-n", w, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n", h, "link", "add", "up0", "type", "veth", "peer", "name", "wan0", "netns", w,
-        ])?;
-        ip(&[
-            "-n",
-            h,
-            "addr",
-            "add",
-            &format!("{UPLINK_IP}/24"),
-            "dev",
-            "up0",
-        ])?;
-        ip(&[
-            "-n",
-            w,
-            "addr",
-            "add",
-            &format!("{WAN_IP}/24"),
-            "dev",
-            "wan0",
-        ])?;
-        ip(&["-n", h, "link", "set", "up0", "up"])?;
-        ip(&["-n", w, "link", "set", "wan0", "up"])?;
-        ip(&[
-            "-n",
-            h,
-            "route",
-            "add",
-            "default",
-            "via",
-            &WAN_IP.to_string(),
-        ])?;
-        Ok(World { prefix, host, wan })
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        // Whatever a failed test left of the agent's slots.
-        if let Ok(entries) = std::fs::read_dir("/run/netns") {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&format!("{}-ns-", self.prefix)) {
-                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
-                }
-            }
-        }
-    }
-}
-
-/// `netagent up` in the world's host namespace, with its own socket and bpffs.
-struct Daemon {
-    child: Option<std::process::Child>,
-    dir: std::path::PathBuf,
-    socket: std::path::PathBuf,
-}
-
-/// An API answer.
-struct Answer {
-    status: u16,
-    body: String,
-    what: String,
-}
-
-impl Answer {
-    fn expect_status(self, want: u16) -> Result<Answer> {
-        ensure!(
-            self.status == want,
-            "{}: status {} (want {want}): {}",
-            self.what,
-            self.status,
-            self.body
-        );
-        Ok(self)
-    }
-
-    fn json(&self) -> Result<serde_json::Value> {
-        serde_json::from_str(&self.body)
-            .with_context(|| format!("{}: not JSON: {}", self.what, self.body))
-    }
-}
-
-impl Daemon {
-    fn up(world: &World) -> Result<Daemon> {
-        let bin = netagent_bin()?;
-        let dir = std::env::temp_dir().join(format!("netagent-e2e-{}", world.prefix));
-        std::fs::create_dir_all(&dir)?;
-        let socket = dir.join("api.sock");
-        let log = std::fs::File::create(dir.join("daemon.log"))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", world.host.name))
-            .arg("--")
-            .arg(&bin)
-            .args(["up", "--uplink", "up0", "--prefix", &world.prefix])
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--bpffs")
-            // The agent mounts a bpffs at the parent of its pin directory.
-            .arg(dir.join("bpffs/netagent"))
-            .env("NO_COLOR", "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("start {}", bin.display()))?;
-        let mut daemon = Daemon {
-            child: Some(child),
-            dir,
-            socket,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(a) = daemon.request("GET", "/healthz")
-                && a.status == 200
-            {
-                return Ok(daemon);
-            }
-            if let Some(child) = daemon.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!("netagent up exited with {status}:\n{}", daemon.log());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "netagent up not ready within 30 s:\n{}",
-                daemon.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-    }
-
-    /// One request over the Unix socket with curl.
-    fn request(&self, method: &str, path: &str) -> Result<Answer> {
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "60",
-                "-X",
-                method,
-                "-w",
-                "\n%{http_code}",
-                "--unix-socket",
-            ])
-            .arg(&self.socket)
-            .arg(format!("http://localhost{path}"))
-            .output()
-            .context("run curl (install it: cargo xtask deps)")?;
-        let what = format!("{method} {path}");
-        ensure!(
-            out.status.success(),
-            "{what}: curl failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let (body, status) = text.rsplit_once('\n').context("curl printed no status")?;
-        Ok(Answer {
-            status: status.trim().parse().context("curl status")?,
-            body: body.to_string(),
-            what,
-        })
-    }
-
-    /// SIGTERM and a clean exit (the daemon deletes its slots and detaches).
-    fn stop(mut self) -> Result<()> {
-        let mut child = self.child.take().context("daemon already stopped")?;
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                ensure!(
-                    status.success(),
-                    "netagent up exited with {status}:\n{}",
-                    self.log()
-                );
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "netagent up did not stop within 30 s of SIGTERM:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        // The agent mounted a bpffs at the parent of its pin directory.
-        let _ = nix::mount::umount2(&self.dir.join("bpffs"), nix::mount::MntFlags::MNT_DETACH);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The `netagent` binary next to this test binary (target/debug/), or
-/// `$NETAGENT_BIN`.
-fn netagent_bin() -> Result<std::path::PathBuf> {
-    if let Some(bin) = std::env::var_os("NETAGENT_BIN") {
-        return Ok(bin.into());
-    }
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("netagent"))
-        .context("locate the target directory")?;
-    ensure!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p netagent` first",
-        bin.display()
-    );
-    Ok(bin)
 }
