@@ -289,6 +289,9 @@ pub struct CleanupArgs {
     /// The instance's bpffs directory (default /sys/fs/bpf/netagent).
     #[arg(long, value_name = "DIR")]
     pub bpffs: Option<PathBuf>,
+    /// The instance's API socket: cleanup refuses while an agent answers there.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 /// Builds the configuration of `up`: defaults, then the file, then the flags;
@@ -551,7 +554,16 @@ fn cleanup_command(args: CleanupArgs) -> Result<ExitCode, CliError> {
     if let Some(bpffs) = args.bpffs {
         cfg.bpffs = bpffs;
     }
+    if let Some(socket) = args.socket {
+        cfg.socket = socket;
+    }
     cfg.validate()?;
+    if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
+        return Err(CliError::Cleanup(format!(
+            "a netagent is serving on {}; stop it first (cleanup removes the resources of a stopped agent)",
+            cfg.socket.display()
+        )));
+    }
     crate::daemon::init_logging(LogFormat::Human);
     // Holding the prefix lock proves no agent of the prefix runs, and keeps one
     // from starting while we remove things.

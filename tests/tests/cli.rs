@@ -311,8 +311,17 @@ fn every_client_command_against_a_real_daemon() -> Result<()> {
     let text = stdout(&run(&["slot", "delete", "300"])?);
     ensure!(text.trim() == "deleted slot 300", "{text}");
 
-    // cleanup refuses while the agent runs...
+    // cleanup refuses while the agent runs: it answers on the socket, and it
+    // holds the prefix lock.
     let bpffs = d.world.bpffs().display().to_string();
+    let out = d.cli(&[
+        "cleanup", "--prefix", &p, "--bpffs", &bpffs, "--socket", &socket,
+    ])?;
+    let err = stderr(&out);
+    ensure!(
+        !out.status.success() && err.lines().count() == 1 && err.contains("is serving on"),
+        "{err}"
+    );
     let out = d.cli(&["cleanup", "--prefix", &p, "--bpffs", &bpffs])?;
     let err = stderr(&out);
     ensure!(
@@ -324,7 +333,9 @@ fn every_client_command_against_a_real_daemon() -> Result<()> {
     // ...and after a crash removes what the agent left.
     d.stop_with(nix::sys::signal::Signal::SIGKILL)?;
     ensure!(d.world.slot_namespaces().len() == 1);
-    let out = d.cli(&["cleanup", "--prefix", &p, "--bpffs", &bpffs])?;
+    let out = d.cli(&[
+        "cleanup", "--prefix", &p, "--bpffs", &bpffs, "--socket", &socket,
+    ])?;
     ensure!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     ensure!(text.contains("removed 1 namespace(s), 1 link(s)"), "{text}");
