@@ -562,3 +562,37 @@ pub fn udp_echo(
     let _ = server.join();
     Ok(back)
 }
+
+/// Sends one UDP datagram of `size` bytes from namespace `ns` to `dst` with
+/// path-MTU discovery off, so the kernel fragments it (DF clear) instead of
+/// refusing it: with `size` above the MTU, the wire carries IPv4 fragments.
+pub fn udp_send_fragmented(ns: &str, dst: &str, size: usize) -> Result<()> {
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
+    let dst = dst.to_string();
+    spawn_in_netns(ns, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        let value: libc::c_int = libc::IP_PMTUDISC_DONT;
+        // SAFETY: `sock` is an open socket for the whole call; `value` is a valid
+        // c_int and its size is passed alongside.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "setsockopt(IP_MTU_DISCOVER): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        sock.send_to(&vec![0x42u8; size], &dst)?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+}

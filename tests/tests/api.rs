@@ -13,7 +13,7 @@ use netagent::controller::SlotView;
 use netagent::slot::{AddressPlan, GuestLink};
 use netagent::stats::{SlotCounters, Traffic};
 use netagent_common::DropReason;
-use netagent_tests::daemon::{Daemon, DaemonOptions, Netns, WAN_IP, udp_echo};
+use netagent_tests::daemon::{Daemon, DaemonOptions, Netns, WAN_IP, udp_echo, udp_send_fragmented};
 use serde_json::Value;
 
 /// method, path, body, expected status, expected part of the error message.
@@ -469,6 +469,33 @@ fn metrics_parse_and_match_slot_stats_after_traffic() -> Result<()> {
             );
         }
 
+        // A datagram the kernel fragments: 3000 bytes of payload leave the guest
+        // as three IPv4 fragments (MTU 1500), which the datapath drops and counts
+        // by reason; stats and metrics agree on it.
+        udp_send_fragmented(&guest.name, &format!("{WAN_IP}:9003"), 3000)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let stats = loop {
+            let stats = c.stats(3).await?;
+            if stats.drops_total() >= 3 || std::time::Instant::now() > deadline {
+                break stats;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        ensure!(
+            stats.drops["fragment"] == 3 && stats.drops_total() == 3,
+            "{stats:?}"
+        );
+        let scrape = parse_metrics(&c.metrics().await?)?;
+        ensure!(
+            slot_series(&scrape, 3) == expected_series(&stats),
+            "metrics and stats disagree after drops"
+        );
+        ensure!(
+            slot_series(&scrape, 3)["netagent_slot_drops_total{reason=fragment}"] == 3.0,
+            "{:?}",
+            slot_series(&scrape, 3)
+        );
+
         // Counters are monotonic: more traffic only adds.
         let before = c.stats(3).await?;
         let back = udp_echo(&guest.name, &d.world.wan_ns, WAN_IP, 9001, 2, 100)?;
@@ -680,5 +707,62 @@ fn reaper_expires_idle_flows_with_the_default_uplink() -> Result<()> {
     }
     // Counters survive the reaping of flows.
     ensure!(rt.block_on(c.stats(1))?.from_guest.packets == 3);
+    Ok(())
+}
+
+#[test]
+fn garbage_on_the_socket_never_hurts_the_daemon() -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let Some(d) = Daemon::start("garbage_on_the_socket_never_hurts_the_daemon")? else {
+        return Ok(());
+    };
+    let socket = d.world.socket();
+    let exchange = |bytes: &[u8]| -> Result<String> {
+        let mut s = UnixStream::connect(&socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        // The peer may close before reading everything: that is an answer too.
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+    let long_header = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let inputs: Vec<Vec<u8>> = vec![
+        b"GARBAGE\r\n\r\n".to_vec(),
+        b"\x00\x01\x02\xff\xfe".to_vec(),
+        b"GET /v1/slots/1".to_vec(),
+        b"PUT /v1/slots/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"PUT /v1/slots/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"guest".to_vec(),
+        b"PUT /v1/slots/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n".to_vec(),
+        b"PUT /v1/slots/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+        b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"GET /v1/slots/%00 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"GET http://evil/v1/slots HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"PUT /v1/slots/2 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n\xff\xfe\xfd\xfc"
+            .to_vec(),
+        long_header.into_bytes(),
+    ];
+    for input in &inputs {
+        let answer = exchange(input)?;
+        // Any answer is a 4xx (or nothing at all), never a success or a 5xx.
+        if let Some(status) = answer.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)) {
+            ensure!(
+                status.starts_with('4'),
+                "{:?} -> {answer}",
+                String::from_utf8_lossy(&input[..input.len().min(80)])
+            );
+        }
+    }
+    // Still serving, nothing made.
+    let rt = rt();
+    let r = rt.block_on(d.client().request("GET", "/healthz", None))?;
+    ensure!(r.status == 200, "{}", r.text());
+    ensure!(rt.block_on(d.client().slots())?.is_empty());
+    ensure!(d.world.slot_namespaces().is_empty());
     Ok(())
 }
