@@ -29,8 +29,6 @@ pub struct Agent {
     daemon: Option<Server>,
     /// Slots 1..=n exist (slot 1 has the guest veth).
     pub n: u32,
-    /// Time and count of the last bulk creation (for the report).
-    pub bulk: Vec<(u32, Duration)>,
 }
 
 /// An HTTP answer.
@@ -43,13 +41,15 @@ impl Agent {
     pub fn start(run: &Run, bin: &FsPath, host_ns: &str) -> Result<Agent> {
         let prefix = format!("{}n", run.prefix);
         let socket = run.dir.join("agent.sock");
-        let bpffs = run.dir.join("bpffs");
-        std::fs::create_dir_all(&bpffs)?;
-        // A private bpffs for this run's pins (umounted by the run's cleanup).
+        let mount = run.dir.join("bpffs");
+        std::fs::create_dir_all(&mount)?;
+        // A private bpffs for this run's pins (umounted by the run's cleanup); the
+        // agent pins into a directory on it.
         proc::run_bounded(
-            Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs),
+            Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount),
             Duration::from_secs(10),
         )?;
+        let bpffs = mount.join("netagent");
         let log = run.dir.join("netagent.log");
         let daemon = Server::spawn(
             "netagent up",
@@ -73,7 +73,6 @@ impl Agent {
             bpffs,
             daemon: Some(daemon),
             n: 0,
-            bulk: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -126,27 +125,41 @@ impl Agent {
     }
 
     /// Creates slots `n+1..=target` (TAP guest side) with [`BULK_CONCURRENCY`]
-    /// concurrent clients; records how long it took.
-    pub fn scale_to(&mut self, target: u32) -> Result<()> {
+    /// concurrent clients, stopping early when `budget` has passed or the machine
+    /// runs low on memory. Returns the slot count reached and how long it took.
+    pub fn scale_to(&mut self, target: u32, budget: Duration) -> Result<(u32, Duration)> {
         if target <= self.n {
-            return Ok(());
+            return Ok((self.n, Duration::ZERO));
         }
         let from = self.n + 1;
         let t0 = Instant::now();
-        let (ok, _lat) = create_range(&self.socket, from, target, BULK_CONCURRENCY)?;
-        let took = t0.elapsed();
-        self.n = target;
-        self.bulk.push((target - from + 1, took));
-        eprintln!(
-            "bench: netagent created {} slots ({}..={target}) in {:.2}s",
-            ok,
+        let deadline = t0 + budget;
+        let stop = || Instant::now() > deadline || mem_available_kib() < LOW_MEMORY_KIB;
+        let (ok, _lat) = parallel(
+            &self.socket,
             from,
-            took.as_secs_f64()
+            target,
+            BULK_CONCURRENCY,
+            "PUT",
+            &[201, 200],
+            &stop,
+        )?;
+        let took = t0.elapsed();
+        self.n = from - 1 + ok;
+        eprintln!(
+            "bench: netagent created {ok} slots ({from}..={}) in {:.2}s{}",
+            self.n,
+            took.as_secs_f64(),
+            if self.n < target {
+                " (stopped: time budget or memory)"
+            } else {
+                ""
+            }
         );
         if let Some(d) = self.daemon.as_mut() {
             d.check_alive()?;
         }
-        Ok(())
+        Ok((self.n, took))
     }
 
     /// Resident memory of the daemon, KiB.
@@ -197,18 +210,35 @@ impl Agent {
         (total, maps)
     }
 
+    /// Distinct BPF programs the daemon holds open (prog and link fds).
+    pub fn bpf_prog_count(&self) -> usize {
+        let mut ids = std::collections::HashSet::new();
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fdinfo", self.pid())) {
+            for e in dir.flatten() {
+                if let Ok(info) = std::fs::read_to_string(e.path())
+                    && let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:"))
+                {
+                    ids.insert(id.trim().to_string());
+                }
+            }
+        }
+        ids.len()
+    }
+
     /// Stops the daemon (it deletes its slots on SIGTERM), then `netagent
     /// cleanup` for anything left.
     pub fn shutdown(&mut self) {
         if let Some(mut d) = self.daemon.take() {
-            d.stop(Duration::from_secs(120));
+            d.stop(Duration::from_secs(60));
         }
         let _ = proc::run_cleanup(
             ns_cmd(&self.host_ns, &self.bin.to_string_lossy())
                 .args(["cleanup", "--prefix", &self.prefix, "--bpffs"])
                 .arg(&self.bpffs),
-            Duration::from_secs(600),
+            Duration::from_secs(300),
         );
+        // The agent's per-prefix lock file, should a killed agent have left it.
+        let _ = std::fs::remove_file(format!("/run/netagent/{}.lock", self.prefix));
     }
 }
 
@@ -226,7 +256,7 @@ pub fn create_range(
     to: u32,
     conc: usize,
 ) -> Result<(u32, Vec<Duration>)> {
-    parallel(socket, from, to, conc, "PUT", &[201, 200])
+    parallel(socket, from, to, conc, "PUT", &[201, 200], &|| false)
 }
 
 /// Deletes slots `from..=to` with `conc` clients.
@@ -236,7 +266,23 @@ pub fn delete_range(
     to: u32,
     conc: usize,
 ) -> Result<(u32, Vec<Duration>)> {
-    parallel(socket, from, to, conc, "DELETE", &[204, 200])
+    parallel(socket, from, to, conc, "DELETE", &[204, 200], &|| false)
+}
+
+/// Below this much available memory the bench stops creating slots.
+const LOW_MEMORY_KIB: u64 = 3 * 1024 * 1024;
+
+/// MemAvailable from /proc/meminfo, KiB.
+pub fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(u64::MAX)
 }
 
 fn parallel(
@@ -246,6 +292,7 @@ fn parallel(
     conc: usize,
     method: &str,
     ok: &[u16],
+    stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<(u32, Vec<Duration>)> {
     let next = AtomicU32::new(from);
     let results = std::sync::Mutex::new((0u32, Vec::new(), Vec::<String>::new()));
@@ -253,7 +300,7 @@ fn parallel(
         for _ in 0..conc.max(1) {
             s.spawn(|| {
                 loop {
-                    if proc::check_interrupted().is_err() {
+                    if proc::check_interrupted().is_err() || stop() {
                         return;
                     }
                     let k = next.fetch_add(1, Ordering::SeqCst);

@@ -2,7 +2,7 @@
 //! concurrent clients), time to create 1,000 slots, memory per slot, and the
 //! seed's command sequence for one slot.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 
@@ -22,8 +22,8 @@ pub struct ControlPlane {
     pub serial_delete: Vec<f64>,
     pub conc_create: Vec<f64>,
     pub conc_delete: Vec<f64>,
-    /// Slots created for the 1,000-slot run and its wall time (create, delete).
-    pub bulk: Option<(u32, f64, f64)>,
+    /// Slots created at once with 32 concurrent clients, and the wall time (s).
+    pub bulk: Option<(u32, f64)>,
     /// Memory around the bulk run.
     pub memory: Option<Memory>,
 }
@@ -38,31 +38,27 @@ pub struct Memory {
     pub bpf_map_bytes_before: u64,
     pub bpf_map_bytes_after: u64,
     pub bpf_maps: usize,
+    pub bpf_progs_before: usize,
+    pub bpf_progs_after: usize,
 }
 
 fn ms(d: &[Duration]) -> Vec<f64> {
     d.iter().map(|d| d.as_secs_f64() * 1e3).collect()
 }
 
-fn meminfo_kib(key: &str) -> i64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The agent's control plane (slots beyond the data-path slots, then removed).
-pub fn measure_agent(plan: &Plan, agent: &Agent) -> Result<ControlPlane> {
+/// Then creates slots up to `bulk_to` (kept for the scaling runs), timed, with the
+/// memory before and after.
+pub fn measure_agent(
+    plan: &Plan,
+    agent: &mut Agent,
+    bulk_to: u32,
+    budget: Duration,
+) -> Result<ControlPlane> {
     let mut cp = ControlPlane::default();
     let socket = agent.socket.clone();
-    let serial = if plan.quick { 20 } else { 200 };
-    let conc = if plan.quick { 64 } else { 512 };
-    let bulk = if plan.quick { 200 } else { 1000 };
+    let serial = if plan.quick { 20 } else { 100 };
+    let conc = if plan.quick { 64 } else { 256 };
 
     // Serial: one request at a time.
     let base = PROBE_BASE;
@@ -79,31 +75,33 @@ pub fn measure_agent(plan: &Plan, agent: &Agent) -> Result<ControlPlane> {
     cp.conc_delete = ms(&lat);
     proc::check_interrupted()?;
 
-    // 1,000 slots at once, with memory around it.
+    // Many slots at once (the slots the scaling runs use next), memory around it.
     std::thread::sleep(Duration::from_millis(500));
+    let from = agent.n;
     let rss_before = agent.rss_kib().unwrap_or(0);
     let (maps_before, _) = agent.bpf_map_memory();
-    let avail_before = meminfo_kib("MemAvailable:");
-    let t0 = Instant::now();
-    agent::create_range(&socket, base, base + bulk - 1, agent::BULK_CONCURRENCY)?;
-    let create_s = t0.elapsed().as_secs_f64();
+    let progs_before = agent.bpf_prog_count();
+    let avail_before = agent::mem_available_kib() as i64;
+    let (reached, took) = agent.scale_to(bulk_to, budget)?;
     std::thread::sleep(Duration::from_millis(500));
-    let rss_after = agent.rss_kib().unwrap_or(0);
-    let (maps_after, nmaps) = agent.bpf_map_memory();
-    let avail_after = meminfo_kib("MemAvailable:");
-    let t1 = Instant::now();
-    agent::delete_range(&socket, base, base + bulk - 1, agent::BULK_CONCURRENCY)?;
-    let delete_s = t1.elapsed().as_secs_f64();
-    cp.bulk = Some((bulk, create_s, delete_s));
-    cp.memory = Some(Memory {
-        slots: bulk,
-        rss_before_kib: rss_before,
-        rss_after_kib: rss_after,
-        mem_available_drop_kib: avail_before - avail_after,
-        bpf_map_bytes_before: maps_before,
-        bpf_map_bytes_after: maps_after,
-        bpf_maps: nmaps,
-    });
+    let made = reached - from;
+    if made > 0 {
+        let rss_after = agent.rss_kib().unwrap_or(0);
+        let (maps_after, nmaps) = agent.bpf_map_memory();
+        let avail_after = agent::mem_available_kib() as i64;
+        cp.bulk = Some((made, took.as_secs_f64()));
+        cp.memory = Some(Memory {
+            slots: made,
+            rss_before_kib: rss_before,
+            rss_after_kib: rss_after,
+            mem_available_drop_kib: avail_before - avail_after,
+            bpf_map_bytes_before: maps_before,
+            bpf_map_bytes_after: maps_after,
+            bpf_maps: nmaps,
+            bpf_progs_before: progs_before,
+            bpf_progs_after: agent.bpf_prog_count(),
+        });
+    }
     Ok(cp)
 }
 

@@ -62,6 +62,10 @@ pub struct Options {
     /// Seconds per workload run.
     #[arg(long)]
     pub duration: Option<u64>,
+    /// Seconds allowed for creating the agent's slots of one N (it stops there and
+    /// the report says how many were real).
+    #[arg(long)]
+    pub scale_budget: Option<u64>,
     /// Skip the control-plane measurements.
     #[arg(long)]
     pub no_control_plane: bool,
@@ -88,6 +92,7 @@ pub struct Plan {
     pub duration: Duration,
     pub control_plane: bool,
     pub prog_cost: bool,
+    pub scale_budget: Duration,
     pub out: PathBuf,
 }
 
@@ -124,6 +129,11 @@ impl Plan {
             duration: Duration::from_secs(o.duration.unwrap_or(if o.quick { 2 } else { 4 }).max(1)),
             control_plane: !o.no_control_plane,
             prog_cost: !o.no_prog_cost,
+            scale_budget: Duration::from_secs(o.scale_budget.unwrap_or(if o.quick {
+                60
+            } else {
+                300
+            })),
             out: o.out.clone().unwrap_or(default_out),
         }
     }
@@ -133,16 +143,18 @@ impl Plan {
 #[derive(Debug, Default)]
 pub struct Results {
     pub samples: Vec<Sample>,
-    /// Which N had real netagent slots (N - 1 extra slots created through the API).
-    pub real_slots: Vec<(u32, bool)>,
+    /// For each N, how many real netagent slots existed (created through the API).
+    pub real_slots: Vec<(u32, u32)>,
     pub control: Option<control_plane::ControlPlane>,
     pub prog_cost: Vec<prog_cost::ProgCost>,
     /// The seed's command sequence for one slot, timed with N slots' rules present.
     pub seed: Vec<(u32, Vec<legacy::SeedTiming>)>,
-    /// The agent's bulk slot creations during scaling: (slots, wall time).
-    pub bulk: Vec<(u32, Duration)>,
+    /// The agent's slot creations for the scaling runs: (N, slots reached, wall time).
+    pub scale_steps: Vec<(u32, u32, Duration)>,
     pub notes: Vec<String>,
     pub elapsed: Duration,
+    /// /proc/loadavg (1, 5, 15 min) when the run started.
+    pub load_start: String,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -163,7 +175,15 @@ pub fn run(opts: &Options) -> Result<()> {
     let started = Instant::now();
     let run = topology::Run::new()?;
     eprintln!("bench: run prefix {} plan {plan:?}", run.prefix);
-    let mut results = Results::default();
+    let mut results = Results {
+        load_start: std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        ..Results::default()
+    };
     let outcome = measure(&plan, &bins, &run, &mut results);
     drop(run); // removes every namespace, stops every server and the daemon
     results.elapsed = started.elapsed();
@@ -240,7 +260,7 @@ fn measure(plan: &Plan, bins: &Bins, run: &topology::Run, results: &mut Results)
     }
     for (i, &n) in plan.slots.iter().enumerate() {
         proc::check_interrupted()?;
-        worlds.scale_to(n, results)?;
+        worlds.scale_to(n, plan.scale_budget, results)?;
         if plan.control_plane
             && let Some(legacy) = worlds.legacy.as_ref()
         {
@@ -263,22 +283,25 @@ fn measure(plan: &Plan, bins: &Bins, run: &topology::Run, results: &mut Results)
             &plan.scale_workloads
         };
         workloads::alternate(plan, &worlds, n, loads, results)?;
-        // The agent's control plane with few slots present, before scaling up.
+        // The agent's control plane with few slots present; it ends by creating
+        // the next N's slots at once (timed, memory measured around it).
         if i == 0
             && plan.control_plane
-            && let Some(agent) = worlds.agent.as_ref()
+            && let Some(agent) = worlds.agent.as_mut()
         {
             proc::check_interrupted()?;
-            match control_plane::measure_agent(plan, agent) {
+            let bulk_to = plan
+                .slots
+                .get(1)
+                .copied()
+                .unwrap_or(if plan.quick { 100 } else { 1000 });
+            match control_plane::measure_agent(plan, agent, bulk_to, plan.scale_budget) {
                 Ok(cp) => results.control = Some(cp),
                 Err(e) => results
                     .notes
                     .push(format!("agent control plane not measured: {e:#}")),
             }
         }
-    }
-    if let Some(agent) = worlds.agent.as_ref() {
-        results.bulk = agent.bulk.clone();
     }
     Ok(())
 }
