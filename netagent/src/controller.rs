@@ -215,13 +215,16 @@ impl Controller {
                 self.check_index(index)?;
                 check_guest(&guest)?;
                 self.check_serving()?;
-                let (slot, created) = self.backend.create(index, guest).await?;
+                let backend = self.backend.clone();
+                let (slot, created) =
+                    run_to_completion(async move { backend.create(index, guest).await }).await?;
                 Ok(Outcome::Slot { slot, created })
             }
             Action::DeleteSlot { index } => {
                 self.check_index(index)?;
                 self.check_serving()?;
-                self.backend.delete(index).await?;
+                let backend = self.backend.clone();
+                run_to_completion(async move { backend.delete(index).await }).await?;
                 Ok(Outcome::Deleted)
             }
             Action::GetSlot { index } => {
@@ -410,6 +413,17 @@ impl SlotBackend for SlotManager {
     fn shutdown(&self) -> BoxFuture<'_, Result<(), ControllerError>> {
         Box::pin(async move { Ok(SlotManager::shutdown(self).await?) })
     }
+}
+
+/// Runs a slot change on its own task, so that it finishes (or rolls back) even
+/// when the request that asked for it is dropped — a client that disconnects
+/// mid-create must not cancel the create half-way.
+async fn run_to_completion<T: Send + 'static>(
+    change: impl Future<Output = Result<T, ControllerError>> + Send + 'static,
+) -> Result<T, ControllerError> {
+    tokio::spawn(change)
+        .await
+        .map_err(|e| ControllerError::Failed(format!("the slot operation did not complete: {e}")))?
 }
 
 fn check_guest(guest: &GuestLink) -> Result<(), ControllerError> {
