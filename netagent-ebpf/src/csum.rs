@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use netagent_common::DropReason;
 
-use crate::parse::{ICMP_ID_OFF, IP_CSUM_OFF, L4, L4_DPORT_OFF, L4_SPORT_OFF, L4Kind};
+use crate::parse::{ICMP_ID_OFF, IP_CSUM_OFF, L4, L4_DPORT_OFF, L4_SPORT_OFF, L4Kind, Quoted};
 
 /// Offset of the TCP checksum inside the TCP header.
 const TCP_CSUM_OFF: usize = 16;
@@ -36,7 +36,9 @@ fn l4_csum(l4: &L4, l4_off: usize, pseudo: bool) -> Option<(usize, u64)> {
             pseudo_flag | u64::from(BPF_F_MARK_MANGLED_0),
         )),
         // ICMP has no pseudo-header: an address change leaves its checksum alone.
-        L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply | L4Kind::IcmpOther if !pseudo => {
+        L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply | L4Kind::IcmpError | L4Kind::IcmpOther
+            if !pseudo =>
+        {
             Some((l4_off + ICMP_CSUM_OFF, 0))
         }
         _ => None,
@@ -99,5 +101,88 @@ pub fn l4_port_rewrite(
             .map_err(|_| DropReason::RewriteFailed)?;
     }
     ctx.store(l4_off + field_off, &new, 0)
+        .map_err(|_| DropReason::RewriteFailed)
+}
+
+/// Folds a 32-bit one's complement sum to 16 bits. Two rounds suffice for the
+/// sums below (at most five 16-bit terms).
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// RFC 1624 incremental update `HC' = ~(~HC + ~m + m')` of checksum `check` for a
+/// 32-bit field changing from `from` to `to`. All values as they sit in memory:
+/// one's complement sums do not depend on byte order.
+#[inline(always)]
+pub fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
+    let sum = u32::from(!check)
+        + u32::from(!(from as u16))
+        + u32::from(!((from >> 16) as u16))
+        + u32::from(to as u16)
+        + u32::from((to >> 16) as u16);
+    !fold(sum)
+}
+
+/// Offset of the source address inside an IPv4 header.
+pub const QUOTED_SRC: usize = 12;
+/// Offset of the header checksum inside an IPv4 header.
+const QUOTED_CSUM: usize = 10;
+/// Offset of the ICMP checksum inside the (outer) ICMP header.
+const OUTER_ICMP_CSUM: usize = 2;
+
+/// Rewrites an address of the datagram quoted by an ICMP error (`field` is the
+/// offset of the address in the quoted header, e.g. `QUOTED_SRC`) and its header
+/// checksum with it. The outer ICMP
+/// checksum stays valid as it is: the quoted header's words still add up to the
+/// same sum. Returns the quoted header's new checksum.
+#[inline(always)]
+pub fn quoted_addr_rewrite(
+    ctx: &TcContext,
+    q: &Quoted,
+    check: u16,
+    field: usize,
+    old: u32,
+    new: u32,
+) -> Result<u16, DropReason> {
+    let check = csum_replace4(check, old, new);
+    ctx.store(q.ip_off() + field, &new, 0)
+        .map_err(|_| DropReason::RewriteFailed)?;
+    ctx.store(q.ip_off() + QUOTED_CSUM, &check, 0)
+        .map_err(|_| DropReason::RewriteFailed)?;
+    Ok(check)
+}
+
+/// Rewrites a port (or echo identifier) of the datagram quoted by an ICMP error,
+/// fixing the outer ICMP checksum at `outer_l4_off + 2`. The quoted L4 checksum
+/// is left alone: the quote is usually cut short, so nobody can verify it.
+#[inline(always)]
+pub fn quoted_port_rewrite(
+    ctx: &TcContext,
+    q: &Quoted,
+    outer_l4_off: usize,
+    field: PortField,
+    old: u16,
+    new: u16,
+) -> Result<(), DropReason> {
+    if old == new {
+        return Ok(());
+    }
+    let field_off = match (q.kind, field) {
+        (L4Kind::Tcp | L4Kind::Udp, PortField::Source) => L4_SPORT_OFF,
+        (L4Kind::Tcp | L4Kind::Udp, PortField::Destination) => L4_DPORT_OFF,
+        (L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply, _) => ICMP_ID_OFF,
+        _ => return Err(DropReason::UnsupportedProtocol),
+    };
+    ctx.l4_csum_replace(
+        outer_l4_off + OUTER_ICMP_CSUM,
+        u64::from(old),
+        u64::from(new),
+        2,
+    )
+    .map_err(|_| DropReason::RewriteFailed)?;
+    ctx.store(q.l4_off() + field_off, &new, 0)
         .map_err(|_| DropReason::RewriteFailed)
 }

@@ -32,6 +32,14 @@ const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 const ICMP_ECHO_REPLY: u8 = 0;
 /// ICMP echo request.
 const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMP destination unreachable (includes "fragmentation needed").
+const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMP time exceeded.
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMP parameter problem.
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Bytes of the quoted datagram's L4 header every ICMP error carries (RFC 792).
+const ICMP_QUOTED_L4: usize = 8;
 
 /// Offset of the IPv4 header checksum.
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
@@ -213,6 +221,9 @@ pub enum L4Kind {
     IcmpEchoRequest,
     /// ICMP echo reply: identifier at 4 used as the destination port.
     IcmpEchoReply,
+    /// An ICMP error (destination unreachable, time exceeded, parameter
+    /// problem) quoting a datagram: see `icmp_error_inner`.
+    IcmpError,
     /// Any other ICMP message: checksum at 2, no pseudo-header, no ports.
     IcmpOther,
     /// Any other protocol: left alone above L3.
@@ -290,6 +301,9 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, DropReason> {
             let (kind, sport, dport) = match (icmp.ty, icmp.code) {
                 (ICMP_ECHO_REQUEST, 0) => (L4Kind::IcmpEchoRequest, icmp.id, 0),
                 (ICMP_ECHO_REPLY, 0) => (L4Kind::IcmpEchoReply, 0, icmp.id),
+                (ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM, _) => {
+                    (L4Kind::IcmpError, 0, 0)
+                }
                 _ => (L4Kind::IcmpOther, 0, 0),
             };
             Ok(L4 {
@@ -312,6 +326,114 @@ impl L4 {
     /// Whether the masquerade and flow tracking can translate this packet.
     #[inline(always)]
     pub fn translatable(&self) -> bool {
-        !matches!(self.kind, L4Kind::IcmpOther | L4Kind::Other)
+        !matches!(
+            self.kind,
+            L4Kind::IcmpError | L4Kind::IcmpOther | L4Kind::Other
+        )
     }
+}
+
+/// The datagram quoted by an ICMP error: its IPv4 header and the first 8 bytes of
+/// its L4 header. Addresses and ports in network order, as in `L4` (an echo
+/// request's identifier is `sport`, an echo reply's `dport`).
+#[derive(Clone, Copy)]
+pub struct Quoted {
+    /// Quoted source address.
+    pub saddr: u32,
+    /// Quoted destination address.
+    pub daddr: u32,
+    /// Quoted protocol.
+    pub proto: u8,
+    /// Quoted IHL in 32-bit words.
+    ihl: u8,
+    /// Quoted IPv4 header checksum.
+    pub check: u16,
+    /// Quoted source port (or echo request identifier).
+    pub sport: u16,
+    /// Quoted destination port (or echo reply identifier).
+    pub dport: u16,
+    /// Which of the quoted L4 kinds this is (Tcp, Udp, IcmpEchoRequest/Reply).
+    pub kind: L4Kind,
+    /// IHL of the outer header, to recompute offsets.
+    outer_ihl: u8,
+}
+
+/// Offset of the quoted IPv4 header inside an ICMP error (after type, code,
+/// checksum and the 4 unused/MTU bytes).
+const ICMP_ERROR_HLEN: usize = 8;
+
+impl Quoted {
+    /// Offset of the quoted IPv4 header.
+    ///
+    /// Recomputed from the 4-bit IHLs at each use (see `Ipv4::l4_off`;
+    /// verifier-only shape).
+    #[inline(always)]
+    pub fn ip_off(&self) -> usize {
+        ETH_HLEN + usize::from(self.outer_ihl & 0x0f) * 4 + ICMP_ERROR_HLEN
+    }
+
+    /// Offset of the quoted L4 header.
+    #[inline(always)]
+    pub fn l4_off(&self) -> usize {
+        self.ip_off() + usize::from(self.ihl & 0x0f) * 4
+    }
+}
+
+/// Parses the datagram an ICMP error quotes (`l4.kind == IcmpError`). Only
+/// TCP, UDP and ICMP echo can belong to a translated flow; anything else, or a
+/// quote cut short, is `Err(UnsupportedProtocol)` / `Err(Malformed)`.
+#[inline(always)]
+pub fn icmp_error_quote(ctx: &TcContext, ip: &Ipv4) -> Result<Quoted, DropReason> {
+    let off = ip.l4_off() + ICMP_ERROR_HLEN;
+    if off + IPV4_MIN_HLEN > ip.end {
+        return Err(DropReason::Malformed);
+    }
+    let q: Ipv4Hdr = load(ctx, off).ok_or(DropReason::Malformed)?;
+    let ihl = q.version_ihl & 0x0f;
+    if q.version_ihl >> 4 != 4 || usize::from(ihl) * 4 < IPV4_MIN_HLEN {
+        return Err(DropReason::Malformed);
+    }
+    let mut quoted = Quoted {
+        saddr: q.saddr,
+        daddr: q.daddr,
+        proto: q.proto,
+        ihl,
+        check: q.check,
+        sport: 0,
+        dport: 0,
+        kind: L4Kind::Other,
+        outer_ihl: ip.ihl,
+    };
+    let l4_off = quoted.l4_off();
+    if l4_off + ICMP_QUOTED_L4 > ip.end {
+        return Err(DropReason::Malformed);
+    }
+    match q.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let ports: Ports = load(ctx, l4_off).ok_or(DropReason::Malformed)?;
+            quoted.sport = ports.source;
+            quoted.dport = ports.dest;
+            quoted.kind = if q.proto == IPPROTO_TCP {
+                L4Kind::Tcp
+            } else {
+                L4Kind::Udp
+            };
+        }
+        IPPROTO_ICMP => {
+            let icmp: IcmpEcho = load(ctx, l4_off).ok_or(DropReason::Malformed)?;
+            match icmp.ty {
+                ICMP_ECHO_REQUEST => {
+                    quoted.sport = icmp.id;
+                    quoted.kind = L4Kind::IcmpEchoRequest;
+                }
+                ICMP_ECHO_REPLY => {
+                    quoted.dport = icmp.id;
+                    quoted.kind = L4Kind::IcmpEchoReply;
+                }
+                _ => return Err(DropReason::UnsupportedProtocol),
+            }
+        }
+        _ => return Err(DropReason::UnsupportedProtocol),
+    }
+    Ok(quoted)
 }

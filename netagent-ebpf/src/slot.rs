@@ -9,7 +9,7 @@ use netagent_common::{Counter, DropReason, FlowKey, GUEST_IP_BYTES};
 use crate::{
     conntrack, csum, fwd,
     maps::slot_by_netns,
-    parse::{self, IP_DST_OFF},
+    parse::{self, IP_DST_OFF, L4Kind},
     stats::{self, Drop},
 };
 
@@ -28,7 +28,17 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     }
     let l4 = parse::l4(ctx, &ip).map_err(drop)?;
     let guest = u32::from_ne_bytes(GUEST_IP_BYTES);
-    if to_host_ip {
+    if l4.kind == L4Kind::IcmpError {
+        // An error about a datagram the guest sent (translated to this address on
+        // the way out): the quoted source goes back to the guest as well, so the
+        // guest's stack can match the error to its socket (path-MTU discovery).
+        if let Ok(q) = parse::icmp_error_quote(ctx, &ip)
+            && q.saddr == ip.daddr
+        {
+            csum::quoted_addr_rewrite(ctx, &q, q.check, csum::QUOTED_SRC, q.saddr, guest)
+                .map_err(drop)?;
+        }
+    } else if to_host_ip {
         if !l4.translatable() {
             return Err(drop(DropReason::UnsupportedProtocol));
         }

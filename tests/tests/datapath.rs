@@ -861,6 +861,100 @@ fn truncated_tcp_to_uplink() -> Vec<u8> {
     f
 }
 
+/// The part of `datagram` (an IPv4 datagram) an ICMP error quotes: the IP
+/// header and the first 8 bytes of L4 (RFC 792's minimum).
+fn quote(datagram: &[u8]) -> Vec<u8> {
+    let ihl = usize::from(datagram[0] & 0x0f) * 4;
+    datagram[..ihl + 8].to_vec()
+}
+
+/// `quoted` with its source address (and port, or echo identifier) replaced and
+/// its header checksum recomputed; the quoted L4 checksum is left as it was.
+fn requote_src(quoted: &[u8], addr: Ipv4Addr, port: u16) -> Vec<u8> {
+    let mut q = quoted.to_vec();
+    let ihl = usize::from(q[0] & 0x0f) * 4;
+    q[12..16].copy_from_slice(&addr.octets());
+    let port_off = if q[9] == IPPROTO_ICMP { ihl + 4 } else { ihl };
+    q[port_off..port_off + 2].copy_from_slice(&port.to_be_bytes());
+    q[10..12].copy_from_slice(&[0, 0]);
+    let c = packet::internet_checksum(&q[..ihl]);
+    q[10..12].copy_from_slice(&c.to_be_bytes());
+    q
+}
+
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+#[test]
+fn icmp_errors_about_masqueraded_flows_reach_the_guest_rewritten() {
+    let Some(dp) = datapath() else { return };
+    let flows = [
+        from_vpeer(PacketBuilder::udp(
+            sock(VPEER, 5353),
+            sock(WAN, 53),
+            b"big query",
+        )),
+        from_vpeer(PacketBuilder::tcp(
+            sock(VPEER, 40200),
+            sock(WAN, 443),
+            tcp_flags::ACK,
+        ))
+        .payload(&[1; 64]),
+        from_vpeer(PacketBuilder::icmp_echo_request(VPEER, WAN, 0x321, 5)),
+    ];
+    for (i, original) in flows.iter().enumerate() {
+        let orig = packet::parse(&original.build()).unwrap();
+        let orig_port = orig.sport;
+        let (on_wire, port) = masquerade(&dp, original);
+        // A router on the way says "fragmentation needed" (type 3 code 4) about it.
+        let quoted = quote(&on_wire.frame[14..]);
+        let err = PacketBuilder::icmp(ROUTER, UPLINK_IP, 3, 4)
+            .payload(&quoted)
+            .macs(WAN_MAC, UPLINK_MAC);
+        let at_eth0 = run(&dp, Program::UplinkIngress, &err.build());
+        assert_eq!(at_eth0.verdict, TC_ACT_REDIRECT, "flow {i}");
+        let expected = PacketBuilder::icmp(ROUTER, VPEER, 3, 4)
+            .payload(&requote_src(&quoted, VPEER, orig_port))
+            .macs(VETH_MAC, ETH0_MAC);
+        assert_frame(&at_eth0, &expected.build());
+        assert_ne!(port, orig_port, "the quote had the masquerade port");
+
+        // In the slot namespace the quoted source becomes the guest's.
+        let to_guest = run(&dp, Program::SlotIngress, &at_eth0.frame);
+        assert_eq!(to_guest.verdict, TC_ACT_REDIRECT, "flow {i}");
+        let expected = PacketBuilder::icmp(ROUTER, GUEST, 3, 4)
+            .payload(&requote_src(&quoted, GUEST, orig_port))
+            .macs(VETH_MAC, ETH0_MAC);
+        assert_frame(&to_guest, &expected.build());
+        let inner = &to_guest.frame[14 + 20 + 8..];
+        assert_eq!(
+            packet::internet_checksum(&inner[..20]),
+            0,
+            "quoted header checksum"
+        );
+    }
+}
+
+#[test]
+fn icmp_errors_about_other_traffic_pass_untouched() {
+    let Some(dp) = datapath() else { return };
+    // About a datagram the host itself sent (port outside the range), and about
+    // one in the range without a flow.
+    for port in [45000, 25000] {
+        let sent = PacketBuilder::udp(sock(UPLINK_IP, port), sock(WAN, 53), b"q");
+        let err = PacketBuilder::icmp(ROUTER, UPLINK_IP, 3, 3)
+            .payload(&quote(&sent.ipv4_bytes()))
+            .build();
+        let out = run(&dp, Program::UplinkIngress, &err);
+        assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &err));
+    }
+    // A quote cut short.
+    let err = PacketBuilder::icmp(ROUTER, UPLINK_IP, 11, 0)
+        .payload(&[0x45, 0, 0, 20])
+        .build();
+    let out = run(&dp, Program::UplinkIngress, &err);
+    assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &err));
+}
+
 // ---------------------------------------------------------------- slot_ingress
 
 #[test]
