@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::bpf::SlotDatapath;
-use crate::netlink::{Netlink, NetlinkError, link::Link, netns, tap};
+use crate::netlink::{Netlink, NetlinkError, link::Link, netns, sysctl, tap};
 
 use super::addressing::{
     GUEST_IP, TAP_IP, TAP_MAC, TAP_PREFIX, TAP_TXQUEUELEN, VETH_PREFIX, VPEER_NAME,
@@ -172,6 +172,14 @@ async fn build(
     // Namespace.
     let ns = netns::create(&addr.namespace).map_err(at(Namespace))?;
     undo.push(Undo::Namespace(addr.namespace.clone()));
+    // The slot namespace carries IPv4 only: no IPv6 link-local addresses, router
+    // solicitations or DAD on eth0 and tap0 (nothing the guest did not ask for).
+    netns::run_in(ns.as_fd(), || {
+        sysctl::write("net.ipv6.conf.default.disable_ipv6", "1")?;
+        sysctl::write("net.ipv6.conf.all.disable_ipv6", "1")
+    })
+    .and_then(|r| r)
+    .map_err(at(Namespace))?;
     let slot = Netlink::connect_in(ns.as_fd()).map_err(at(Namespace))?;
     mgr.inject(Namespace).map_err(at(Namespace))?;
 

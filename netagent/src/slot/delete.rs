@@ -6,13 +6,14 @@ use std::os::fd::AsFd;
 
 use crate::netlink::{Netlink, netns};
 
-use super::SlotAddr;
 use super::manager::SlotManager;
+use super::{GuestLink, SlotAddr};
 
-/// Removes slot `addr`'s datapath entries, host route, veth pair, `tap0` (and with
-/// it a veth guest link's far end) and namespace. Returns one message per step
-/// that failed.
-pub(super) async fn delete(mgr: &SlotManager, addr: &SlotAddr) -> Vec<String> {
+/// Removes slot `addr`'s datapath entries, host route, veth pair, `tap0` of a veth
+/// guest link (and with it the far end in the guest's namespace) and the
+/// namespace (which takes a TAP with it). Returns one message per step that
+/// failed.
+pub(super) async fn delete(mgr: &SlotManager, addr: &SlotAddr, guest: &GuestLink) -> Vec<String> {
     let host = mgr.host();
     let mut failures = Vec::new();
     let mut note = |what: &str, r: Result<(), String>| {
@@ -43,23 +44,27 @@ pub(super) async fn delete(mgr: &SlotManager, addr: &SlotAddr) -> Vec<String> {
             .map_err(|e| e.to_string()),
     );
 
-    // The TAP is persistent and a veth guest link's peer lives in another
-    // namespace: delete `tap0` explicitly rather than relying on namespace teardown
-    // (which a VMM holding the TAP open would delay).
-    match netns::open(&addr.namespace) {
-        Ok(ns) => {
-            let r = match Netlink::connect_in(ns.as_fd()) {
-                Ok(slot) => slot
-                    .link_del_by_name(&addr.tap)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            note("delete tap0", r);
+    // A veth guest link's far end sits in the guest's namespace: delete `tap0`
+    // explicitly so it goes now, not whenever the kernel gets to freeing the slot
+    // namespace (a re-create would find the guest's `eth0` still there). A TAP
+    // goes with the namespace; deleting it here would only add a second
+    // synchronize_net to every delete.
+    if !matches!(guest, GuestLink::Tap) {
+        match netns::open(&addr.namespace) {
+            Ok(ns) => {
+                let r = match Netlink::connect_in(ns.as_fd()) {
+                    Ok(slot) => slot
+                        .link_del_by_name(&addr.tap)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                note("delete tap0", r);
+            }
+            Err(e) if e.is_gone() => {}
+            Err(e) => note("open the slot namespace", Err(e.to_string())),
         }
-        Err(e) if e.is_gone() => {}
-        Err(e) => note("open the slot namespace", Err(e.to_string())),
     }
     note(
         "delete namespace",

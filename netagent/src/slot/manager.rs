@@ -189,10 +189,10 @@ impl SlotManager {
         let addr = self.addr_of(index)?;
         let index_lock = self.index_lock(addr.index);
         let _held = index_lock.lock().await;
-        if !lock(&self.slots).contains_key(&addr.index) {
+        let Some(slot) = lock(&self.slots).get(&addr.index).cloned() else {
             return Err(SlotError::NotFound(index));
-        }
-        let failures = delete::delete(self, &addr).await;
+        };
+        let failures = delete::delete(self, &addr, &slot.guest).await;
         if !failures.is_empty() {
             return Err(SlotError::Delete {
                 index: addr.index,
