@@ -216,14 +216,16 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     }
 }
 
-/// Rewrites every error response that is not already JSON (axum's 405, 413 and
-/// extractor rejections) into `{"error": "..."}`, keeping status and headers
-/// such as `Allow`.
+/// Logs every request (debug level) and rewrites every error response that is
+/// not already JSON (axum's 405, 413 and extractor rejections) into
+/// `{"error": "..."}`, keeping status and headers such as `Allow`.
 pub async fn normalize_errors(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
     let response = next.run(req).await;
     let status = response.status();
+    tracing::debug!(%method, %path, status = status.as_u16(), elapsed = ?started.elapsed(), "request");
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
