@@ -285,6 +285,23 @@ fn create_makes_exactly_what_the_design_says() -> Result<()> {
         let rules = firewall_rules(&ns)?;
         ensure!(rules.is_empty(), "firewall rules in {ns}: {rules:?}");
     }
+    // LOCAL_ADDRS holds the agent namespace's addresses.
+    let locals = agent
+        .manager()
+        .with_datapath(|dp| dp.maps().local_addrs())??;
+    for a in [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::LOCALHOST] {
+        ensure!(locals.contains(&a), "LOCAL_ADDRS lacks {a}: {locals:?}");
+    }
+    assert_eq!(agent.manager().uplink().name, "up0");
+    assert_eq!(agent.manager().uplink().ipv4, Ipv4Addr::new(198, 18, 0, 1));
+    // The slot namespaces carry IPv4 only.
+    let v6 = world.ip_json(Some(&format!("{p}-ns-1")), &["-6", "addr", "show"])?;
+    ensure!(
+        v6.as_array().is_none_or(|a| a
+            .iter()
+            .all(|l| l["addr_info"].as_array().is_none_or(|x| x.is_empty()))),
+        "IPv6 addresses in the slot namespace: {v6}"
+    );
     // The masquerade range is reserved in the host namespace only.
     let reserved =
         world.in_host(|| netagent::netlink::sysctl::read("net.ipv4.ip_local_reserved_ports"))??;
@@ -564,5 +581,40 @@ fn concurrent_creates_of_distinct_slots() -> Result<()> {
         anyhow::Ok(())
     })??;
     assert_eq!(before, snapshot(&world, None)?);
+    Ok(())
+}
+
+#[test]
+fn start_with_a_configured_or_a_bad_uplink() -> Result<()> {
+    let Some(world) = World::new()? else {
+        return Ok(());
+    };
+    let agent = world.start_agent(|c| c.uplink = Some("up0".into()))?;
+    assert_eq!(agent.manager().uplink().name, "up0");
+    agent.shutdown()?;
+    let err = world
+        .start_agent(|c| c.uplink = Some("nosuch0".into()))
+        .err()
+        .context("start with a missing uplink succeeded")?;
+    let msg = format!("{err:#}");
+    ensure!(msg.contains("nosuch0") && msg.contains("--uplink"), "{msg}");
+    // Without a default route and no --uplink the error says what to pass.
+    world.netlink(&world.host_name(), async |nl| {
+        nl.route_del_dst(Ipv4Addr::UNSPECIFIED, 0).await?;
+        Ok(())
+    })?;
+    let err = world
+        .start_agent(|_| {})
+        .err()
+        .context("start without a default route succeeded")?;
+    let msg = format!("{err:#}");
+    ensure!(
+        msg.contains("no default route") && msg.contains("--uplink"),
+        "{msg}"
+    );
+    // A failed start leaves the reserved ports as they were.
+    let reserved =
+        world.in_host(|| netagent::netlink::sysctl::read("net.ipv4.ip_local_reserved_ports"))??;
+    assert_eq!(reserved, "");
     Ok(())
 }
