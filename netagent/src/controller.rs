@@ -2,6 +2,11 @@
 //! validates what the API could not (index range, guest namespace name), calls the
 //! slot backend and shapes the results. The backend is the slot manager in the
 //! daemon and an in-memory fake in unit tests.
+//!
+//! Creates and deletes run on their own tokio task: once accepted, a change runs
+//! to completion (or rolls back) even if the client hangs up, so a dropped
+//! request never leaves a half-made slot. Requests for one slot are serialized
+//! by the manager; different slots proceed concurrently.
 
 use std::future::Future;
 use std::pin::Pin;
