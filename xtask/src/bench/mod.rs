@@ -153,6 +153,8 @@ pub struct Results {
     pub scale_steps: Vec<(u32, u32, Duration)>,
     pub notes: Vec<String>,
     pub elapsed: Duration,
+    /// netagent's slot 1 counters (JSON) at the end of the data-path runs.
+    pub agent_counters: Option<String>,
     /// /proc/loadavg (1, 5, 15 min) when the run started.
     pub load_start: String,
 }
@@ -302,6 +304,11 @@ fn measure(plan: &Plan, bins: &Bins, run: &topology::Run, results: &mut Results)
                     .push(format!("agent control plane not measured: {e:#}")),
             }
         }
+    }
+    if let Some(agent) = worlds.agent.as_ref()
+        && let Ok(a) = agent.request("GET", "/v1/slots/1/stats", None)
+    {
+        results.agent_counters = Some(a.body.trim().to_string());
     }
     Ok(())
 }

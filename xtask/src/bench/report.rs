@@ -238,7 +238,9 @@ pub fn render(plan: &Plan, c: &Conditions, r: &Results) -> String {
          the same for all of them). Workloads: sockperf TCP ping-pong (p50/p99/min round trip); \
          iperf3 one TCP stream, and with MSS {SMALL_MSS}; UDP datagrams of {UDP_PAYLOAD} bytes payload \
          (60-byte frames) blasted from the guest, rate counted at the receiver; new TCP connections per \
-         second (connect, 32-byte request, answer, close; one client).\n"
+         second (connect, 32-byte request, answer, close; one client; the server closes first and \
+         keeps no TIME_WAIT — `tcp_max_tw_buckets=0` in the wan namespaces — so that a NAT reusing a \
+         source port from an earlier round never meets an old connection).\n"
     );
     // Results per N.
     let ns: Vec<u32> = plan
@@ -315,8 +317,15 @@ pub fn render(plan: &Plan, c: &Conditions, r: &Results) -> String {
     }
     let _ = writeln!(o, "![chart](bench.svg)\n");
     render_targets(&mut o, plan, r);
+    render_limits(&mut o, plan, r);
     render_control(&mut o, r);
     render_prog_cost(&mut o, r);
+    if let Some(c) = &r.agent_counters {
+        let _ = writeln!(
+            o,
+            "netagent's slot 1 counters at the end of the data-path runs: `{c}`\n"
+        );
+    }
     if !r.notes.is_empty() {
         let _ = writeln!(o, "## Notes from this run\n");
         for n in &r.notes {
@@ -497,6 +506,105 @@ fn render_targets(o: &mut String, plan: &Plan, r: &Results) {
                 "| slot create/delete latency, 1,000 slots, memory per slot | not measured | – |"
             );
         }
+    }
+    let _ = writeln!(o);
+}
+
+/// Facts from this run that explain the missed targets.
+fn render_limits(o: &mut String, plan: &Plan, r: &Results) {
+    let mut items: Vec<String> = Vec::new();
+    let n0 = plan.slots.first().copied().unwrap_or(1);
+    if let Some(cp) = &r.control
+        && !cp.serial_create.is_empty()
+    {
+        let p50 = percentile(&cp.serial_create, 50.0);
+        if p50 > 3.0 {
+            let serial_rate = 1000.0 / p50;
+            let mut item = format!(
+                "**Slot create/delete.** One create takes {} ms (p50, serial), one delete {} ms.",
+                num(p50),
+                num(percentile(&cp.serial_delete, 50.0))
+            );
+            if let Some((k, secs)) = cp.bulk {
+                let conc_rate = k as f64 / secs;
+                let _ = write!(
+                    item,
+                    " 32 concurrent clients got {conc_rate:.0} slots/s against {serial_rate:.0}/s for one client{}.",
+                    if conc_rate < 1.5 * serial_rate {
+                        ": concurrent requests are effectively serialized inside the agent"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if let Some(m) = &cp.memory {
+                let per = (m.bpf_progs_after as f64 - m.bpf_progs_before as f64) / m.slots as f64;
+                if per >= 0.5 {
+                    let _ = write!(
+                        item,
+                        " Each slot adds {per:.1} BPF programs to the agent: per-slot program \
+                         instances are verified, JIT-compiled and attached on every create, the \
+                         likely bulk of the time (a shared instance per hook would make a create a \
+                         handful of netlink messages and map updates)."
+                    );
+                }
+            }
+            items.push(item);
+        }
+        if let Some(m) = &cp.memory {
+            let rss = (m.rss_after_kib as f64 - m.rss_before_kib as f64) / m.slots as f64;
+            if rss > 4.0 {
+                items.push(format!(
+                    "**Agent memory.** RSS grows {rss:.1} KiB per slot; the BPF programs the agent holds \
+                     grow from {} to {} — per-slot loader state (object, programs, links) rather than \
+                     map memory, which grows {:.2} KiB per slot.",
+                    m.bpf_progs_before,
+                    m.bpf_progs_after,
+                    (m.bpf_map_bytes_after as f64 - m.bpf_map_bytes_before as f64) / 1024.0 / m.slots as f64
+                ));
+            }
+        }
+    }
+    if !r.prog_cost.is_empty()
+        && let (Some(mss), Some(fl)) = (
+            med(r, Path::Netagent, n0, Metric::StreamMssGbps),
+            med_at(r, plan, Path::Floor, n0, Metric::StreamGbps),
+        )
+    {
+        let egress: f64 = r
+            .prog_cost
+            .iter()
+            .filter(|p| p.program == "tap_ingress" || p.program == "veth_ingress")
+            .map(|p| p.ns_per_packet)
+            .sum();
+        // Frame of a small-MSS segment: MSS + TCP/IP headers with timestamps + Ethernet.
+        let pps = mss * 1e9 / 8.0 / f64::from(SMALL_MSS + 32 + 20 + 14);
+        let budget = 1e9 / pps;
+        let na = med(r, Path::Netagent, n0, Metric::StreamGbps).unwrap_or(f64::NAN);
+        if na < 1.1 * fl {
+            items.push(format!(
+                "**Stream.** The two egress programs cost {} ns per packet (BPF_PROG_TEST_RUN) \
+                 while a small-MSS segment takes {} ns end to end at the measured {} Gbit/s: the \
+                 programs are {:.0} % of it. The rest is the kernel's share of the path (the veth \
+                 hops, `bpf_redirect_neigh`'s route and neighbour lookup, the TCP stacks) and the \
+                 noise of a shared 2-vCPU machine, which moves single runs by more than the 10 % \
+                 asked for.",
+                num(egress),
+                num(budget),
+                num(mss),
+                egress / budget * 100.0
+            ));
+        }
+    }
+    if items.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "### What limits the missed targets (facts from this run)\n"
+    );
+    for i in items {
+        let _ = writeln!(o, "- {i}");
     }
     let _ = writeln!(o);
 }

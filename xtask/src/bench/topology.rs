@@ -465,6 +465,10 @@ fn build_agent_world(run: &Run, bin: &std::path::Path) -> Result<(World, Agent)>
 }
 
 fn start_servers(run: &Run, bins: &Bins, w: &mut World) -> Result<()> {
+    // The servers close first; without TIME_WAIT on their side a NAT's reuse of a
+    // source port from an earlier round cannot collide with an old connection, so
+    // rounds do not interfere (same for every path).
+    sysctl_in(&w.wan, "net.ipv4.tcp_max_tw_buckets", "0")?;
     let log = |name: &str| run.dir.join(format!("{}-{name}.log", w.path.name()));
     let port = SOCKPERF_PORT.to_string();
     w.servers.push(Server::spawn(

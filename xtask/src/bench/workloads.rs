@@ -69,7 +69,17 @@ pub fn alternate(
                 proc::check_interrupted()?;
                 let t0 = std::time::Instant::now();
                 match run_one(plan, w, load) {
-                    Ok(values) => {
+                    Ok((values, notes)) => {
+                        for note in notes {
+                            let msg = format!(
+                                "N={n} round {} {} on {}: {note}",
+                                round + 1,
+                                load.name(),
+                                w.path.name()
+                            );
+                            eprintln!("bench: {msg}");
+                            results.notes.push(msg);
+                        }
                         eprintln!(
                             "bench: N={n} round {} {:<10} {:<8} {} ({:.1}s)",
                             round + 1,
@@ -110,7 +120,11 @@ pub fn alternate(
     Ok(())
 }
 
-fn run_one(plan: &Plan, w: &World, load: Workload) -> Result<Vec<(Metric, f64)>> {
+/// What one run measured, and anything worth a note.
+type RunOutcome = (Vec<(Metric, f64)>, Vec<String>);
+
+/// Runs one workload on one path.
+fn run_one(plan: &Plan, w: &World, load: Workload) -> Result<RunOutcome> {
     let secs = plan.duration.as_secs();
     let limit = plan.duration + Duration::from_secs(30);
     match load {
@@ -128,7 +142,10 @@ fn run_one(plan: &Plan, w: &World, load: Workload) -> Result<Vec<(Metric, f64)>>
                 ]),
                 limit,
             )?;
-            parse_sockperf(&out.stdout).or_else(|_| parse_sockperf(&out.stderr))
+            Ok((
+                parse_sockperf(&out.stdout).or_else(|_| parse_sockperf(&out.stderr))?,
+                Vec::new(),
+            ))
         }
         Workload::Stream | Workload::StreamMss => {
             let mut cmd = ns_cmd_on(&w.guest, Side::Client, "iperf3");
@@ -148,9 +165,12 @@ fn run_one(plan: &Plan, w: &World, load: Workload) -> Result<Vec<(Metric, f64)>>
                 Metric::StreamGbps
             };
             let out = run_bounded(&mut cmd, limit)?;
-            Ok(vec![(metric, parse_iperf_received(&out.stdout)? / 1e9)])
+            Ok((
+                vec![(metric, parse_iperf_received(&out.stdout)? / 1e9)],
+                Vec::new(),
+            ))
         }
-        Workload::Udp => udp(plan, w).map(|kpps| vec![(Metric::UdpKpps, kpps)]),
+        Workload::Udp => udp(plan, w).map(|kpps| (vec![(Metric::UdpKpps, kpps)], Vec::new())),
         Workload::Crr => {
             let xtask = std::env::current_exe()?;
             let out = run_bounded(
@@ -166,13 +186,15 @@ fn run_one(plan: &Plan, w: &World, load: Workload) -> Result<Vec<(Metric, f64)>>
             )?;
             let rate = field(&out.stdout, "rate").context("crr-client printed no rate")?;
             let failed = field(&out.stdout, "failed").unwrap_or(0.0);
+            let mut notes = Vec::new();
             if failed > 0.0 {
-                eprintln!(
-                    "bench: crr on {}: {failed} connections failed",
-                    w.path.name()
-                );
+                // Each failure cost a 2 s connect timeout; the rate includes that.
+                notes.push(format!(
+                    "{failed} of {} connections failed (connect or answer timed out)",
+                    failed + field(&out.stdout, "conns").unwrap_or(0.0)
+                ));
             }
-            Ok(vec![(Metric::CrrPerSec, rate)])
+            Ok((vec![(Metric::CrrPerSec, rate)], notes))
         }
     }
 }
