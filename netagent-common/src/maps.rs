@@ -26,6 +26,11 @@ pub const MAP_LOCAL_ADDRS: &str = "LOCAL_ADDRS";
 /// Per-slot counters, `PerCpuArray<SlotStats>` indexed by slot index. Entry 0 holds
 /// what cannot be attributed to a slot.
 pub const MAP_STATS: &str = "STATS";
+/// The guest's Ethernet addresses as its own frames show them, `Array<GuestL2>`
+/// indexed by slot index, written by `tap_ingress`. With them `slot_ingress` writes
+/// the Ethernet header itself and hands the packet to the TAP with `bpf_redirect`,
+/// skipping the route and neighbour lookups of `bpf_redirect_neigh`.
+pub const MAP_GUEST_L2: &str = "GUEST_L2";
 
 /// Bounded retries when a random masquerade port collides (Cilium's
 /// `SNAT_COLLISION_RETRIES`).
@@ -41,6 +46,8 @@ pub const MAX_SLOT_INDEX: u32 = 32767;
 pub const CONFIG_F_UPLINK: u32 = 1;
 /// `SlotInfo::flags`: the slot is live; anything else makes programs pass packets.
 pub const SLOT_F_ACTIVE: u32 = 1;
+/// `GuestL2::flags`: the addresses were learned and may be used.
+pub const GUEST_L2_F_VALID: u32 = 1;
 
 /// `NatEntry::state` bits (TCP), used by the userspace reaper for timeouts.
 pub const STATE_SYN: u32 = 1 << 0;
@@ -148,7 +155,20 @@ pub struct NatEntry {
     pub state: u32,
 }
 
+/// The guest's Ethernet addresses (value of `MAP_GUEST_L2`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestL2 {
+    /// The guest's MAC (source of its frames).
+    pub guest_mac: [u8; 6],
+    /// The MAC the guest sends to: the TAP's, its gateway (destination of its frames).
+    pub gateway_mac: [u8; 6],
+    /// `GUEST_L2_F_*` bits; 0 means nothing learned.
+    pub flags: u32,
+}
+
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<GuestL2>() == 16);
 const _: () = assert!(core::mem::size_of::<SlotInfo>() == 36);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
@@ -166,4 +186,6 @@ mod pod {
     unsafe impl aya::Pod for super::NatEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::counters::SlotStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GuestL2 {}
 }

@@ -3,7 +3,7 @@
 use core::ptr;
 
 use aya_ebpf::{
-    helpers::generated::{bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use netagent_common::DropReason;
@@ -35,4 +35,12 @@ pub fn redirect_neigh(ifindex: u32) -> i32 {
     // SAFETY: a helper call; a null `params` with length 0 asks the kernel to look
     // up the next hop itself.
     unsafe { bpf_redirect_neigh(ifindex, ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Transmits the packet on `ifindex` as it is (the caller wrote the Ethernet
+/// header). Returns the verdict.
+#[inline(always)]
+pub fn redirect(ifindex: u32) -> i32 {
+    // SAFETY: a plain helper call with scalar arguments.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
 }

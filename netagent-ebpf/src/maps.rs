@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
-use netagent_common::{FlowKey, GlobalConfig, NatEntry, SlotInfo, SlotStats};
+use netagent_common::{FlowKey, GlobalConfig, GuestL2, NatEntry, SlotInfo, SlotStats};
 
 /// Placeholder size of the per-slot tables (`max_slots`).
 const DEFAULT_SLOTS: u32 = 32768;
@@ -56,6 +56,10 @@ pub static LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_LO
 /// `MAP_STATS`: per-slot, per-CPU counters.
 #[map]
 pub static STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(DEFAULT_SLOTS, 0);
+
+/// `MAP_GUEST_L2`: the guest's Ethernet addresses, learned by `tap_ingress`.
+#[map]
+pub static GUEST_L2: Array<GuestL2> = Array::with_max_entries(DEFAULT_SLOTS, 0);
 
 /// The global configuration, if userspace wrote one with the uplink flag set.
 #[inline(always)]

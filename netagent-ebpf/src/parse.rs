@@ -139,6 +139,13 @@ fn pull_headers(ctx: &TcContext) {
     }
 }
 
+/// Destination and source MAC of the frame.
+#[inline(always)]
+pub fn eth_addrs(ctx: &TcContext) -> Option<([u8; 6], [u8; 6])> {
+    let eth: EthHdr = load(ctx, 0)?;
+    Some((eth.dst, eth.src))
+}
+
 /// The IPv4 header fields the programs use, network order.
 #[derive(Clone, Copy)]
 pub struct Ipv4 {

@@ -1,14 +1,15 @@
 //! `slot_ingress` (on `eth0`, slot namespace): packets for the vpeer address or
 //! for HostIP are for the guest. Their destination becomes 169.254.0.21 (HostIP
 //! flows are tracked so the guest's replies leave as HostIP again) and they go to
-//! `tap0` with `bpf_redirect_neigh`, which resolves the guest's MAC.
+//! `tap0`: with `bpf_redirect` once `tap_ingress` has learned the guest's MAC,
+//! with `bpf_redirect_neigh` (the kernel resolves it) before that.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use netagent_common::{Counter, DropReason, FlowKey, GUEST_IP_BYTES};
+use netagent_common::{Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID};
 
 use crate::{
     conntrack, csum, fwd,
-    maps::slot_by_netns,
+    maps::{GUEST_L2, slot_by_netns},
     parse::{self, IP_DST_OFF, L4Kind},
     stats::{self, Drop},
 };
@@ -54,5 +55,13 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     }
     csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_DST_OFF, ip.daddr, guest).map_err(drop)?;
     stats::count_packet(slot, Counter::TO_GUEST_PACKETS, ctx.len());
+    // With the guest's addresses known, address the frame here and skip the
+    // kernel's route and neighbour lookup.
+    if let Some(l2) = GUEST_L2.get(slot)
+        && l2.flags & GUEST_L2_F_VALID != 0
+    {
+        fwd::set_macs(ctx, &l2.gateway_mac, &l2.guest_mac).map_err(drop)?;
+        return Ok(fwd::redirect(info.tap_ifindex));
+    }
     Ok(fwd::redirect_neigh(info.tap_ifindex))
 }

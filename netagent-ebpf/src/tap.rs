@@ -4,12 +4,12 @@
 //! veth's ingress with `bpf_redirect_peer(eth0)`.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use netagent_common::{Counter, FlowKey, GUEST_IP_BYTES, TAP_IP_BYTES};
+use netagent_common::{Counter, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GuestL2, TAP_IP_BYTES};
 
 use crate::{
     conntrack::{self, Dir},
     csum, fwd,
-    maps::slot_by_netns,
+    maps::{GUEST_L2, slot_by_netns},
     parse::{self, IP_SRC_OFF},
     stats::{self, Drop},
 };
@@ -43,6 +43,7 @@ pub fn try_tap_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         return Ok(TC_ACT_OK as i32);
     }
     let l4 = parse::l4(ctx, &ip).map_err(drop)?;
+    learn_guest_l2(ctx, slot);
 
     let mut new_src = info.vpeer_ip;
     if l4.translatable() {
@@ -63,4 +64,26 @@ pub fn try_tap_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     fwd::set_macs(ctx, &info.eth0_mac, &info.veth_mac).map_err(drop)?;
     stats::count_packet(slot, Counter::FROM_GUEST_PACKETS, ctx.len());
     Ok(fwd::redirect_peer(info.eth0_ifindex))
+}
+
+/// Records the guest's MAC and the MAC it sends to, so `slot_ingress` can address
+/// frames to the guest itself. Writes only when they change.
+#[inline(always)]
+fn learn_guest_l2(ctx: &TcContext, slot: u32) {
+    let Some((dst, src)) = parse::eth_addrs(ctx) else {
+        return;
+    };
+    let Some(known) = GUEST_L2.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: pointer from a successful array lookup, valid for this run.
+    let known = unsafe { &mut *known };
+    if known.flags & GUEST_L2_F_VALID != 0 && known.guest_mac == src && known.gateway_mac == dst {
+        return;
+    }
+    *known = GuestL2 {
+        guest_mac: src,
+        gateway_mac: dst,
+        flags: GUEST_L2_F_VALID,
+    };
 }

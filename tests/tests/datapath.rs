@@ -13,9 +13,9 @@ use netagent::bpf::{
 };
 use netagent::config::Timeouts;
 use netagent_common::{
-    CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GlobalConfig, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP, NatEntry, SLOT_F_ACTIVE, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_REPLIED,
-    STATE_SYN, SlotInfo, SlotStats,
+    CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatEntry, SLOT_F_ACTIVE, STATE_FIN_ORIG,
+    STATE_FIN_REPLY, STATE_REPLIED, STATE_SYN, SlotInfo, SlotStats,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -955,6 +955,62 @@ fn icmp_errors_about_other_traffic_pass_untouched() {
     assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &err));
 }
 
+#[test]
+fn tap_learns_the_guest_l2_and_slot_ingress_uses_it() {
+    let Some(mut dp) = datapath() else { return };
+    let to_guest =
+        PacketBuilder::udp(sock(WAN, 53), sock(VPEER, 5353), b"answer").macs(VETH_MAC, ETH0_MAC);
+    // Before the guest has sent anything: MACs left to bpf_redirect_neigh.
+    let out = run(&dp, Program::SlotIngress, &to_guest.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_frame(&out, &to_guest.clone().with_dst(GUEST, 5353).build());
+    assert_eq!(dp.maps().guest_l2(SLOT).unwrap(), GuestL2::default());
+
+    let from_guest = guest_frame(PacketBuilder::udp(sock(GUEST, 5353), sock(WAN, 53), b"q"));
+    run(&dp, Program::TapIngress, &from_guest.build());
+    assert_eq!(
+        dp.maps().guest_l2(SLOT).unwrap(),
+        GuestL2 {
+            guest_mac: GUEST_MAC,
+            gateway_mac: TAP_MAC,
+            flags: GUEST_L2_F_VALID,
+        }
+    );
+    let out = run(&dp, Program::SlotIngress, &to_guest.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_frame(
+        &out,
+        &to_guest
+            .clone()
+            .macs(TAP_MAC, GUEST_MAC)
+            .with_dst(GUEST, 5353)
+            .build(),
+    );
+
+    // A new MAC (the guest rebooted with another NIC address) replaces the old.
+    let new_mac = [0x02, 0xcc, 0, 0, 0, 0x99];
+    run(
+        &dp,
+        Program::TapIngress,
+        &from_guest.clone().macs(new_mac, TAP_MAC).build(),
+    );
+    assert_eq!(dp.maps().guest_l2(SLOT).unwrap().guest_mac, new_mac);
+    // Frames that are not the guest's IPv4 teach nothing.
+    run(
+        &dp,
+        Program::TapIngress,
+        &arp_request([0x02, 0xee, 0, 0, 0, 1], GUEST, TAP_IP),
+    );
+    assert_eq!(dp.maps().guest_l2(SLOT).unwrap().guest_mac, new_mac);
+
+    dp.detach_slot(SLOT).unwrap();
+    assert_eq!(
+        dp.maps().guest_l2(SLOT).unwrap(),
+        GuestL2::default(),
+        "forgotten on detach"
+    );
+}
+
 // ---------------------------------------------------------------- slot_ingress
 
 #[test]
@@ -1076,8 +1132,10 @@ fn guest_to_world_and_back_through_all_four_programs() {
     assert_eq!(to_guest.verdict, TC_ACT_REDIRECT);
     assert_frame(
         &to_guest,
+        // The guest's SYN taught tap_ingress the guest's MAC: the frame is
+        // addressed to it from the TAP's MAC and redirected straight to the TAP.
         &reply
-            .macs(VETH_MAC, ETH0_MAC)
+            .macs(TAP_MAC, GUEST_MAC)
             .with_dst(GUEST, 33333)
             .build(),
     );

@@ -268,6 +268,7 @@ impl Datapath {
             eth0_mac: slot.eth0_mac,
         };
         self.maps.zero_stats(slot.index)?;
+        self.maps.clear_guest_l2(slot.index)?;
         self.maps.set_slot(slot.index, &info)?;
         self.maps.set_netns_slot(cookie, slot.index)?;
         self.maps.set_veth_slot(slot.veth_ifindex, slot.index)?;
@@ -293,6 +294,7 @@ impl Datapath {
         note(self.maps.remove_veth_slot(veth_ifindex));
         note(self.maps.remove_slot_flows(index).map(|_| ()));
         note(self.maps.zero_stats(index));
+        note(self.maps.clear_guest_l2(index));
         into_result(errors)
     }
 
@@ -392,6 +394,9 @@ impl Datapath {
                     errors.push(e);
                 }
                 if let Err(e) = self.maps.zero_stats(index) {
+                    errors.push(e);
+                }
+                if let Err(e) = self.maps.clear_guest_l2(index) {
                     errors.push(e);
                 }
             }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use aya::{EbpfLoader, programs::SchedClassifier};
 use netagent_common::{
-    MAP_CONFIG, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_NETNS_SLOTS,
-    MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
+    MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS, MAP_NAT_INGRESS,
+    MAP_NETNS_SLOTS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
 };
 
 use super::attach::{AttachedSlot, AttachedUplink};
@@ -44,7 +44,7 @@ pub struct DatapathConfig {
 }
 
 /// Every map of the object (all pinned, so per-slot instances share them).
-pub(super) const MAP_NAMES: [&str; 9] = [
+pub(super) const MAP_NAMES: [&str; 10] = [
     MAP_CONFIG,
     MAP_SLOTS,
     MAP_NETNS_SLOTS,
@@ -54,6 +54,7 @@ pub(super) const MAP_NAMES: [&str; 9] = [
     MAP_HOST_FLOWS,
     MAP_LOCAL_ADDRS,
     MAP_STATS,
+    MAP_GUEST_L2,
 ];
 
 /// Name of the global the per-slot instances get their slot index from.
@@ -85,7 +86,9 @@ impl DatapathConfig {
 
     fn max_entries(&self, map: &str) -> u32 {
         match map {
-            MAP_SLOTS | MAP_STATS | MAP_NETNS_SLOTS | MAP_VETH_SLOTS => self.max_slots,
+            MAP_SLOTS | MAP_STATS | MAP_NETNS_SLOTS | MAP_VETH_SLOTS | MAP_GUEST_L2 => {
+                self.max_slots
+            }
             MAP_NAT_EGRESS | MAP_NAT_INGRESS => self.nat_table_size,
             MAP_HOST_FLOWS => self.host_flow_table_size,
             MAP_LOCAL_ADDRS => LOCAL_ADDRS_SIZE,

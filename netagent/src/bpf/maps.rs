@@ -6,9 +6,9 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use netagent_common::{
-    FlowKey, GlobalConfig, MAP_CONFIG, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS,
-    MAP_NAT_INGRESS, MAP_NETNS_SLOTS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, NatEntry, SlotInfo,
-    SlotStats,
+    FlowKey, GlobalConfig, GuestL2, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS,
+    MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_NETNS_SLOTS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS,
+    NatEntry, SlotInfo, SlotStats,
 };
 
 use super::{BpfError, ip_to_map};
@@ -53,6 +53,7 @@ pub struct Maps {
     host_flows: HashMap<MapData, FlowKey, NatEntry>,
     local_addrs: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, SlotStats>,
+    guest_l2: Array<MapData, GuestL2>,
 }
 
 fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, BpfError>
@@ -86,6 +87,7 @@ impl Maps {
             host_flows: take(ebpf, MAP_HOST_FLOWS)?,
             local_addrs: take(ebpf, MAP_LOCAL_ADDRS)?,
             stats: take(ebpf, MAP_STATS)?,
+            guest_l2: take(ebpf, MAP_GUEST_L2)?,
         })
     }
 
@@ -115,6 +117,20 @@ impl Maps {
         self.slots
             .set(index, info, 0)
             .map_err(|e| BpfError::map(MAP_SLOTS, "update", e))
+    }
+
+    /// GUEST_L2[index]: the guest's addresses as `tap_ingress` learned them.
+    pub fn guest_l2(&self, index: u32) -> Result<GuestL2, BpfError> {
+        self.guest_l2
+            .get(&index, 0)
+            .map_err(|e| BpfError::map(MAP_GUEST_L2, "lookup", e))
+    }
+
+    /// Forgets slot `index`'s guest addresses.
+    pub fn clear_guest_l2(&mut self, index: u32) -> Result<(), BpfError> {
+        self.guest_l2
+            .set(index, GuestL2::default(), 0)
+            .map_err(|e| BpfError::map(MAP_GUEST_L2, "update", e))
     }
 
     /// Maps a namespace cookie to a slot (NETNS_SLOTS).
