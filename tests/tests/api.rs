@@ -642,15 +642,24 @@ fn sigterm_deletes_every_slot_and_removes_the_socket() -> Result<()> {
 
 #[test]
 fn reaper_expires_idle_flows_with_the_default_uplink() -> Result<()> {
-    // No --uplink: the agent takes the default route's interface (up0).
+    // No --uplink: the agent takes the default route's interface (up0). The
+    // short timeouts come from a config file (and a flag overrides one of its keys).
+    let config = std::env::temp_dir().join(format!("netagent-reaper-{}.toml", std::process::id()));
+    std::fs::write(&config, "[timeouts]\nudp = 1\nreap_interval = 30\n")?;
     let opts = DaemonOptions {
-        args: ["--timeouts-udp", "1", "--timeouts-reap-interval", "1"]
-            .map(String::from)
-            .to_vec(),
+        args: [
+            "--config",
+            config.to_str().unwrap(),
+            "--timeouts-reap-interval",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec(),
         default_uplink: true,
     };
-    let Some(d) = Daemon::start_with("reaper_expires_idle_flows_with_the_default_uplink", opts)?
-    else {
+    let started = Daemon::start_with("reaper_expires_idle_flows_with_the_default_uplink", opts);
+    let _ = std::fs::remove_file(&config);
+    let Some(mut d) = started? else {
         return Ok(());
     };
     ensure!(d.logs().contains("\"uplink\":\"up0\""), "{}", d.logs());
@@ -707,6 +716,16 @@ fn reaper_expires_idle_flows_with_the_default_uplink() -> Result<()> {
     }
     // Counters survive the reaping of flows.
     ensure!(rt.block_on(c.stats(1))?.from_guest.packets == 3);
+
+    // SIGINT stops the agent as cleanly as SIGTERM.
+    let status = d.stop_with(nix::sys::signal::Signal::SIGINT)?;
+    ensure!(status.success(), "exit {status}:\n{}", d.logs());
+    ensure!(d.logs().contains("\"signal\":\"SIGINT\""), "{}", d.logs());
+    ensure!(
+        d.world.slot_namespaces().is_empty(),
+        "{:?}",
+        d.world.slot_namespaces()
+    );
     Ok(())
 }
 
