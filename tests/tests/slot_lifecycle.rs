@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 use anyhow::{Context, Result, bail, ensure};
 use netagent::bpf::FlowTable;
 use netagent::netlink::{netns, tap};
-use netagent::slot::{CreateStep, GuestLink, SlotError};
+use netagent::slot::{CreateStep, DeleteStep, GuestLink, SlotError};
 use netagent_tests::world::{Agent, World};
 use serde_json::Value;
 
@@ -616,5 +616,51 @@ fn start_with_a_configured_or_a_bad_uplink() -> Result<()> {
     let reserved =
         world.in_host(|| netagent::netlink::sysctl::read("net.ipv4.ip_local_reserved_ports"))??;
     assert_eq!(reserved, "");
+    Ok(())
+}
+
+#[test]
+fn delete_tries_every_step_and_reports_all_failures() -> Result<()> {
+    let Some(world) = World::new()? else {
+        return Ok(());
+    };
+    let agent = world.start_agent(|_| {})?;
+    let guest_ns = world.guest_namespace(3)?;
+    let before = snapshot(&world, Some(&guest_ns))?;
+    let m = agent.manager();
+    let g = GuestLink::Veth {
+        guest_netns: guest_ns.clone(),
+    };
+    agent.run(|m| async move { m.create(3, g).await })??;
+
+    // Two steps fail: both are reported, every other step still ran.
+    m.set_fail_delete(&[DeleteStep::HostRoute, DeleteStep::Namespace]);
+    let err = agent
+        .run(|m| async move { m.delete(3).await })?
+        .unwrap_err();
+    match &err {
+        SlotError::Delete { failures, .. } => {
+            assert_eq!(failures.len(), 2, "{err}");
+            ensure!(
+                failures[0].contains("host route") && failures[1].contains("namespace"),
+                "{err}"
+            );
+        }
+        other => bail!("unexpected error {other}"),
+    }
+    // The steps that did not fail were done.
+    let host = world.host_name();
+    let links = names(&world.ip_json(Some(&host), &["link", "show"])?, "ifname");
+    ensure!(
+        !links.contains(&format!("{}-veth-3", world.prefix())),
+        "host veth not deleted"
+    );
+    ensure!(map_entries(&agent, 3)?.is_empty());
+    // The slot stays listed so the delete can be retried, and the retry finishes.
+    ensure!(m.get(3).is_ok());
+    m.set_fail_delete(&[]);
+    agent.run(|m| async move { m.delete(3).await })??;
+    ensure!(m.get(3).is_err());
+    assert_eq!(before, snapshot(&world, Some(&guest_ns))?);
     Ok(())
 }

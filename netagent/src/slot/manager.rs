@@ -12,8 +12,9 @@ use crate::config::Config;
 use crate::netlink::{Netlink, netns, sysctl};
 
 use super::create::{self, CreateStep};
+use super::delete::{self, DeleteStep};
 use super::error::{SlotError, StepError};
-use super::{AddressPlan, GuestLink, Slot, SlotAddr, delete};
+use super::{AddressPlan, GuestLink, Slot, SlotAddr};
 
 /// Owns the slots of one agent (one prefix) and the datapath.
 pub struct SlotManager {
@@ -30,6 +31,8 @@ pub struct SlotManager {
     reserved: Mutex<Vec<sysctl::PortRange>>,
     #[cfg(feature = "fault-injection")]
     fail_at: Mutex<Option<CreateStep>>,
+    #[cfg(feature = "fault-injection")]
+    fail_delete: Mutex<Vec<DeleteStep>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -112,6 +115,8 @@ impl SlotManager {
             reserved: Mutex::new(reserved),
             #[cfg(feature = "fault-injection")]
             fail_at: Mutex::new(None),
+            #[cfg(feature = "fault-injection")]
+            fail_delete: Mutex::new(Vec::new()),
         }))
     }
 
@@ -284,6 +289,21 @@ impl SlotManager {
     #[cfg(feature = "fault-injection")]
     pub fn set_fail_at(&self, step: Option<CreateStep>) {
         *lock(&self.fail_at) = step;
+    }
+
+    /// Makes delete fail at each of `steps` (skipping them, as if the kernel
+    /// refused); an empty list: never.
+    #[cfg(feature = "fault-injection")]
+    pub fn set_fail_delete(&self, steps: &[DeleteStep]) {
+        *lock(&self.fail_delete) = steps.to_vec();
+    }
+
+    pub(super) fn inject_delete(&self, _step: DeleteStep) -> Result<(), String> {
+        #[cfg(feature = "fault-injection")]
+        if lock(&self.fail_delete).contains(&_step) {
+            return Err("injected failure".into());
+        }
+        Ok(())
     }
 
     pub(super) fn inject(&self, _step: CreateStep) -> Result<(), StepError> {

@@ -28,6 +28,8 @@
 //!     pub fn with_datapath<T>(&self, f: impl FnOnce(&mut Datapath) -> T) -> Result<T, SlotError>;
 //!     /// `fault-injection` feature only: create fails right after `step`.
 //!     pub fn set_fail_at(&self, step: Option<CreateStep>);
+//!     /// `fault-injection` feature only: delete fails (skips) these steps.
+//!     pub fn set_fail_delete(&self, steps: &[DeleteStep]);
 //! }
 //! pub struct Slot { pub addr: SlotAddr, pub guest: GuestLink }
 //! ```
@@ -42,12 +44,13 @@
 
 pub mod addressing;
 pub mod create;
-mod delete;
+pub mod delete;
 pub mod error;
 pub mod manager;
 
 pub use addressing::{AddressPlan, AddressingError, SlotAddr};
 pub use create::CreateStep;
+pub use delete::DeleteStep;
 pub use error::{SlotError, StepError};
 pub use manager::SlotManager;
 
