@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod addr;
 mod conntrack;
 mod csum;
 mod fwd;

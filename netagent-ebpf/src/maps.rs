@@ -89,6 +89,8 @@ pub fn slot_info(index: u32) -> Option<&'static SlotInfo> {
 /// find its namespace from the packet: `bpf_get_netns_cookie` on a tc program
 /// reports the namespace of the skb's socket, and frames from a TAP or veth have
 /// none (it then returns the initial namespace's cookie).
+// SAFETY: `no_mangle` keeps the symbol name the loader patches by
+// (`override_global("SLOT_INDEX", ..)`); nothing else in the object uses it.
 #[unsafe(no_mangle)]
 static SLOT_INDEX: Global<u32> = Global::new(0);
 

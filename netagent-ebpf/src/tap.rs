@@ -7,6 +7,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use netagent_common::{Counter, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GuestL2, TAP_IP_BYTES};
 
 use crate::{
+    addr::is_multicast_or_broadcast,
     conntrack::{self, Dir},
     csum, fwd,
     maps::{GUEST_L2, slot_by_netns},
@@ -18,12 +19,6 @@ use crate::{
 const TAP_NET: u32 = u32::from_ne_bytes([169, 254, 0, 20]);
 /// Mask of the /30, network order.
 const TAP_MASK: u32 = u32::from_ne_bytes([255, 255, 255, 252]);
-
-#[inline(always)]
-fn is_multicast_or_broadcast(addr: u32) -> bool {
-    let first = addr.to_ne_bytes()[0];
-    first >= 224 || addr == u32::MAX
-}
 
 #[inline(always)]
 pub fn try_tap_ingress(ctx: &TcContext) -> Result<i32, Drop> {

@@ -7,6 +7,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use netagent_common::{Counter, DropReason, FlowKey};
 
 use crate::{
+    addr::is_multicast_or_broadcast,
     conntrack::{self, Dir},
     csum::{self, PortField},
     fwd,
@@ -18,12 +19,6 @@ use crate::{
 
 /// Mask of a /16, network order.
 const NET16_MASK: u32 = u32::from_ne_bytes([255, 255, 0, 0]);
-
-#[inline(always)]
-fn is_multicast_or_broadcast(addr: u32) -> bool {
-    let first = addr.to_ne_bytes()[0];
-    first >= 224 || addr == u32::MAX
-}
 
 #[inline(always)]
 pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {

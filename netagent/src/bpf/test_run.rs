@@ -67,9 +67,14 @@ impl Datapath {
         self.test_run_repeat(prog, frame, 1).map(|(out, _)| out)
     }
 
-    /// Runs `prog` on `frame` `repeat` times in the kernel (the same input each
-    /// time) and returns the last output and the mean time of one run: the
-    /// program's cost per packet.
+    /// Runs `prog` on `frame` `repeat` times in the kernel and returns the output
+    /// and the mean time of one run.
+    ///
+    /// Caveat for cost measurements: the kernel reruns the program on the *same*
+    /// skb, which the first run already rewrote (a translated packet then takes
+    /// the pass-through path). To time the translating path, call this with
+    /// `repeat = 1` many times and average the durations (as the datapath test
+    /// `program_cost_per_packet` does).
     pub fn test_run_repeat(
         &self,
         prog: Program,
