@@ -664,3 +664,27 @@ fn delete_tries_every_step_and_reports_all_failures() -> Result<()> {
     assert_eq!(before, snapshot(&world, Some(&guest_ns))?);
     Ok(())
 }
+
+#[test]
+fn delete_treats_already_gone_as_done() -> Result<()> {
+    let Some(world) = World::new()? else {
+        return Ok(());
+    };
+    let agent = world.start_agent(|_| {})?;
+    let before = snapshot(&world, None)?;
+    let p = world.prefix().to_string();
+    agent.run(|m| async move { m.create(4, GuestLink::Tap).await })??;
+    // Someone removed the namespace and the veth behind the agent's back.
+    let host = world.host_name();
+    for args in [
+        vec!["netns", "del", &format!("{p}-ns-4")],
+        vec!["-n", &host, "link", "del", &format!("{p}-veth-4")],
+    ] {
+        let st = std::process::Command::new("ip").args(&args).status()?;
+        ensure!(st.success(), "ip {args:?}");
+    }
+    agent.run(|m| async move { m.delete(4).await })??;
+    assert_eq!(before, snapshot(&world, None)?);
+    ensure!(map_entries(&agent, 4)?.is_empty());
+    Ok(())
+}
