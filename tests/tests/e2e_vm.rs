@@ -198,6 +198,18 @@ fn guest_vm_reaches_wan_and_host_reaches_guest() -> Result<()> {
             index.contains("hello-from-guest"),
             "guest httpd via HostIP answered {index:?}"
         );
+        // ICMP echo to HostIP: the echo id is tracked like a port.
+        let ping = daemon::in_netns(
+            &world.host_name(),
+            "busybox",
+            &["ping", "-c", "2", "-W", "5", &slot.host_ip.to_string()],
+        )?;
+        let ping_out = String::from_utf8_lossy(&ping.stdout);
+        ensure!(
+            ping.status.success() && ping_out.contains("2 packets received"),
+            "offload {offload}: ping {} from the host: {ping_out}",
+            slot.host_ip
+        );
         eprintln!(
             "offload {offload}: guest up in {:.2?}, the wan saw {peer}, the host reached {}",
             vm.boot_time(),
