@@ -128,6 +128,8 @@ pub fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
 
 /// Offset of the source address inside an IPv4 header.
 pub const QUOTED_SRC: usize = 12;
+/// Offset of the destination address inside an IPv4 header.
+pub const QUOTED_DST: usize = 16;
 /// Offset of the header checksum inside an IPv4 header.
 const QUOTED_CSUM: usize = 10;
 /// Offset of the ICMP checksum inside the (outer) ICMP header.

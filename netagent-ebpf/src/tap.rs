@@ -11,7 +11,7 @@ use crate::{
     conntrack::{self, Dir},
     csum, fwd,
     maps::{GUEST_L2, slot_by_netns},
-    parse::{self, IP_SRC_OFF},
+    parse::{self, IP_SRC_OFF, L4Kind},
     stats::{self, Drop},
 };
 
@@ -41,7 +41,28 @@ pub fn try_tap_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     learn_guest_l2(ctx, slot);
 
     let mut new_src = info.vpeer_ip;
-    if l4.translatable() {
+    if l4.kind == L4Kind::IcmpError {
+        // An error about a datagram the guest received: it quotes that datagram
+        // with the guest's address as destination, which gets translated along
+        // with the outer source (to HostIP if it belongs to a host flow).
+        if let Ok(q) = parse::icmp_error_quote(ctx, &ip)
+            && q.daddr == guest
+        {
+            let original = FlowKey {
+                saddr: q.saddr,
+                daddr: info.host_ip,
+                sport: q.sport,
+                dport: q.dport,
+                proto: q.proto,
+                _pad: [0; 3],
+            };
+            if conntrack::host_flow_lookup(&original).is_some() {
+                new_src = info.host_ip;
+            }
+            csum::quoted_addr_rewrite(ctx, &q, q.check, csum::QUOTED_DST, q.daddr, new_src)
+                .map_err(drop)?;
+        }
+    } else if l4.translatable() {
         let original = FlowKey {
             saddr: ip.daddr,
             daddr: info.host_ip,

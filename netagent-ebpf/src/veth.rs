@@ -4,7 +4,7 @@
 //! (replies to the host, traffic to host addresses, ARP) goes up the host stack.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use netagent_common::{Counter, DropReason, FlowKey};
+use netagent_common::{Counter, DropReason, FlowKey, GlobalConfig};
 
 use crate::{
     addr::is_multicast_or_broadcast,
@@ -13,7 +13,7 @@ use crate::{
     fwd,
     maps::{LOCAL_ADDRS, VETH_SLOTS, global_config, slot_info},
     nat,
-    parse::{self, IP_SRC_OFF},
+    parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind},
     stats::{self, Drop},
 };
 
@@ -50,6 +50,9 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         return Ok(TC_ACT_OK as i32);
     }
     let l4 = parse::l4(ctx, &ip).map_err(drop)?;
+    if l4.kind == L4Kind::IcmpError {
+        return icmp_error(ctx, cfg, &ip, slot);
+    }
     if !l4.translatable() {
         return Err(drop(DropReason::UnsupportedProtocol));
     }
@@ -86,5 +89,52 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip).map_err(drop)?;
     csum::l4_port_rewrite(ctx, &l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)
         .map_err(drop)?;
+    Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
+}
+
+/// An ICMP error the guest sent about a datagram of one of its masqueraded flows
+/// (e.g. "port unreachable" for a late reply): it quotes the reply as the guest
+/// got it, so the quoted destination (vpeer address and original port) goes back
+/// to the uplink address and the allocated port along with the outer source.
+/// Errors about anything else cannot be translated and are dropped.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, cfg: &GlobalConfig, ip: &Ipv4, slot: u32) -> Result<i32, Drop> {
+    let drop = |reason| Drop::new(slot, reason);
+    let q = parse::icmp_error_quote(ctx, ip).map_err(drop)?;
+    if q.daddr != ip.saddr {
+        return Err(drop(DropReason::UnsupportedProtocol));
+    }
+    // The original-direction key of the flow the quoted reply belongs to.
+    let key = FlowKey {
+        saddr: q.daddr,
+        daddr: q.saddr,
+        sport: q.dport,
+        dport: q.sport,
+        proto: q.proto,
+        _pad: [0; 3],
+    };
+    let Some(entry) = nat::snat_v4_lookup(&key) else {
+        return Err(drop(DropReason::UnsupportedProtocol));
+    };
+    // SAFETY: pointer from a successful lookup, valid for this run.
+    let (nat_ip, nat_port) = unsafe { ((*entry).addr, (*entry).port) };
+    let outer = L4 {
+        kind: L4Kind::IcmpError,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+    };
+    csum::ipv4_addr_rewrite(ctx, &outer, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip)
+        .map_err(drop)?;
+    csum::quoted_addr_rewrite(ctx, &q, q.check, csum::QUOTED_DST, q.daddr, nat_ip).map_err(drop)?;
+    csum::quoted_port_rewrite(
+        ctx,
+        &q,
+        ip.l4_off(),
+        PortField::Destination,
+        q.dport,
+        nat_port,
+    )
+    .map_err(drop)?;
     Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
 }

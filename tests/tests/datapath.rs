@@ -724,12 +724,20 @@ fn veth_passes_host_bound_traffic_untouched() {
 #[test]
 fn veth_drops_untranslatable_and_fragments() {
     let Some(dp) = datapath() else { return };
-    let unreachable = from_vpeer(PacketBuilder::icmp(VPEER, WAN, 3, 3).payload(&[0; 28])).build();
-    assert_eq!(
-        run(&dp, Program::VethIngress, &unreachable).verdict,
-        TC_ACT_SHOT
-    );
-    assert_eq!(drops(&dp, DropReason::UnsupportedProtocol), 1);
+    // An ICMP redirect, and a "port unreachable" about a datagram of no flow.
+    let redirect = from_vpeer(PacketBuilder::icmp(VPEER, WAN, 5, 1).payload(&[0; 28])).build();
+    let stray = PacketBuilder::udp(sock(WAN, 53), sock(VPEER, 999), b"late");
+    let unreachable =
+        from_vpeer(PacketBuilder::icmp(VPEER, WAN, 3, 3).payload(&quote(&stray.ipv4_bytes())))
+            .build();
+    for frame in [redirect, unreachable] {
+        assert_eq!(run(&dp, Program::VethIngress, &frame).verdict, TC_ACT_SHOT);
+    }
+    assert_eq!(drops(&dp, DropReason::UnsupportedProtocol), 2);
+    // An ICMP error whose quote is not an IPv4 header.
+    let bogus = from_vpeer(PacketBuilder::icmp(VPEER, WAN, 3, 3).payload(&[0; 28])).build();
+    assert_eq!(run(&dp, Program::VethIngress, &bogus).verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&dp, DropReason::Malformed), 1);
     let frag =
         from_vpeer(PacketBuilder::udp(sock(VPEER, 1), sock(WAN, 2), &[1; 32]).fragment(true, 0))
             .build();
@@ -871,10 +879,24 @@ fn quote(datagram: &[u8]) -> Vec<u8> {
 /// `quoted` with its source address (and port, or echo identifier) replaced and
 /// its header checksum recomputed; the quoted L4 checksum is left as it was.
 fn requote_src(quoted: &[u8], addr: Ipv4Addr, port: u16) -> Vec<u8> {
+    requote(quoted, true, addr, port)
+}
+
+/// As `requote_src`, for the destination.
+fn requote_dst(quoted: &[u8], addr: Ipv4Addr, port: u16) -> Vec<u8> {
+    requote(quoted, false, addr, port)
+}
+
+fn requote(quoted: &[u8], source: bool, addr: Ipv4Addr, port: u16) -> Vec<u8> {
     let mut q = quoted.to_vec();
     let ihl = usize::from(q[0] & 0x0f) * 4;
-    q[12..16].copy_from_slice(&addr.octets());
-    let port_off = if q[9] == IPPROTO_ICMP { ihl + 4 } else { ihl };
+    let addr_off = if source { 12 } else { 16 };
+    q[addr_off..addr_off + 4].copy_from_slice(&addr.octets());
+    let port_off = match (q[9] == IPPROTO_ICMP, source) {
+        (true, _) => ihl + 4,
+        (false, true) => ihl,
+        (false, false) => ihl + 2,
+    };
     q[port_off..port_off + 2].copy_from_slice(&port.to_be_bytes());
     q[10..12].copy_from_slice(&[0, 0]);
     let c = packet::internet_checksum(&q[..ihl]);
@@ -1009,6 +1031,72 @@ fn tap_learns_the_guest_l2_and_slot_ingress_uses_it() {
         GuestL2::default(),
         "forgotten on detach"
     );
+}
+
+#[test]
+fn guest_icmp_errors_about_its_flows_leave_translated() {
+    let Some(dp) = datapath() else { return };
+    // The guest's DNS query went out masqueraded...
+    let query = from_vpeer(PacketBuilder::udp(sock(VPEER, 5353), sock(WAN, 53), b"q"));
+    let (_, port) = masquerade(&dp, &query);
+    // ...the late answer reached the guest (as 198.18.0.100:53 → guest:5353), whose
+    // socket is gone: it answers "port unreachable", quoting what it got.
+    let answer = PacketBuilder::udp(sock(WAN, 53), sock(GUEST, 5353), b"late answer");
+    let quoted = quote(&answer.ipv4_bytes());
+    let err = guest_frame(PacketBuilder::icmp(GUEST, WAN, 3, 3).payload(&quoted));
+    let at_veth = run(&dp, Program::TapIngress, &err.build());
+    assert_eq!(at_veth.verdict, TC_ACT_REDIRECT);
+    assert_frame(
+        &at_veth,
+        &PacketBuilder::icmp(VPEER, WAN, 3, 3)
+            .payload(&requote_dst(&quoted, VPEER, 5353))
+            .macs(ETH0_MAC, VETH_MAC)
+            .build(),
+    );
+    let on_wire = run(&dp, Program::VethIngress, &at_veth.frame);
+    assert_eq!(on_wire.verdict, TC_ACT_REDIRECT);
+    assert_frame(
+        &on_wire,
+        &PacketBuilder::icmp(UPLINK_IP, WAN, 3, 3)
+            .payload(&requote_dst(&quoted, UPLINK_IP, port))
+            .macs(ETH0_MAC, VETH_MAC)
+            .build(),
+    );
+}
+
+#[test]
+fn guest_icmp_errors_to_the_host_leave_as_host_ip() {
+    let Some(mut dp) = datapath() else { return };
+    let original = key(VETH_IP, 41000, HOST_IP, 53, IPPROTO_UDP);
+    dp.maps_mut()
+        .insert_flow(
+            FlowTable::HostFlows,
+            &original,
+            &NatEntry {
+                last_seen_ns: 1,
+                addr: map_ip(GUEST),
+                port: 53u16.to_be(),
+                _pad: 0,
+                slot: SLOT,
+                state: 0,
+            },
+        )
+        .unwrap();
+    let got = PacketBuilder::udp(sock(VETH_IP, 41000), sock(GUEST, 53), b"probe");
+    let quoted = quote(&got.ipv4_bytes());
+    let err = guest_frame(PacketBuilder::icmp(GUEST, VETH_IP, 3, 3).payload(&quoted));
+    let out = run(&dp, Program::TapIngress, &err.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_frame(
+        &out,
+        &PacketBuilder::icmp(HOST_IP, VETH_IP, 3, 3)
+            .payload(&requote_dst(&quoted, HOST_IP, 53))
+            .macs(ETH0_MAC, VETH_MAC)
+            .build(),
+    );
+    // On the host veth it goes up the host stack as it is.
+    let up = run(&dp, Program::VethIngress, &out.frame);
+    assert_eq!((up.verdict, &up.frame), (TC_ACT_OK, &out.frame));
 }
 
 // ---------------------------------------------------------------- slot_ingress
