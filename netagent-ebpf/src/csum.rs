@@ -76,6 +76,22 @@ pub enum PortField {
     Destination,
 }
 
+/// Where the port `field` of an L4 header of `kind` sits. The echo identifier
+/// is the source "port" of a request and the destination "port" of a reply (as
+/// in `parse::L4`), and nothing else: asking for the other one is an error, so a
+/// rewrite can never patch the identifier with a checksum update computed for
+/// a different value.
+#[inline(always)]
+fn port_field_off(kind: L4Kind, field: PortField) -> Result<usize, DropReason> {
+    match (kind, field) {
+        (L4Kind::Tcp | L4Kind::Udp, PortField::Source) => Ok(L4_SPORT_OFF),
+        (L4Kind::Tcp | L4Kind::Udp, PortField::Destination) => Ok(L4_DPORT_OFF),
+        (L4Kind::IcmpEchoRequest, PortField::Source)
+        | (L4Kind::IcmpEchoReply, PortField::Destination) => Ok(ICMP_ID_OFF),
+        _ => Err(DropReason::UnsupportedProtocol),
+    }
+}
+
 /// Rewrites a port (or the ICMP echo identifier) from `old` to `new` (network
 /// order), fixing the L4 checksum.
 #[inline(always)]
@@ -90,12 +106,7 @@ pub fn l4_port_rewrite(
     if old == new {
         return Ok(());
     }
-    let field_off = match (l4.kind, field) {
-        (L4Kind::Tcp | L4Kind::Udp, PortField::Source) => L4_SPORT_OFF,
-        (L4Kind::Tcp | L4Kind::Udp, PortField::Destination) => L4_DPORT_OFF,
-        (L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply, _) => ICMP_ID_OFF,
-        _ => return Err(DropReason::UnsupportedProtocol),
-    };
+    let field_off = port_field_off(l4.kind, field)?;
     if let Some((off, flags)) = l4_csum(l4, l4_off, false) {
         ctx.l4_csum_replace(off, u64::from(old), u64::from(new), flags | 2)
             .map_err(|_| DropReason::RewriteFailed)?;
@@ -172,12 +183,7 @@ pub fn quoted_port_rewrite(
     if old == new {
         return Ok(());
     }
-    let field_off = match (q.kind, field) {
-        (L4Kind::Tcp | L4Kind::Udp, PortField::Source) => L4_SPORT_OFF,
-        (L4Kind::Tcp | L4Kind::Udp, PortField::Destination) => L4_DPORT_OFF,
-        (L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply, _) => ICMP_ID_OFF,
-        _ => return Err(DropReason::UnsupportedProtocol),
-    };
+    let field_off = port_field_off(q.kind, field)?;
     ctx.l4_csum_replace(
         outer_l4_off + OUTER_ICMP_CSUM,
         u64::from(old),

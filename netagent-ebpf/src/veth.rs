@@ -53,7 +53,9 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     if l4.kind == L4Kind::IcmpError {
         return icmp_error(ctx, cfg, &ip, slot);
     }
-    if !l4.translatable() {
+    // Only what opens a flow can be masqueraded: an echo *reply* to the world
+    // answers nothing the world could have sent (there is no inbound NAT).
+    if !l4.translatable() || l4.kind == L4Kind::IcmpEchoReply {
         return Err(drop(DropReason::UnsupportedProtocol));
     }
     let key = FlowKey {

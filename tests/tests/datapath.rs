@@ -2021,3 +2021,116 @@ fn checksums_are_valid_on_the_wire_with_offload_off() {
     let (_, from) = recv(&host_cli).expect("the host stack accepted the reply");
     assert_eq!(from, sock(HOST_IP, 7102).into());
 }
+
+/// xorshift64*: a small deterministic generator for the mutation test.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Many random well-formed packets and random corruptions of them through every
+/// program: the kernel accepts every run, a passed packet is never modified, and
+/// a translated well-formed packet always leaves with valid checksums.
+#[test]
+fn random_and_mutated_packets_are_handled_safely() {
+    for seed in [
+        0x6e65_7461_6765_6e74,
+        0x1234_5678_9abc_def1,
+        0xdead_beef_f00d_cafe,
+    ] {
+        mutation_rounds(seed);
+    }
+}
+
+fn mutation_rounds(seed: u64) {
+    let Some(dp) = datapath() else { return };
+    let mut rng = Rng(seed);
+    let addrs = [
+        GUEST, VPEER, HOST_IP, VETH_IP, UPLINK_IP, WAN, TAP_IP, ROUTER,
+    ];
+    let macs = [GUEST_MAC, TAP_MAC, VETH_MAC, ETH0_MAC, WAN_MAC];
+    const ROUNDS: usize = 50_000;
+    let mut translated = 0;
+    for round in 0..ROUNDS {
+        let src = rng.pick(&addrs);
+        let dst = rng.pick(&addrs);
+        let sport = if rng.below(2) == 0 {
+            (PORT_MIN + rng.below(200) as u16).max(1)
+        } else {
+            rng.below(65535) as u16 + 1
+        };
+        let dport = rng.below(65535) as u16 + 1;
+        let payload = vec![rng.below(256) as u8; rng.below(64) as usize];
+        let mut pkt = match rng.below(6) {
+            0 => PacketBuilder::tcp(sock(src, sport), sock(dst, dport), rng.below(64) as u8),
+            1 => PacketBuilder::udp(sock(src, sport), sock(dst, dport), &payload),
+            2 => PacketBuilder::udp(sock(src, sport), sock(dst, dport), &payload).udp_no_checksum(),
+            3 => PacketBuilder::icmp_echo_request(src, dst, sport, 1),
+            4 => PacketBuilder::icmp_echo_reply(src, dst, sport, 1),
+            _ => {
+                let inner = PacketBuilder::udp(sock(dst, dport), sock(src, sport), b"quoted");
+                PacketBuilder::icmp(src, dst, rng.pick(&[3u8, 11, 12, 5]), 0)
+                    .payload(&quote(&inner.ipv4_bytes()))
+            }
+        };
+        pkt = pkt.macs(rng.pick(&macs), rng.pick(&macs));
+        if rng.below(4) == 0 {
+            pkt = pkt.ip_options(&[0x01; 4]);
+        }
+        let mut frame = pkt.build();
+        let well_formed = rng.below(3) != 0;
+        if !well_formed {
+            match rng.below(3) {
+                0 => {
+                    let i = 14 + rng.below(40.min(frame.len() as u64 - 14)) as usize;
+                    frame[i] = rng.below(256) as u8;
+                }
+                1 => frame.truncate(34 + rng.below(frame.len() as u64 - 33) as usize),
+                _ => frame[14] = 0x40 | rng.below(16) as u8,
+            }
+        }
+        let prog = Program::ALL[round % 4];
+        let out = dp
+            .test_run_slot(SLOT, prog, &frame)
+            .or_else(|_| dp.test_run(prog, &frame))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        match out.verdict {
+            TC_ACT_OK => assert_eq!(
+                out.frame, frame,
+                "round {round}: passed frames are untouched"
+            ),
+            TC_ACT_SHOT => {}
+            TC_ACT_REDIRECT => {
+                if well_formed {
+                    translated += 1;
+                    verify_checksums(&out.frame).unwrap_or_else(|e| {
+                        panic!(
+                            "round {round} ({prog:?}): {e}\n in:  {}\n out: {}",
+                            hex(&frame),
+                            hex(&out.frame)
+                        )
+                    });
+                }
+            }
+            v => panic!("round {round}: unexpected verdict {v}"),
+        }
+    }
+    assert!(
+        translated > ROUNDS / 20,
+        "only {translated} packets were translated"
+    );
+}
