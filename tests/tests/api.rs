@@ -836,3 +836,37 @@ fn a_client_that_hangs_up_mid_request_leaves_no_half_made_slot() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_silent_or_slow_client_is_cut_off_and_others_are_served() -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let Some(d) = Daemon::start("a_silent_or_slow_client_is_cut_off_and_others_are_served")? else {
+        return Ok(());
+    };
+    let socket = d.world.socket();
+    // One client says nothing, another sends half a request line and stalls.
+    let mut silent = UnixStream::connect(&socket)?;
+    let mut slow = UnixStream::connect(&socket)?;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHo")?;
+    let started = std::time::Instant::now();
+    // Others are served meanwhile.
+    let rt = rt();
+    for _ in 0..3 {
+        let r = rt.block_on(d.client().request("GET", "/healthz", None))?;
+        ensure!(r.status == 200);
+    }
+    // Both are disconnected once the header read timeout (10 s) passes.
+    for (name, s) in [("silent", &mut silent), ("slow", &mut slow)] {
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut buf = Vec::new();
+        let n = s.read_to_end(&mut buf);
+        ensure!(n.is_ok(), "{name}: the server never hung up ({n:?})");
+        let waited = started.elapsed();
+        ensure!(
+            waited >= Duration::from_secs(9) && waited < Duration::from_secs(20),
+            "{name}: cut off after {waited:?}"
+        );
+    }
+    Ok(())
+}
