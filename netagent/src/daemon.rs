@@ -11,9 +11,10 @@
 //! `timeouts.reap_interval` seconds.
 //!
 //! **Shutdown** (SIGINT or SIGTERM): stop accepting connections, let in-flight
-//! requests finish (at most `api::server::DRAIN_TIMEOUT`), then **delete every
-//! slot** (namespaces, veths, routes, map entries and flows), detach the datapath,
-//! remove the socket and release the lock. Slots do not outlive the agent: a host
+//! requests finish (at most `api::server::DRAIN_TIMEOUT`), stop the reaper,
+//! remove the socket, then **delete every slot** (namespaces, veths, routes, map
+//! entries and flows), detach the datapath and release the lock (exit status 0
+//! if all of it worked). Slots do not outlive the agent: a host
 //! agent re-creates them after restarting netagent. Deleting is the safe default
 //! while slots cannot be adopted — a slot left behind without an agent would keep
 //! stale NAT state nobody reaps. (A later version adopts intact slots instead, so
