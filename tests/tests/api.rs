@@ -192,6 +192,7 @@ fn sixty_four_concurrent_creates_of_distinct_slots() -> Result<()> {
     // Spread over the index range, including carries into the third octet.
     let indices: Vec<i64> = (0..64).map(|i| 1 + i * 13).collect();
     rt().block_on(async {
+        let t0 = std::time::Instant::now();
         let tasks: Vec<_> = indices
             .iter()
             .map(|&n| {
@@ -222,6 +223,7 @@ fn sixty_four_concurrent_creates_of_distinct_slots() -> Result<()> {
                     && seen_names.insert(v.addr.veth.clone())
             );
         }
+        eprintln!("64 concurrent creates: {:?}", t0.elapsed());
         let c = d.client();
         let listed: Vec<i64> = c
             .slots()
@@ -246,6 +248,7 @@ fn sixty_four_concurrent_creates_of_distinct_slots() -> Result<()> {
         }
 
         // Concurrent deletes: all 204, nothing left.
+        let t0 = std::time::Instant::now();
         let deletes: Vec<_> = indices
             .iter()
             .map(|&n| {
@@ -259,6 +262,7 @@ fn sixty_four_concurrent_creates_of_distinct_slots() -> Result<()> {
             let r = t.await??;
             ensure!(r.status == 204, "{} {}", r.status, r.text());
         }
+        eprintln!("64 concurrent deletes: {:?}", t0.elapsed());
         ensure!(c.slots().await?.is_empty());
         ensure!(
             d.world.slot_namespaces().is_empty(),
