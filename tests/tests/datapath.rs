@@ -8,7 +8,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use netagent::bpf::{
-    Datapath, DatapathConfig, FlowTable, Program, TEST_RUN_IFINDEX, TestRunOutput,
+    AttachMode, Datapath, DatapathConfig, FlowTable, Program, TEST_RUN_IFINDEX, TestRunOutput,
     current_netns_cookie,
 };
 use netagent::config::Timeouts;
@@ -71,6 +71,7 @@ fn small_config() -> DatapathConfig {
         host_base: Ipv4Addr::new(10, 11, 0, 0),
         vrt_base: Ipv4Addr::new(10, 12, 0, 0),
         pin_dir: None,
+        attach_mode: AttachMode::Auto,
     }
 }
 
@@ -1584,6 +1585,10 @@ struct RealWorld {
 
 impl RealWorld {
     fn new(tag: char) -> Option<RealWorld> {
+        Self::with_mode(tag, AttachMode::Auto)
+    }
+
+    fn with_mode(tag: char, mode: AttachMode) -> Option<RealWorld> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipping: needs root (CAP_NET_ADMIN, CAP_BPF)");
             return None;
@@ -1641,7 +1646,9 @@ impl RealWorld {
         let (tap_idx, _) = link_info(s, "tap0");
 
         let dp = inside(&host_ns, || {
-            let mut dp = Datapath::load(&small_config()).expect("load");
+            let mut cfg = small_config();
+            cfg.attach_mode = mode;
+            let mut dp = Datapath::load(&cfg).expect("load");
             dp.attach_uplink(&netagent::bpf::Uplink {
                 ifindex: up_idx,
                 name: "up0".into(),
@@ -2133,4 +2140,52 @@ fn mutation_rounds(seed: u64) {
         translated > ROUNDS / 20,
         "only {translated} packets were translated"
     );
+}
+
+/// `tc -n NS filter show dev DEV ingress`.
+fn tc_filters(ns: &str, dev: &str) -> String {
+    let out = std::process::Command::new("tc")
+        .args(["-n", ns, "filter", "show", "dev", dev, "ingress"])
+        .output()
+        .expect("run tc");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The clsact/netlink fallback (for kernels without TCX), forced: traffic flows,
+/// and detaching removes the filters, also those inside the slot namespace.
+#[test]
+fn clsact_fallback_carries_traffic_and_detaches_cleanly() {
+    let Some(world) = RealWorld::with_mode('c', AttachMode::Clsact) else {
+        return;
+    };
+    let [h, _, s, _] = world.names.clone();
+    let veth = format!("{}-veth-7", &h[..5]);
+    for (ns, dev, prog) in [
+        (&s, "tap0", "tap_ingress"),
+        (&s, "eth0", "slot_ingress"),
+        (&h, veth.as_str(), "veth_ingress"),
+        (&h, "up0", "uplink_ingress"),
+    ] {
+        let filters = tc_filters(ns, dev);
+        assert!(filters.contains(prog), "{prog} on {dev}: {filters}");
+    }
+    let server = udp_socket(&world.wan_ns, sock(WAN, 7200));
+    let client = udp_socket(&world.guest_ns, sock(GUEST, 0));
+    client.send_to(b"via clsact", sock(WAN, 7200)).unwrap();
+    let (_, from) = recv(&server).expect("the wan got the datagram");
+    let std::net::SocketAddr::V4(from) = from else {
+        panic!("v6 peer")
+    };
+    assert_eq!(*from.ip(), UPLINK_IP);
+    server.send_to(b"back", from).unwrap();
+    recv(&client).expect("the guest got the reply");
+
+    let RealWorld { mut dp, .. } = world;
+    dp.detach_slot(SLOT).unwrap();
+    for (ns, dev) in [(&s, "tap0"), (&s, "eth0"), (&h, veth.as_str())] {
+        let filters = tc_filters(ns, dev);
+        assert!(!filters.contains("bpf"), "{dev} still has: {filters}");
+    }
+    dp.detach_uplink().unwrap();
+    assert!(!tc_filters(&h, "up0").contains("bpf"));
 }

@@ -4,7 +4,7 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use aya::programs::{
     ProgramError, SchedClassifier, TcAttachType,
@@ -20,9 +20,17 @@ use super::{BpfError, Datapath, SlotDatapath, Uplink, ip_to_map};
 pub(super) struct AttachedLink {
     program: Program,
     id: SchedClassifierLinkId,
-    /// A clsact/netlink filter rather than a TCX link: detaching it needs a
-    /// netlink request in the interface's namespace.
-    netlink: bool,
+    /// For a clsact/netlink filter (not a TCX link), the namespace it was
+    /// attached in: removing it is a netlink request that must be made there.
+    /// A TCX link goes away when its fd is closed, from anywhere.
+    netlink_ns: Option<OwnedFd>,
+}
+
+/// The calling thread's network namespace.
+fn thread_netns() -> Result<OwnedFd, BpfError> {
+    std::fs::File::open("/proc/thread-self/ns/net")
+        .map(OwnedFd::from)
+        .map_err(|e| BpfError::syscall("open /proc/thread-self/ns/net", e))
 }
 
 /// The uplink and its link.
@@ -39,9 +47,6 @@ pub(super) struct AttachedSlot {
     ns_links: Vec<AttachedLink>,
     /// `veth_ingress` on the host veth.
     host_link: Option<AttachedLink>,
-    /// A duplicate of the slot namespace fd, kept only when a netlink filter
-    /// must be removed from inside it later.
-    netns: Option<OwnedFd>,
     cookie: u64,
     veth_ifindex: u32,
 }
@@ -84,61 +89,99 @@ fn tcx_unsupported(e: &ProgramError) -> bool {
     }
 }
 
+/// How programs are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttachMode {
+    /// TCX links where the kernel has them (6.6+), clsact filters otherwise.
+    #[default]
+    Auto,
+    /// Always a clsact qdisc and a netlink filter (the fallback, forced: tests).
+    Clsact,
+}
+
 /// Attaches `prog` to ingress of `ifindex` in the calling thread's namespace.
 fn attach_ingress(
     ebpf: &mut aya::Ebpf,
     prog: Program,
     ifindex: u32,
+    mode: AttachMode,
 ) -> Result<AttachedLink, BpfError> {
     let name = ifname(ifindex)?;
     let p = classifier(ebpf, prog)?;
-    match p.attach(&name, TcAttachType::Ingress) {
-        Ok(id) => Ok(AttachedLink {
-            program: prog,
-            id,
-            netlink: false,
-        }),
-        Err(e) if tcx_unsupported(&e) => {
-            match tc::qdisc_add_clsact(&name) {
-                Ok(()) | Err(TcError::AlreadyAttached) => {}
-                Err(TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => {
-                    return Err(BpfError::program(
-                        prog.name(),
-                        "adding the clsact qdisc",
-                        ProgramError::from(e),
-                    ));
-                }
+    if mode == AttachMode::Auto {
+        match p.attach(&name, TcAttachType::Ingress) {
+            Ok(id) => {
+                return Ok(AttachedLink {
+                    program: prog,
+                    id,
+                    netlink_ns: None,
+                });
             }
-            let id = p
-                .attach_with_options(
-                    &name,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-                .map_err(|e| BpfError::program(prog.name(), "attach (clsact)", e))?;
-            Ok(AttachedLink {
-                program: prog,
-                id,
-                netlink: true,
-            })
+            Err(e) if tcx_unsupported(&e) => {}
+            Err(e) => return Err(BpfError::program(prog.name(), "attach (tcx)", e)),
         }
-        Err(e) => Err(BpfError::program(prog.name(), "attach (tcx)", e)),
+    }
+    match tc::qdisc_add_clsact(&name) {
+        Ok(()) | Err(TcError::AlreadyAttached) => {}
+        Err(TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => {
+            return Err(BpfError::program(
+                prog.name(),
+                "adding the clsact qdisc",
+                ProgramError::from(e),
+            ));
+        }
+    }
+    let id = p
+        .attach_with_options(
+            &name,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
+        .map_err(|e| BpfError::program(prog.name(), "attach (clsact)", e))?;
+    let link = AttachedLink {
+        program: prog,
+        id,
+        netlink_ns: None,
+    };
+    match thread_netns() {
+        Ok(ns) => Ok(AttachedLink {
+            netlink_ns: Some(ns),
+            ..link
+        }),
+        Err(e) => {
+            let _ = detach(ebpf, link);
+            Err(e)
+        }
     }
 }
 
-/// Detaches one link in the calling thread's namespace. A link whose interface is
-/// already gone counts as detached.
+/// Detaches one link (a netlink filter from inside its namespace). A link whose
+/// interface is already gone counts as detached.
 fn detach(ebpf: &mut aya::Ebpf, link: AttachedLink) -> Result<(), BpfError> {
-    let p = classifier(ebpf, link.program)?;
-    match p.detach(link.id) {
-        Ok(()) => Ok(()),
-        Err(ProgramError::TcError(TcError::NetlinkError(n)))
-            if matches!(n.raw_os_error(), Some(libc::ENODEV) | Some(libc::ENOENT)) =>
-        {
-            Ok(())
+    let AttachedLink {
+        program,
+        id,
+        netlink_ns,
+    } = link;
+    let here = move |ebpf: &mut aya::Ebpf| -> Result<(), BpfError> {
+        let p = classifier(ebpf, program)?;
+        match p.detach(id) {
+            Ok(()) => Ok(()),
+            Err(ProgramError::TcError(TcError::NetlinkError(n)))
+                if matches!(n.raw_os_error(), Some(libc::ENODEV) | Some(libc::ENOENT)) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(BpfError::program(program.name(), "detach", e)),
         }
-        Err(e) => Err(BpfError::program(link.program.name(), "detach", e)),
+    };
+    match netlink_ns {
+        None => here(ebpf),
+        Some(ns) => {
+            use std::os::fd::AsFd;
+            in_netns(ns.as_fd(), move || here(ebpf))
+        }
     }
 }
 
@@ -162,7 +205,12 @@ impl Datapath {
         global.uplink_ifindex = uplink.ifindex;
         global.flags |= CONFIG_F_UPLINK;
         self.maps.write_global(&global)?;
-        match attach_ingress(&mut self.ebpf, Program::UplinkIngress, uplink.ifindex) {
+        match attach_ingress(
+            &mut self.ebpf,
+            Program::UplinkIngress,
+            uplink.ifindex,
+            self.cfg.attach_mode,
+        ) {
             Ok(link) => {
                 self.uplink = Some(AttachedUplink {
                     uplink: uplink.clone(),
@@ -210,10 +258,11 @@ impl Datapath {
             None => self.load_slot_instance(slot.index)?,
         };
         let ebpf = &mut programs;
+        let mode = self.cfg.attach_mode;
         let (cookie, ns_links) = in_netns(slot.netns, move || {
             let cookie = current_netns_cookie()?;
-            let tap = attach_ingress(ebpf, Program::TapIngress, tap_ifindex)?;
-            match attach_ingress(ebpf, Program::SlotIngress, eth0_ifindex) {
+            let tap = attach_ingress(ebpf, Program::TapIngress, tap_ifindex, mode)?;
+            match attach_ingress(ebpf, Program::SlotIngress, eth0_ifindex, mode) {
                 Ok(eth0) => Ok((cookie, vec![tap, eth0])),
                 Err(e) => {
                     let _ = detach(ebpf, tap);
@@ -221,28 +270,23 @@ impl Datapath {
                 }
             }
         })?;
-        let netns = if ns_links.iter().any(|l| l.netlink) {
-            Some(
-                slot.netns
-                    .try_clone_to_owned()
-                    .map_err(|e| BpfError::syscall("dup(slot netns fd)", e))?,
-            )
-        } else {
-            None
-        };
         let mut attached = AttachedSlot {
             programs,
             ns_links,
             host_link: None,
-            netns,
             cookie,
             veth_ifindex: slot.veth_ifindex,
         };
-        let result = attach_ingress(&mut self.ebpf, Program::VethIngress, slot.veth_ifindex)
-            .and_then(|link| {
-                attached.host_link = Some(link);
-                self.write_slot_maps(slot, cookie)
-            });
+        let result = attach_ingress(
+            &mut self.ebpf,
+            Program::VethIngress,
+            slot.veth_ifindex,
+            self.cfg.attach_mode,
+        )
+        .and_then(|link| {
+            attached.host_link = Some(link);
+            self.write_slot_maps(slot, cookie)
+        });
         match result {
             Ok(()) => {
                 self.slots.insert(slot.index, attached);
@@ -250,7 +294,7 @@ impl Datapath {
             }
             Err(e) => {
                 let _ = self.clear_slot_maps(slot.index, cookie, slot.veth_ifindex);
-                let _ = self.detach_links(attached, Some(slot.netns));
+                let _ = self.detach_links(attached);
                 Err(e)
             }
         }
@@ -298,11 +342,7 @@ impl Datapath {
         into_result(errors)
     }
 
-    fn detach_links(
-        &mut self,
-        attached: AttachedSlot,
-        netns: Option<BorrowedFd<'_>>,
-    ) -> Result<(), BpfError> {
+    fn detach_links(&mut self, attached: AttachedSlot) -> Result<(), BpfError> {
         let mut errors = Vec::new();
         if let Some(link) = attached.host_link
             && let Err(e) = detach(&mut self.ebpf, link)
@@ -310,39 +350,9 @@ impl Datapath {
             errors.push(e);
         }
         let mut programs = attached.programs;
-        let (tcx, netlink): (Vec<_>, Vec<_>) =
-            attached.ns_links.into_iter().partition(|l| !l.netlink);
-        for link in tcx {
-            // Closing a TCX link's fd detaches it; no namespace needed.
+        for link in attached.ns_links {
             if let Err(e) = detach(&mut programs, link) {
                 errors.push(e);
-            }
-        }
-        if !netlink.is_empty() {
-            let ns = attached.netns.as_ref().map(|fd| {
-                use std::os::fd::AsFd;
-                fd.as_fd()
-            });
-            match ns.or(netns) {
-                Some(ns) => {
-                    let ebpf = &mut programs;
-                    let r = in_netns(ns, move || {
-                        let mut errs = Vec::new();
-                        for link in netlink {
-                            if let Err(e) = detach(ebpf, link) {
-                                errs.push(e);
-                            }
-                        }
-                        into_result(errs)
-                    });
-                    if let Err(e) = r {
-                        errors.push(e);
-                    }
-                }
-                None => errors.push(BpfError::Config(
-                    "a clsact filter in the slot namespace could not be removed: no namespace fd"
-                        .into(),
-                )),
             }
         }
         into_result(errors)
@@ -363,7 +373,7 @@ impl Datapath {
                 if let Err(e) = self.maps.set_slot(index, &SlotInfo::default()) {
                     errors.push(e);
                 }
-                if let Err(e) = self.detach_links(attached, None) {
+                if let Err(e) = self.detach_links(attached) {
                     errors.push(e);
                 }
                 if let Err(e) = self.clear_slot_maps(index, cookie, veth) {

@@ -10,7 +10,7 @@ use netagent_common::{
     MAP_NETNS_SLOTS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
 };
 
-use super::attach::{AttachedSlot, AttachedUplink};
+use super::attach::{AttachMode, AttachedSlot, AttachedUplink};
 use super::maps::Maps;
 use super::pins::PinDir;
 use super::test_run::Program;
@@ -41,6 +41,8 @@ pub struct DatapathConfig {
     /// mounted there if needed (at `/sys/fs/bpf` for paths below it). `None`: a
     /// private bpffs on a temporary directory, removed with the `Datapath`.
     pub pin_dir: Option<PathBuf>,
+    /// TCX where available (the default), or clsact filters always.
+    pub attach_mode: AttachMode,
 }
 
 /// Every map of the object (all pinned, so per-slot instances share them).
@@ -75,6 +77,7 @@ impl DatapathConfig {
             host_base: cfg.host_base,
             vrt_base: cfg.vrt_base,
             pin_dir: Some(cfg.bpffs.clone()),
+            attach_mode: AttachMode::Auto,
         }
     }
 

@@ -7,7 +7,8 @@
 //! pub struct DatapathConfig { pub max_slots: u32, pub nat_table_size: u32,
 //!     pub host_flow_table_size: u32, pub port_min: u16, pub port_max: u16,
 //!     pub host_base: Ipv4Addr, pub vrt_base: Ipv4Addr,
-//!     pub pin_dir: Option<PathBuf> }   // DatapathConfig::from_config(&Config)
+//!     pub pin_dir: Option<PathBuf>, pub attach_mode: AttachMode }
+//!     // DatapathConfig::from_config(&Config)
 //! pub struct Datapath { .. }
 //! impl Datapath {
 //!     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, BpfError>;
@@ -83,6 +84,7 @@ mod test_run;
 use std::net::Ipv4Addr;
 use std::os::fd::BorrowedFd;
 
+pub use attach::AttachMode;
 pub use error::BpfError;
 pub use load::{Datapath, DatapathConfig};
 pub use maps::{FlowTable, Maps};
