@@ -58,12 +58,23 @@ pub fn state_bits(l4: &L4, dir: Dir) -> u32 {
     bits
 }
 
-/// A bare SYN (no ACK) in the original direction: a new connection on a tuple
-/// whose previous connection may still be in the table closing.
+/// The opening packet of a connection on this side: a bare SYN from the
+/// original side, a SYN-ACK from the other. On an entry still marked closing
+/// (FIN/RST of a previous connection on the same tuple) it starts the state over,
+/// so the new connection does not get the short closing timeout.
 #[inline(always)]
-fn is_new_syn(l4: &L4, dir: Dir) -> bool {
-    l4.kind == L4Kind::Tcp && dir == Dir::Original && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+fn opens_connection(l4: &L4, dir: Dir) -> bool {
+    if l4.kind != L4Kind::Tcp || l4.tcp_flags & TCP_SYN == 0 {
+        return false;
+    }
+    match dir {
+        Dir::Original => l4.tcp_flags & TCP_ACK == 0,
+        Dir::Reply => l4.tcp_flags & TCP_ACK != 0,
+    }
 }
+
+/// State bits of a previous connection's end.
+const CLOSING_BITS: u32 = STATE_FIN_ORIG | STATE_FIN_REPLY | STATE_RST;
 
 /// Adds a packet's state bits to an entry and refreshes `last_seen_ns` at most every
 /// `FLOW_TOUCH_INTERVAL_NS`. Writes only what changes, so an established flow
@@ -76,12 +87,11 @@ pub fn touch(entry: *mut NatEntry, l4: &L4, dir: Dir, now: u64) {
     // integers.
     let e = unsafe { &mut *entry };
     let bits = state_bits(l4, dir);
-    let state =
-        if is_new_syn(l4, dir) && e.state & (STATE_FIN_ORIG | STATE_FIN_REPLY | STATE_RST) != 0 {
-            STATE_SYN
-        } else {
-            e.state | bits
-        };
+    let state = if opens_connection(l4, dir) && e.state & CLOSING_BITS != 0 {
+        bits
+    } else {
+        e.state | bits
+    };
     if state != e.state {
         e.state = state;
     }

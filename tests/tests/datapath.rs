@@ -2189,3 +2189,55 @@ fn clsact_fallback_carries_traffic_and_detaches_cleanly() {
     dp.detach_uplink().unwrap();
     assert!(!tc_filters(&h, "up0").contains("bpf"));
 }
+
+#[test]
+fn a_new_connection_on_a_closed_tuple_is_not_reaped_as_closing() {
+    let Some(mut dp) = datapath() else { return };
+    let t = Timeouts::default(); // closing 10 s, established 6 h
+    let out = |flags| from_vpeer(PacketBuilder::tcp(sock(VPEER, 1234), sock(WAN, 80), flags));
+    let (_, port) = masquerade(&dp, &out(tcp_flags::SYN));
+    let back = |flags| PacketBuilder::tcp(sock(WAN, 80), sock(UPLINK_IP, port), flags);
+    run(
+        &dp,
+        Program::UplinkIngress,
+        &back(tcp_flags::SYN | tcp_flags::ACK).build(),
+    );
+    // Both sides close.
+    masquerade(&dp, &out(tcp_flags::FIN | tcp_flags::ACK));
+    run(
+        &dp,
+        Program::UplinkIngress,
+        &back(tcp_flags::FIN | tcp_flags::ACK).build(),
+    );
+    // The same tuple opens again before the reaper ran.
+    let (_, port2) = masquerade(&dp, &out(tcp_flags::SYN));
+    assert_eq!(port2, port);
+    run(
+        &dp,
+        Program::UplinkIngress,
+        &back(tcp_flags::SYN | tcp_flags::ACK).build(),
+    );
+    let egress = dp
+        .maps()
+        .flow(
+            FlowTable::NatEgress,
+            &key(VPEER, 1234, WAN, 80, IPPROTO_TCP),
+        )
+        .unwrap()
+        .unwrap();
+    let ingress = dp
+        .maps()
+        .flow(
+            FlowTable::NatIngress,
+            &key(WAN, 80, UPLINK_IP, port, IPPROTO_TCP),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!((egress.state, ingress.state), (STATE_SYN, STATE_REPLIED));
+    let r = dp.reap_at(&t, netagent_now() + 60 * 1_000_000_000).unwrap();
+    assert_eq!(
+        r.total(),
+        0,
+        "established again: not reaped after 60 s idle"
+    );
+}
