@@ -39,6 +39,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Runs `f`, which blocks (program loads, a namespace thread, the datapath lock),
+/// without stalling the other tasks of a multi-threaded runtime's worker.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 fn start_err(step: &'static str) -> impl FnOnce(StepError) -> SlotError {
     move |source| SlotError::Start { step, source }
 }
@@ -320,6 +331,10 @@ impl SlotManager {
 
     /// Attaches a slot's programs; interface indices resolve in the host namespace.
     pub(super) fn attach_slot(&self, slot: &SlotDatapath<'_>) -> Result<(), StepError> {
+        blocking(|| self.attach_slot_now(slot))
+    }
+
+    fn attach_slot_now(&self, slot: &SlotDatapath<'_>) -> Result<(), StepError> {
         let mut guard = lock(&self.datapath);
         let dp = guard
             .as_mut()
@@ -330,6 +345,10 @@ impl SlotManager {
 
     /// Detaches a slot's programs and clears its map entries (idempotent).
     pub(super) fn detach_slot(&self, index: u32) -> Result<(), StepError> {
+        blocking(|| self.detach_slot_now(index))
+    }
+
+    fn detach_slot_now(&self, index: u32) -> Result<(), StepError> {
         let mut guard = lock(&self.datapath);
         let Some(dp) = guard.as_mut() else {
             return Ok(());
