@@ -68,6 +68,14 @@ Examples:
   netagent stats --watch        refresh every second with rates
   netagent stats 1 --json       stable JSON for scripts";
 
+const VERIFY_EXAMPLES: &str = "\
+Examples:
+  netagent verify                 list every difference between the kernel and the agent
+  netagent verify --json          the same as JSON (GET /v1/verify)
+
+Exit status 0 when the kernel matches the agent, 1 when there are differences
+(or the agent cannot be asked).";
+
 const CLEANUP_EXAMPLES: &str = "\
 Examples:
   netagent cleanup
@@ -96,6 +104,10 @@ pub enum Command {
     /// Show per-slot counters: packets, bytes, NAT, drops by reason.
     #[command(after_help = STATS_EXAMPLES)]
     Stats(StatsArgs),
+    /// Compare the kernel's state with the agent's and list every difference
+    /// (exit status 1 when there are any).
+    #[command(after_help = VERIFY_EXAMPLES)]
+    Verify(VerifyArgs),
     /// Remove every resource of a prefix (namespaces, veths, routes, pins); the
     /// agent must be stopped.
     #[command(after_help = CLEANUP_EXAMPLES)]
@@ -277,6 +289,17 @@ pub struct StatsArgs {
     pub socket: SocketArg,
 }
 
+/// `netagent verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The agent's socket.
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
 /// `netagent cleanup`.
 #[derive(Debug, Args)]
 pub struct CleanupArgs {
@@ -322,6 +345,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Slot(cmd) => client_runtime()?.block_on(slot_command(cmd)),
         Command::Stats(args) => client_runtime()?.block_on(stats_command(args)),
+        Command::Verify(args) => client_runtime()?.block_on(verify_command(args)),
         Command::Cleanup(args) => cleanup_command(args),
     }
 }
@@ -541,6 +565,20 @@ async fn stats_command(args: StatsArgs) -> Result<ExitCode, CliError> {
         previous = Some((taken, now));
         tokio::time::sleep(interval).await;
     }
+}
+
+async fn verify_command(args: VerifyArgs) -> Result<ExitCode, CliError> {
+    let report = Client::new(args.socket.socket).verify().await?;
+    if args.json {
+        json_line(&report)?;
+    } else {
+        out(&report.render())?;
+    }
+    Ok(if report.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn cleanup_command(args: CleanupArgs) -> Result<ExitCode, CliError> {

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::slot::{AddressPlan, AddressingError, GuestLink, SlotAddr, SlotError, SlotManager};
 use crate::stats::{MetricsSnapshot, SlotCounters, TableGauge, render_prometheus};
+use crate::verify::VerifyReport;
 
 /// A boxed, sendable future (the backend trait is object-safe with it).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -104,6 +105,8 @@ pub trait SlotBackend: Send + Sync + 'static {
     fn reap(&self) -> BoxFuture<'_, Result<Reaped, ControllerError>>;
     /// Deletes every slot and detaches the datapath.
     fn shutdown(&self) -> BoxFuture<'_, Result<(), ControllerError>>;
+    /// Compares the kernel's state with the backend's (see `verify`).
+    fn verify(&self) -> BoxFuture<'_, Result<VerifyReport, ControllerError>>;
 }
 
 /// A documented action, parsed from one API request.
@@ -137,6 +140,8 @@ pub enum Action {
     Metrics,
     /// `GET /healthz`.
     Health,
+    /// `GET /v1/verify`.
+    Verify,
 }
 
 /// The result of an action.
@@ -164,6 +169,8 @@ pub enum Outcome {
         /// Whether the datapath is loaded and serving.
         healthy: bool,
     },
+    /// Differences between the kernel and the agent.
+    Verify(VerifyReport),
 }
 
 /// Applies actions to a backend.
@@ -249,6 +256,10 @@ impl Controller {
                 )))
             }
             Action::Metrics => Ok(Outcome::Metrics(render_prometheus(&self.metrics()?))),
+            Action::Verify => {
+                self.check_serving()?;
+                Ok(Outcome::Verify(self.backend.verify().await?))
+            }
             Action::Health => {
                 let (programs_loaded, _) = self.backend.programs();
                 let serving = self.serving.load(Ordering::Acquire);
@@ -418,6 +429,14 @@ impl SlotBackend for SlotManager {
     fn shutdown(&self) -> BoxFuture<'_, Result<(), ControllerError>> {
         Box::pin(async move { Ok(SlotManager::shutdown(self).await?) })
     }
+
+    fn verify(&self) -> BoxFuture<'_, Result<VerifyReport, ControllerError>> {
+        Box::pin(async move {
+            crate::verify::verify(self)
+                .await
+                .map_err(|e| ControllerError::Failed(e.to_string()))
+        })
+    }
 }
 
 /// Runs a slot change on its own task, so that it finishes (or rolls back) even
@@ -555,6 +574,13 @@ pub(crate) mod fake {
             Box::pin(async {
                 self.slots.lock().unwrap().clear();
                 Ok(())
+            })
+        }
+
+        fn verify(&self) -> BoxFuture<'_, Result<VerifyReport, ControllerError>> {
+            Box::pin(async {
+                let n = self.slots.lock().unwrap().len();
+                Ok(VerifyReport::new(self.plan.prefix(), n, Vec::new()))
             })
         }
     }

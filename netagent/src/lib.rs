@@ -18,3 +18,4 @@ pub mod error;
 pub mod netlink;
 pub mod slot;
 pub mod stats;
+pub mod verify;

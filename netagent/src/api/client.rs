@@ -281,6 +281,11 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/verify`: the differences between the kernel and the agent.
+    pub async fn verify(&self) -> Result<crate::verify::VerifyReport, ClientError> {
+        self.get_json("/v1/verify", "verify report").await
+    }
+
     /// `GET /metrics` as text.
     pub async fn metrics(&self) -> Result<String, ClientError> {
         Ok(self.request("GET", "/metrics", None).await?.ok()?.text())

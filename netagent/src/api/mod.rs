@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod server;
 pub mod slots;
 pub mod stats;
+pub mod verify;
 
 use std::sync::Arc;
 
@@ -54,6 +55,7 @@ pub fn routes() -> Vec<(Route, MethodRouter<AppState>)> {
         (r("GET", "/v1/slots/{n}/stats"), get(stats::get)),
         (r("GET", "/metrics"), get(metrics::get)),
         (r("GET", "/healthz"), get(health::get)),
+        (r("GET", "/v1/verify"), get(verify::get)),
     ]
 }
 
@@ -195,6 +197,7 @@ fn outcome_response(outcome: Outcome) -> Response {
             text,
         )
             .into_response(),
+        Outcome::Verify(report) => json_response(StatusCode::OK, &report),
         Outcome::Health { health, healthy } => json_response(
             if healthy {
                 StatusCode::OK
@@ -210,7 +213,7 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         message: format!(
-            "no such route: {method} {}; the API is /v1/slots, /v1/slots/{{n}}, /v1/slots/{{n}}/stats, /metrics and /healthz (see docs/openapi.yaml)",
+            "no such route: {method} {}; the API is /v1/slots, /v1/slots/{{n}}, /v1/slots/{{n}}/stats, /v1/verify, /metrics and /healthz (see docs/openapi.yaml)",
             uri.path()
         ),
     }

@@ -1,0 +1,244 @@
+//! `GET /v1/verify` and `netagent verify` against a real `netagent up`: a healthy
+//! agent reports no difference; breaking the kernel state from outside (with
+//! `ip` and by writing the pinned maps) is reported difference by difference,
+//! and undoing the breaks makes the report clean again.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use aya::maps::{HashMap, MapData};
+use netagent::slot::GuestLink;
+use netagent::verify::{DiffKind, Difference, VerifyReport};
+use netagent_common::{FlowKey, MAP_NAT_EGRESS, MAP_VETH_SLOTS, NatEntry};
+use netagent_tests::daemon::{Daemon, ip};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The difference of `slot` and `kind` whose object contains `object`.
+fn find<'a>(
+    r: &'a VerifyReport,
+    slot: Option<u32>,
+    kind: DiffKind,
+    object: &str,
+) -> Option<&'a Difference> {
+    r.differences
+        .iter()
+        .find(|d| d.slot == slot && d.kind == kind && d.object.contains(object))
+}
+
+fn verify_cli(d: &Daemon, json: bool) -> Result<(i32, String)> {
+    let socket = d.world.socket().display().to_string();
+    let mut args = vec!["verify", "--socket", socket.as_str()];
+    if json {
+        args.push("--json");
+    }
+    let out = d.cli(&args)?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+#[test]
+fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> {
+    let Some(d) = Daemon::start("verify_lists_every_difference_and_nothing_on_a_healthy_agent")?
+    else {
+        return Ok(());
+    };
+    let rt = rt();
+    let c = d.client();
+    let p = d.world.prefix.clone();
+    let host = d.world.host_ns.clone();
+
+    // Healthy, with no slot and with four.
+    let r = rt.block_on(c.verify())?;
+    ensure!(r.clean && r.slots == 0, "{}", r.render());
+    for n in 1..=4 {
+        rt.block_on(c.create_slot(n, &GuestLink::Tap))?;
+    }
+    let started = Instant::now();
+    let r = rt.block_on(c.verify())?;
+    let took = started.elapsed();
+    ensure!(
+        r.clean && r.slots == 4 && r.differences.is_empty(),
+        "{}",
+        r.render()
+    );
+    eprintln!("verify of 4 slots (max_slots 1024) took {took:?}");
+    let (code, text) = verify_cli(&d, false)?;
+    ensure!(code == 0 && text.contains("matches"), "exit {code}: {text}");
+
+    // Break things from outside.
+    // 1. The host route of slot 1.
+    ip(&["-n", &host, "route", "del", "10.11.0.1/32"])?;
+    // 2. Slot 2's tap0.
+    ip(&["-n", &format!("{p}-ns-2"), "link", "del", "tap0"])?;
+    // 3. Slot 3's default route, its host veth down, its VETH_SLOTS entry.
+    ip(&["-n", &format!("{p}-ns-3"), "route", "del", "default"])?;
+    ip(&["-n", &host, "link", "set", &format!("{p}-veth-3"), "down"])?;
+    let pins = d.world.bpffs();
+    let mut veth_slots: HashMap<MapData, u32, u32> = HashMap::try_from(aya::maps::Map::HashMap(
+        MapData::from_pin(pins.join(MAP_VETH_SLOTS)).context("open the VETH_SLOTS pin")?,
+    ))?;
+    let veth3 = veth_slots
+        .iter()
+        .filter_map(Result::ok)
+        .find(|(_, slot)| *slot == 3)
+        .map(|(ifindex, _)| ifindex)
+        .context("no VETH_SLOTS entry of slot 3")?;
+    veth_slots.remove(&veth3)?;
+    // 4. Slot 4's tap0 gets another MAC and txqueuelen.
+    let ns4 = format!("{p}-ns-4");
+    ip(&[
+        "-n",
+        &ns4,
+        "link",
+        "set",
+        "tap0",
+        "address",
+        "02:00:00:00:00:44",
+    ])?;
+    ip(&["-n", &ns4, "link", "set", "tap0", "txqueuelen", "10"])?;
+    // 5. Orphans: a namespace and a veth of slot 999, a host route of slot 998,
+    //    a NAT entry of slot 777.
+    ip(&["netns", "add", &format!("{p}-ns-999")])?;
+    let orphan_veth = format!("{p}-veth-999");
+    ip(&[
+        "-n",
+        &host,
+        "link",
+        "add",
+        &orphan_veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "o999",
+    ])?;
+    // 10.11.3.230 = host_base + 998.
+    ip(&[
+        "-n",
+        &host,
+        "route",
+        "add",
+        "10.11.3.230/32",
+        "via",
+        "198.18.0.2",
+    ])?;
+    let mut nat: HashMap<MapData, FlowKey, NatEntry> = HashMap::try_from(aya::maps::Map::HashMap(
+        MapData::from_pin(pins.join(MAP_NAT_EGRESS))?,
+    ))?;
+    let orphan_key = FlowKey {
+        saddr: u32::from_ne_bytes([10, 12, 6, 19]),
+        daddr: u32::from_ne_bytes([198, 18, 0, 2]),
+        sport: 4000u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    nat.insert(
+        orphan_key,
+        NatEntry {
+            slot: 777,
+            ..NatEntry::default()
+        },
+        0,
+    )?;
+
+    let r = rt.block_on(c.verify())?;
+    let text = r.render();
+    ensure!(!r.clean && r.slots == 4, "{text}");
+    let expected: Vec<(Option<u32>, DiffKind, String)> = vec![
+        (
+            Some(1),
+            DiffKind::Missing,
+            "route 10.11.0.1/32 (host namespace)".into(),
+        ),
+        (Some(2), DiffKind::Missing, "link tap0".into()),
+        (Some(3), DiffKind::Missing, "route 0.0.0.0/0".into()),
+        (
+            Some(3),
+            DiffKind::Mismatch,
+            format!("state of link {p}-veth-3"),
+        ),
+        (Some(3), DiffKind::Missing, "map VETH_SLOTS".into()),
+        (Some(4), DiffKind::Mismatch, "MAC of link tap0".into()),
+        (
+            Some(4),
+            DiffKind::Mismatch,
+            "txqueuelen of link tap0".into(),
+        ),
+        (Some(999), DiffKind::Orphan, format!("namespace {p}-ns-999")),
+        (Some(999), DiffKind::Orphan, format!("link {orphan_veth}")),
+        (Some(998), DiffKind::Orphan, "route 10.11.3.230/32".into()),
+        (Some(777), DiffKind::Orphan, "map NAT_EGRESS".into()),
+    ];
+    for (slot, kind, object) in &expected {
+        ensure!(
+            find(&r, *slot, *kind, object).is_some(),
+            "not reported: {slot:?} {kind:?} {object}\n{text}"
+        );
+    }
+    // Exact details of two of them.
+    let route = find(&r, Some(1), DiffKind::Missing, "route 10.11.0.1/32").unwrap();
+    ensure!(
+        route.expected == format!("10.11.0.1/32 via 10.12.0.3 dev {p}-veth-1"),
+        "{route:?}"
+    );
+    let mac = find(&r, Some(4), DiffKind::Mismatch, "MAC of link tap0").unwrap();
+    ensure!(
+        mac.expected == "02:fc:00:00:00:05" && mac.found == "02:00:00:00:00:44",
+        "{mac:?}"
+    );
+    // Nothing beyond what was broken: every difference is about slots 1-4 as
+    // broken above or an orphan; the uplink and slot 1's other objects are fine.
+    ensure!(
+        r.differences.iter().all(|x| x.slot.is_some()),
+        "agent-wide differences:\n{text}"
+    );
+    ensure!(
+        r.differences.iter().filter(|x| x.slot == Some(1)).count() == 1,
+        "slot 1 has more than its route:\n{text}"
+    );
+    eprintln!("{text}");
+
+    // The CLI says the same and exits 1; --json is the API's report.
+    let (code, out) = verify_cli(&d, false)?;
+    ensure!(code == 1, "exit {code}: {out}");
+    for line in text.lines().skip(1) {
+        ensure!(out.contains(line), "CLI lacks {line:?}:\n{out}");
+    }
+    let (code, out) = verify_cli(&d, true)?;
+    let json: VerifyReport = serde_json::from_str(&out)?;
+    ensure!(code == 1 && json == r, "exit {code}: {out}");
+
+    // Undo the orphans and delete the broken slots: clean again.
+    nat.remove(&orphan_key)?;
+    ip(&["netns", "del", &format!("{p}-ns-999")])?;
+    ip(&["-n", &host, "link", "del", &orphan_veth])?;
+    ip(&["-n", &host, "route", "del", "10.11.3.230/32"])?;
+    for n in 1..=4 {
+        rt.block_on(c.delete_slot(n))?;
+    }
+    rt.block_on(c.create_slot(5, &GuestLink::Tap))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = rt.block_on(c.verify())?;
+        if r.clean {
+            ensure!(r.slots == 1);
+            break;
+        }
+        // A deleted namespace may take a moment to go from /run/netns.
+        ensure!(Instant::now() < deadline, "{}", r.render());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, _) = verify_cli(&d, false)?;
+    ensure!(code == 0);
+    Ok(())
+}
