@@ -59,7 +59,7 @@ impl Scale {
         Scale {
             serial: 200,
             workers: 32,
-            per_worker: 10,
+            per_worker: 5,
             traffic_every: 10,
             traffic_workers: 4,
             rss_growth_kb: CI_RSS_GROWTH_KB,
@@ -67,8 +67,8 @@ impl Scale {
         }
     }
 
-    /// `NETAGENT_SOAK_CYCLES` (default 10000) create/delete cycles serial and as
-    /// many again spread over `NETAGENT_SOAK_CONCURRENCY` (default 32) workers.
+    /// `NETAGENT_SOAK_CYCLES` (default 10000) create/delete cycles in all: half
+    /// serially, half spread over `NETAGENT_SOAK_CONCURRENCY` (default 32) workers.
     fn soak() -> Result<Scale> {
         let num = |name: &str, default: usize| -> Result<usize> {
             match std::env::var(name) {
@@ -84,9 +84,9 @@ impl Scale {
             Strictness::Instance
         };
         Ok(Scale {
-            serial: cycles,
+            serial: cycles / 2,
             workers,
-            per_worker: cycles.div_ceil(workers),
+            per_worker: (cycles - cycles / 2).div_ceil(workers),
             traffic_every: 10,
             traffic_workers: workers.min(4),
             rss_growth_kb: SOAK_RSS_GROWTH_KB,
@@ -258,6 +258,54 @@ fn traffic(
     Ok(())
 }
 
+/// Prints cycles done and the agent's RSS and fds every 30 s until dropped (the
+/// RSS curve of a soak).
+struct Progress {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(done: Arc<std::sync::atomic::AtomicUsize>, pid: Option<u32>) -> Progress {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut next = Duration::from_secs(30);
+            while !flag.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                if t0.elapsed() < next {
+                    continue;
+                }
+                next += Duration::from_secs(30);
+                let usage = pid.and_then(|p| leaks::proc_usage(p).ok());
+                println!(
+                    "churn: progress {:>6.0?} cycles {:>6} agent RSS {} kB fds {} threads {}",
+                    t0.elapsed(),
+                    done.load(Relaxed),
+                    usage.as_ref().map_or(0, |u| u.rss_kb),
+                    usage.as_ref().map_or(0, |u| u.fds),
+                    usage.as_ref().map_or(0, |u| u.threads),
+                );
+            }
+        });
+        Progress {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// What one worker (or the serial loop) needs.
 #[derive(Clone)]
 struct Cycler {
@@ -265,6 +313,8 @@ struct Cycler {
     host_ns: String,
     wan_ns: String,
     timings: Arc<Mutex<Timings>>,
+    /// Cycles completed, for the progress lines.
+    done: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Cycler {
@@ -306,6 +356,7 @@ impl Cycler {
         let mut tm = self.timings.lock().unwrap();
         tm.create.push(create);
         tm.delete.push(delete);
+        self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(carried)
     }
 }
@@ -333,8 +384,10 @@ fn run_churn(d: &Daemon, scale: Scale) -> Result<Report> {
         host_ns: d.world.host_ns.clone(),
         wan_ns: d.world.wan_ns.clone(),
         timings: Arc::new(Mutex::new(Timings::default())),
+        done: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
     let started = Instant::now();
+    let _progress = Progress::start(cycler.done.clone(), d.pid());
     let mut cycles = 0;
     let mut traffic_cycles = 0;
     // Warm-up: one cycle of each kind before the RSS reference.
@@ -355,14 +408,6 @@ fn run_churn(d: &Daemon, scale: Scale) -> Result<Report> {
                 traffic_cycles += 1;
             }
             cycles += 1;
-            if (i + 1) % 1000 == 0 {
-                println!(
-                    "churn: serial {} / {} ({:.0?})",
-                    i + 1,
-                    scale.serial,
-                    started.elapsed()
-                );
-            }
         }
         anyhow::Ok(())
     })?;
@@ -711,4 +756,41 @@ fn create_and_delete_are_idempotent() -> Result<()> {
     ensure!(created);
     rt.block_on(c.delete_slot(3))?;
     Ok(())
+}
+
+/// The detector itself: a slot left behind is named as every kind of leak it is.
+#[test]
+fn the_leak_check_names_what_a_slot_leaves() -> Result<()> {
+    let Some(d) = Daemon::start("the_leak_check_names_what_a_slot_leaves")? else {
+        return Ok(());
+    };
+    let target = Target::of(&d);
+    let base = leaks::snapshot(&target);
+    ensure!(base.errors.is_empty(), "baseline: {:?}", base.errors);
+    let rt = rt()?;
+    let c = d.client();
+    rt.block_on(c.create_slot(5, &GuestLink::Tap))?;
+    let found = leaks::snapshot(&target).leaks(&base, Strictness::Instance);
+    let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+    let p = &d.world.prefix;
+    for expected in [
+        format!("namespace: {p}-ns-5"),
+        format!("host link: {p}-veth-5"),
+        "host address: ".to_string(),
+        "host route: ".to_string(),
+        format!("tcx attachment: {p}-veth-5/ingress"),
+        "map entries: NETNS_SLOTS: 0 -> 1".to_string(),
+        "map entries: VETH_SLOTS: 0 -> 1".to_string(),
+        "SLOTS entry: slot 5 still active".to_string(),
+        "metric: netagent_slots: 0 -> 1".to_string(),
+        "agent fd: bpf-prog".to_string(),
+    ] {
+        ensure!(
+            text.iter().any(|t| t.starts_with(&expected)),
+            "no `{expected}` in {text:#?}"
+        );
+    }
+    rt.block_on(c.delete_slot(5))?;
+    let (_, found) = leaks::settled_leaks(&target, &base, Strictness::Instance, SETTLE);
+    leaks::ensure_no_leaks(&found)
 }

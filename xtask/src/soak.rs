@@ -1,7 +1,7 @@
 //! `cargo xtask soak`: the churn of `tests/tests/churn.rs` at full scale against a
 //! real `netagent up` in a throwaway world (its ignored `soak` test): `--cycles`
-//! create/delete cycles of one slot serially, then as many again spread over
-//! `--concurrency` workers (each on its own slot), traffic through a veth guest in
+//! create/delete cycles in all, half of them of one slot serially, the other half
+//! spread over `--concurrency` workers (each on its own slot), traffic through a veth guest in
 //! every tenth cycle of the serial loop and of the first four workers. It prints
 //! the cycles run, every leak found (namespaces, links, addresses, routes, TCX
 //! attachments, pins, map entries, the agent's fds and threads), the agent's RSS
@@ -16,7 +16,7 @@ use crate::{build_ebpf, run_cmd, workspace_root};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Create/delete cycles, serial (and as many again concurrently).
+    /// Create/delete cycles in all (half serial, half concurrent).
     #[arg(long, default_value_t = 10_000)]
     pub cycles: usize,
     /// Concurrent workers of the concurrent phase.
