@@ -39,6 +39,14 @@ pub const NAT_COLLISION_RETRIES: u32 = 32;
 /// flows do not write to shared map memory on every packet.
 pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 
+/// UDP port of a slot's *beacon*: in every slot namespace the agent keeps a UDP
+/// socket bound to `127.0.0.1:SLOT_BEACON_PORT` whose `SO_MARK` is the slot
+/// index. Programs inside a slot namespace find their slot by looking it up
+/// (`bpf_sk_lookup_udp` searches the namespace of the packet's device), because
+/// nothing in a TAP's frames names the namespace (`bpf_get_netns_cookie` on tc
+/// reports the skb's socket's namespace, and those frames have no socket).
+pub const SLOT_BEACON_PORT: u16 = 1;
+
 /// Highest slot index (DESIGN §1).
 pub const MAX_SLOT_INDEX: u32 = 32767;
 

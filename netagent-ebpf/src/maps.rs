@@ -3,11 +3,12 @@
 //! (`EbpfLoader::map_max_entries`), so nothing below is a tuning knob.
 
 use aya_ebpf::{
-    Global,
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
-use netagent_common::{FlowKey, GlobalConfig, GuestL2, NatEntry, SlotInfo, SlotStats};
+use netagent_common::{
+    FlowKey, GlobalConfig, GuestL2, NatEntry, SLOT_BEACON_PORT, SlotInfo, SlotStats,
+};
 
 /// Placeholder size of the per-slot tables (`max_slots`).
 const DEFAULT_SLOTS: u32 = 32768;
@@ -81,29 +82,58 @@ pub fn slot_info(index: u32) -> Option<&'static SlotInfo> {
     Some(info)
 }
 
-/// The slot this program instance serves, set by the loader
-/// (`EbpfLoader::override_global`) when it loads `tap_ingress` and `slot_ingress`
-/// for one slot. 0 in the shared instance.
-///
-/// Per-slot instances exist because a program inside a slot namespace cannot
-/// find its namespace from the packet: `bpf_get_netns_cookie` on a tc program
-/// reports the namespace of the skb's socket, and frames from a TAP or veth have
-/// none (it then returns the initial namespace's cookie).
-// SAFETY: `no_mangle` keeps the symbol name the loader patches by
-// (`override_global("SLOT_INDEX", ..)`); nothing else in the object uses it.
-#[unsafe(no_mangle)]
-static SLOT_INDEX: Global<u32> = Global::new(0);
+/// The 4-tuple `bpf_sk_lookup_udp` takes for IPv4 (`struct bpf_sock_tuple`).
+#[repr(C)]
+struct SockTupleV4 {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+/// The slot whose namespace the packet's device is in, from the namespace's
+/// beacon socket (see `SLOT_BEACON_PORT`): its `SO_MARK` is the slot index.
+#[inline(always)]
+fn slot_by_beacon(ctx: &aya_ebpf::programs::TcContext) -> Option<u32> {
+    use aya_ebpf::EbpfContext as _;
+    use aya_ebpf::bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple};
+    use aya_ebpf::helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release};
+    let loopback = u32::from_ne_bytes([127, 0, 0, 1]);
+    let mut tuple = SockTupleV4 {
+        saddr: loopback,
+        daddr: loopback,
+        sport: SLOT_BEACON_PORT.to_be(),
+        dport: SLOT_BEACON_PORT.to_be(),
+    };
+    // SAFETY: `tuple` is a valid IPv4 `bpf_sock_tuple` of the size given; the
+    // returned socket is released below on the only path that holds it.
+    let sk = unsafe {
+        bpf_sk_lookup_udp(
+            ctx.as_ptr(),
+            (&raw mut tuple).cast::<bpf_sock_tuple>(),
+            core::mem::size_of::<SockTupleV4>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is a referenced socket from the lookup; read, then released.
+    let mark = unsafe { (*sk).mark };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(sk.cast()) };
+    Some(mark)
+}
 
 /// The slot whose namespace this program runs in, with its configuration.
 ///
-/// A per-slot instance knows it from `SLOT_INDEX` (a constant the verifier sees
-/// through). The shared instance falls back to `NETNS_SLOTS` by the netns cookie,
-/// which only works for skbs that carry a socket of that namespace, as in
-/// `BPF_PROG_TEST_RUN`.
+/// Found by the namespace's beacon socket. Without one (as in
+/// `BPF_PROG_TEST_RUN`, whose skbs carry a socket of the caller's namespace),
+/// `NETNS_SLOTS` by the netns cookie is tried.
 #[inline(always)]
 pub fn slot_by_netns(ctx: &aya_ebpf::programs::TcContext) -> Option<(u32, &'static SlotInfo)> {
-    let index = SLOT_INDEX.load();
-    if index != 0 {
+    if let Some(index) = slot_by_beacon(ctx) {
         return Some((index, slot_info(index)?));
     }
     use aya_ebpf::EbpfContext as _;

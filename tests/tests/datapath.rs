@@ -112,8 +112,6 @@ fn datapath_with(cfg: DatapathConfig) -> Option<Datapath> {
     maps.set_netns_slot(current_netns_cookie().unwrap(), SLOT)
         .unwrap();
     maps.set_veth_slot(TEST_RUN_IFINDEX, SLOT).unwrap();
-    dp.load_slot_programs(SLOT)
-        .expect("load slot 7's program instance");
     Some(dp)
 }
 
@@ -121,19 +119,9 @@ fn datapath() -> Option<Datapath> {
     datapath_with(small_config())
 }
 
-/// Runs `prog` as attached: `tap_ingress` and `slot_ingress` as slot 7's own
-/// instance, the others as the shared one.
+/// Runs `prog` once. Programs inside a slot namespace find slot 7 through the
+/// netns cookie fallback here: there is no beacon socket in the test's namespace.
 fn run(dp: &Datapath, prog: Program, frame: &[u8]) -> TestRunOutput {
-    if Program::SLOT_NS.contains(&prog) {
-        dp.test_run_slot(SLOT, prog, frame)
-            .expect("BPF_PROG_TEST_RUN")
-    } else {
-        dp.test_run(prog, frame).expect("BPF_PROG_TEST_RUN")
-    }
-}
-
-/// Runs the shared instance (which finds its slot by netns cookie).
-fn run_shared(dp: &Datapath, prog: Program, frame: &[u8]) -> TestRunOutput {
     dp.test_run(prog, frame).expect("BPF_PROG_TEST_RUN")
 }
 
@@ -416,7 +404,7 @@ fn shared_instance_finds_the_slot_by_netns_cookie_or_passes() {
     let frame = pkt.build();
     // In a test run the skb carries a socket of this namespace, so the cookie
     // lookup finds slot 7.
-    let out = run_shared(&dp, Program::TapIngress, &frame);
+    let out = run(&dp, Program::TapIngress, &frame);
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     assert_frame(
         &out,
@@ -426,30 +414,9 @@ fn shared_instance_finds_the_slot_by_netns_cookie_or_passes() {
         .remove_netns_slot(current_netns_cookie().unwrap())
         .unwrap();
     for prog in Program::SLOT_NS {
-        let out = run_shared(&dp, prog, &frame);
+        let out = run(&dp, prog, &frame);
         assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
     }
-}
-
-#[test]
-fn slot_instance_of_another_slot_passes_everything() {
-    let Some(mut dp) = datapath() else { return };
-    // Slot 9's instance, with no SLOTS entry for 9: nothing is translated.
-    dp.load_slot_programs(9).unwrap();
-    let frame = guest_frame(PacketBuilder::tcp(
-        sock(GUEST, 1),
-        sock(WAN, 2),
-        tcp_flags::SYN,
-    ))
-    .build();
-    for prog in Program::SLOT_NS {
-        let out = dp.test_run_slot(9, prog, &frame).unwrap();
-        assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
-    }
-    assert!(
-        dp.test_run_slot(10, Program::TapIngress, &frame).is_err(),
-        "not loaded"
-    );
 }
 
 // ---------------------------------------------------------------- veth_ingress
@@ -1395,11 +1362,6 @@ fn detach_slot_removes_its_flows_and_counters_only() {
         tcp_flags::SYN,
     ))
     .build();
-    assert_eq!(
-        run_shared(&dp, Program::TapIngress, &frame).verdict,
-        TC_ACT_OK
-    );
-    dp.load_slot_programs(SLOT).unwrap();
     assert_eq!(run(&dp, Program::TapIngress, &frame).verdict, TC_ACT_OK);
     // Idempotent.
     dp.detach_slot(SLOT).unwrap();
@@ -1805,7 +1767,7 @@ fn attached_slot_carries_real_udp_and_tcp_both_ways() {
 }
 
 #[test]
-fn maps_are_pinned_and_a_shared_pin_dir_is_refused() {
+fn maps_are_pinned_and_removed_with_the_datapath() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipping: needs root (CAP_BPF, mount)");
         return;
@@ -1813,24 +1775,20 @@ fn maps_are_pinned_and_a_shared_pin_dir_is_refused() {
     let dir = std::env::temp_dir().join(format!("netagent-pins-test-{}", std::process::id()));
     let mut cfg = small_config();
     cfg.pin_dir = Some(dir.clone());
-    let mut first = Datapath::load(&cfg).expect("first instance");
+    let first = Datapath::load(&cfg).expect("first instance");
     assert_eq!(first.pin_dir(), dir.as_path());
     for map in ["CONFIG", "NAT_EGRESS", "STATS"] {
         assert!(dir.join(map).exists(), "{map} is pinned");
     }
-    first
-        .load_slot_programs(3)
-        .expect("slot instance shares the pinned maps");
     {
-        let mut second = Datapath::load(&cfg).expect("second instance on the same directory");
-        // The first instance must not load slot programs against the second's maps.
-        let err = first.load_slot_programs(4).unwrap_err();
-        assert!(
-            err.to_string().contains("another netagent datapath"),
-            "{err}"
-        );
-        second.load_slot_programs(4).unwrap();
+        // A second instance on the same directory takes it over; dropping it
+        // removes its pins, and the first then leaves them alone.
+        let _second = Datapath::load(&cfg).expect("second instance on the same directory");
     }
+    assert!(
+        !dir.join("CONFIG").exists(),
+        "the second instance's pins are gone"
+    );
     drop(first);
     assert!(!dir.exists(), "the bpffs mounted for the pins is gone");
 }
@@ -2112,8 +2070,7 @@ fn mutation_rounds(seed: u64) {
         }
         let prog = Program::ALL[round % 4];
         let out = dp
-            .test_run_slot(SLOT, prog, &frame)
-            .or_else(|_| dp.test_run(prog, &frame))
+            .test_run(prog, &frame)
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         match out.verdict {
             TC_ACT_OK => assert_eq!(

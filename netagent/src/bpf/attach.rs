@@ -41,8 +41,8 @@ pub(super) struct AttachedUplink {
 
 /// What `attach_slot` made for one slot.
 pub(super) struct AttachedSlot {
-    /// The slot's own instance of `tap_ingress` and `slot_ingress`.
-    programs: aya::Ebpf,
+    /// The slot's beacon socket (see `SLOT_BEACON_PORT`), inside its namespace.
+    _beacon: OwnedFd,
     /// Links inside the slot namespace (`tap_ingress`, `slot_ingress`).
     ns_links: Vec<AttachedLink>,
     /// `veth_ingress` on the host veth.
@@ -156,6 +156,65 @@ fn attach_ingress(
     }
 }
 
+/// The slot's beacon, made in (and kept for) the calling thread's namespace: a
+/// UDP socket on `127.0.0.1:SLOT_BEACON_PORT` marked with the slot index, which
+/// `tap_ingress` and `slot_ingress` look up to learn their slot. It only ever
+/// needs to exist; a minimal receive buffer bounds what it could queue.
+fn beacon_socket(index: u32) -> Result<OwnedFd, BpfError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let fail = |call: &str| {
+        BpfError::syscall(format!("beacon socket: {call}"), io::Error::last_os_error())
+    };
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(fail("socket"));
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let set = |opt: libc::c_int, value: libc::c_int| {
+        // SAFETY: `value` is a c_int, as these options take, of the size given.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if set(libc::SO_MARK, index as libc::c_int) != 0 {
+        return Err(fail("setsockopt(SO_MARK)"));
+    }
+    if set(libc::SO_RCVBUF, 0) != 0 {
+        return Err(fail("setsockopt(SO_RCVBUF)"));
+    }
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: netagent_common::SLOT_BEACON_PORT.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `addr` is a valid sockaddr_in of the size given.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(fail(&format!(
+            "bind 127.0.0.1:{} (is lo up in the slot namespace?)",
+            netagent_common::SLOT_BEACON_PORT
+        )));
+    }
+    Ok(sock)
+}
+
 /// Detaches one link (a netlink filter from inside its namespace). A link whose
 /// interface is already gone counts as detached.
 fn detach(ebpf: &mut aya::Ebpf, link: AttachedLink) -> Result<(), BpfError> {
@@ -186,14 +245,6 @@ fn detach(ebpf: &mut aya::Ebpf, link: AttachedLink) -> Result<(), BpfError> {
 }
 
 impl Datapath {
-    /// The per-slot program instance of slot `index`, attached or only loaded.
-    pub(super) fn slot_instance(&self, index: u32) -> Option<&aya::Ebpf> {
-        self.slots
-            .get(&index)
-            .map(|s| &s.programs)
-            .or_else(|| self.slot_programs.get(&index))
-    }
-
     /// Attaches `uplink_ingress` to the uplink (agent namespace = the caller's) and
     /// writes CONFIG with the uplink's address and index.
     pub fn attach_uplink(&mut self, uplink: &Uplink) -> Result<(), BpfError> {
@@ -252,18 +303,15 @@ impl Datapath {
         if self.slots.contains_key(&slot.index) {
             return Err(BpfError::SlotAttached(slot.index));
         }
-        let (tap_ifindex, eth0_ifindex) = (slot.tap_ifindex, slot.eth0_ifindex);
-        let mut programs = match self.slot_programs.remove(&slot.index) {
-            Some(p) => p,
-            None => self.load_slot_instance(slot.index)?,
-        };
-        let ebpf = &mut programs;
+        let (index, tap_ifindex, eth0_ifindex) = (slot.index, slot.tap_ifindex, slot.eth0_ifindex);
+        let ebpf = &mut self.ebpf;
         let mode = self.cfg.attach_mode;
-        let (cookie, ns_links) = in_netns(slot.netns, move || {
+        let (cookie, beacon, ns_links) = in_netns(slot.netns, move || {
             let cookie = current_netns_cookie()?;
+            let beacon = beacon_socket(index)?;
             let tap = attach_ingress(ebpf, Program::TapIngress, tap_ifindex, mode)?;
             match attach_ingress(ebpf, Program::SlotIngress, eth0_ifindex, mode) {
-                Ok(eth0) => Ok((cookie, vec![tap, eth0])),
+                Ok(eth0) => Ok((cookie, beacon, vec![tap, eth0])),
                 Err(e) => {
                     let _ = detach(ebpf, tap);
                     Err(e)
@@ -271,7 +319,7 @@ impl Datapath {
             }
         })?;
         let mut attached = AttachedSlot {
-            programs,
+            _beacon: beacon,
             ns_links,
             host_link: None,
             cookie,
@@ -349,9 +397,8 @@ impl Datapath {
         {
             errors.push(e);
         }
-        let mut programs = attached.programs;
         for link in attached.ns_links {
-            if let Err(e) = detach(&mut programs, link) {
+            if let Err(e) = detach(&mut self.ebpf, link) {
                 errors.push(e);
             }
         }
@@ -364,7 +411,6 @@ impl Datapath {
     pub fn detach_slot(&mut self, index: u32) -> Result<(), BpfError> {
         self.check_index(index)?;
         let mut errors = Vec::new();
-        self.slot_programs.remove(&index);
         match self.slots.remove(&index) {
             Some(attached) => {
                 let (cookie, veth) = (attached.cookie, attached.veth_ifindex);

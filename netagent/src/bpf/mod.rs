@@ -41,11 +41,6 @@
 //!     pub fn reap_at(&mut self, timeouts: &Timeouts, now_ns: u64) -> Result<ReapReport, BpfError>;
 //!     pub fn uplink(&self) -> Option<&Uplink>;  pub fn attached_slots(&self) -> Vec<u32>;
 //!     pub fn unattributed_stats(&self) -> Result<SlotStats, BpfError>;  // STATS[0]
-//!     /// Loads slot `index`'s program instance without attaching it (tests), and
-//!     /// runs that instance on a frame.
-//!     pub fn load_slot_programs(&mut self, index: u32) -> Result<(), BpfError>;
-//!     pub fn test_run_slot(&self, index: u32, prog: Program, frame: &[u8])
-//!         -> Result<TestRunOutput, BpfError>;
 //!     /// Direct map access for tests and diagnostics.
 //!     pub fn maps(&self) -> &Maps;  pub fn maps_mut(&mut self) -> &mut Maps;
 //! }
@@ -56,15 +51,15 @@
 //!     pub host_ip: Ipv4Addr }
 //! ```
 //!
-//! Per-slot program instances: `tap_ingress` and `slot_ingress` run inside the
-//! slot namespace, where nothing in the packet says which slot it is (a tc
-//! program's `bpf_get_netns_cookie` reports the skb's *socket* namespace, and
-//! frames from a TAP or veth carry no socket: it returns the initial
-//! namespace's cookie). So `attach_slot` loads one instance of those two
-//! programs per slot with the slot index as a load-time constant
-//! (`SLOT_INDEX`), sharing the maps through pins in `DatapathConfig::pin_dir`.
-//! `veth_ingress` and `uplink_ingress` run in the agent namespace and find the
-//! slot by ifindex or flow; they have one shared instance.
+//! Finding the slot inside a slot namespace: `tap_ingress` and `slot_ingress` run
+//! there, and nothing in a TAP's frames names the namespace (a tc program's
+//! `bpf_get_netns_cookie` reports the skb's *socket* namespace, and those frames
+//! carry none: it returns the initial namespace's cookie). So `attach_slot` keeps
+//! a *beacon* in each slot namespace, a UDP socket on
+//! `127.0.0.1:SLOT_BEACON_PORT` with `SO_MARK` = slot index, and the programs
+//! look it up with `bpf_sk_lookup_udp` (which searches the namespace of the
+//! packet's device). `veth_ingress` and `uplink_ingress` run in the agent
+//! namespace and find the slot by ifindex or flow.
 //!
 //! Files: `load` (object, map sizes, `Datapath`), `attach` (TCX with a clsact
 //! fallback, per-slot links, netns hopping), `maps` (typed map access),

@@ -83,21 +83,6 @@ impl Datapath {
     ) -> Result<(TestRunOutput, Duration), BpfError> {
         run(&self.ebpf, prog, frame, repeat)
     }
-
-    /// Runs the per-slot instance of `prog` (`tap_ingress` or `slot_ingress`) of
-    /// slot `index` once on `frame`; the slot's programs must be loaded
-    /// (`load_slot_programs` or `attach_slot`).
-    pub fn test_run_slot(
-        &self,
-        index: u32,
-        prog: Program,
-        frame: &[u8],
-    ) -> Result<TestRunOutput, BpfError> {
-        let ebpf = self
-            .slot_instance(index)
-            .ok_or(BpfError::SlotNotLoaded(index))?;
-        run(ebpf, prog, frame, 1).map(|(out, _)| out)
-    }
 }
 
 fn run(
