@@ -10,7 +10,7 @@ use aya::maps::{HashMap, MapData};
 use netagent::slot::GuestLink;
 use netagent::verify::{DiffKind, Difference, VerifyReport};
 use netagent_common::{FlowKey, MAP_NAT_EGRESS, MAP_VETH_SLOTS, NatEntry};
-use netagent_tests::daemon::{Daemon, ip};
+use netagent_tests::daemon::{Daemon, Netns, ip};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -145,15 +145,21 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
     for n in 1..=4 {
         rt.block_on(c.create_slot(n, &GuestLink::Tap))?;
     }
+    // A veth guest link too (its tap0 is a veth, not a TAP).
+    let guest = Netns::add(&format!("{p}-guest"))?;
+    let veth_guest = GuestLink::Veth {
+        guest_netns: guest.name.clone(),
+    };
+    rt.block_on(c.create_slot(6, &veth_guest))?;
     let started = Instant::now();
     let r = rt.block_on(c.verify())?;
     let took = started.elapsed();
     ensure!(
-        r.clean && r.slots == 4 && r.differences.is_empty(),
+        r.clean && r.slots == 5 && r.differences.is_empty(),
         "{}",
         r.render()
     );
-    eprintln!("verify of 4 slots (max_slots 1024) took {took:?}");
+    eprintln!("verify of 5 slots (max_slots 1024) took {took:?}");
     let (code, text) = verify_cli(&d, false)?;
     ensure!(code == 0 && text.contains("matches"), "exit {code}: {text}");
 
@@ -238,7 +244,11 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
 
     let r = rt.block_on(c.verify())?;
     let text = r.render();
-    ensure!(!r.clean && r.slots == 4, "{text}");
+    ensure!(!r.clean && r.slots == 5, "{text}");
+    ensure!(
+        r.differences.iter().all(|x| x.slot != Some(6)),
+        "the intact veth slot has differences:\n{text}"
+    );
     let expected: Vec<(Option<u32>, DiffKind, String)> = vec![
         (
             Some(1),
@@ -313,7 +323,7 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
     ip(&["netns", "del", &format!("{p}-ns-999")])?;
     ip(&["-n", &host, "link", "del", &orphan_veth])?;
     ip(&["-n", &host, "route", "del", "10.11.3.230/32"])?;
-    for n in 1..=4 {
+    for n in [1, 2, 3, 4, 6] {
         rt.block_on(c.delete_slot(n))?;
     }
     rt.block_on(c.create_slot(5, &GuestLink::Tap))?;
