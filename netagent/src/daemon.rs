@@ -350,8 +350,10 @@ pub fn bind_socket(path: &Path, group: Option<Gid>) -> Result<UnixListener, Daem
     let mode = match group {
         Some(gid) => {
             // Group first, then the group bit: never 0660 with the wrong group.
-            std::os::unix::fs::chown(path, None, Some(gid.as_raw()))
-                .map_err(|e| io_err("chown socket to its group", e))?;
+            std::os::unix::fs::chown(path, None, Some(gid.as_raw())).map_err(|e| {
+                let _ = std::fs::remove_file(path);
+                io_err("chown socket to socket_group (needs CAP_CHOWN)", e)
+            })?;
             0o660
         }
         None => 0o600,
