@@ -1023,7 +1023,13 @@ fn request_size_and_time_limits_come_from_the_config() -> Result<()> {
         b"PUT /v1/slots/2 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
     )?;
     let mut reply = vec![0u8; 4096];
-    let n = slow.read(&mut reply)?;
+    // Signals of other tests' children may interrupt the read: retry.
+    let n = loop {
+        match slow.read(&mut reply) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other?,
+        }
+    };
     let waited = started.elapsed();
     let reply = String::from_utf8_lossy(&reply[..n]).into_owned();
     ensure!(reply.starts_with("HTTP/1.1 503"), "{reply}");
