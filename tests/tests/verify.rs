@@ -316,7 +316,11 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
     }
     let (code, out) = verify_cli(&d, true)?;
     let json: VerifyReport = serde_json::from_str(&out)?;
-    ensure!(code == 1 && json == r, "exit {code}: {out}");
+    ensure!(
+        code == 1 && json == r,
+        "exit {code}:\n{}\nvs the API's\n{text}",
+        json.render()
+    );
 
     // Undo the orphans and delete the broken slots: clean again.
     nat.remove(&orphan_key)?;
@@ -341,4 +345,42 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
     let (code, _) = verify_cli(&d, false)?;
     ensure!(code == 0);
     Ok(())
+}
+
+#[test]
+fn verify_during_concurrent_creates_and_deletes_reports_nothing() -> Result<()> {
+    let Some(d) = Daemon::start("verify_during_concurrent_creates_and_deletes_reports_nothing")?
+    else {
+        return Ok(());
+    };
+    let rt = rt();
+    let c = d.client();
+    rt.block_on(async {
+        let churn: Vec<_> = (1..=8)
+            .map(|n| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    for _ in 0..5 {
+                        c.create_slot(n, &GuestLink::Tap).await?;
+                        c.delete_slot(n).await?;
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        let mut reports = 0;
+        while !churn.iter().all(|t| t.is_finished()) {
+            let r = c.verify().await?;
+            ensure!(r.clean, "during churn:\n{}", r.render());
+            reports += 1;
+        }
+        for t in churn {
+            t.await??;
+        }
+        eprintln!("{reports} clean reports during 40 creates and 40 deletes");
+        ensure!(reports > 0);
+        let r = c.verify().await?;
+        ensure!(r.clean && r.slots == 0, "{}", r.render());
+        Ok(())
+    })
 }
