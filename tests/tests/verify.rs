@@ -115,6 +115,12 @@ fn bpf_link_detach(fd: &std::os::fd::OwnedFd) -> Result<()> {
     Ok(())
 }
 
+/// CLOCK_BOOTTIME in nanoseconds (the datapath's `bpf_ktime_get_boot_ns`).
+fn boottime_ns() -> Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
 fn verify_cli(d: &Daemon, json: bool) -> Result<(i32, String)> {
     let socket = d.world.socket().display().to_string();
     let mut args = vec!["verify", "--socket", socket.as_str()];
@@ -237,6 +243,9 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
         orphan_key,
         NatEntry {
             slot: 777,
+            // Fresh and established, so the reaper leaves it alone.
+            last_seen_ns: boottime_ns()?,
+            state: netagent_common::STATE_SYN | netagent_common::STATE_REPLIED,
             ..NatEntry::default()
         },
         0,
