@@ -522,9 +522,10 @@ fn route_line(v: &serde_json::Value) -> Vec<String> {
     if autoconf(&field(v, "dst")) {
         return Vec::new();
     }
+    let table = field(v, "table");
     vec![format!(
         "table {} {} {} dev {}",
-        field(v, "table"),
+        if table.is_empty() { "main" } else { &table },
         field(v, "type"),
         field(v, "dst"),
         field(v, "dev")
