@@ -300,10 +300,12 @@ impl Snapshot {
         ] {
             let new: Vec<_> = after.difference(before).collect();
             if !new.is_empty() {
+                let shown = &new[..new.len().min(16)];
+                let more = if new.len() > shown.len() { " ..." } else { "" };
                 out.push(Leak {
                     kind,
                     detail: format!(
-                        "{} new ids ({} -> {} total): {new:?}",
+                        "{} new ids ({} -> {} total): {shown:?}{more}",
                         new.len(),
                         before.len(),
                         after.len()
