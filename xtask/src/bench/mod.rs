@@ -186,8 +186,10 @@ pub fn run(opts: &Options) -> Result<()> {
             .join(" "),
         ..Results::default()
     };
-    let outcome = measure(&plan, &bins, &run, &mut results);
-    drop(run); // removes every namespace, stops every server and the daemon
+    // The worlds outlive `measure` so the report is written before the (slow, with
+    // thousands of slots) teardown.
+    let mut worlds = None;
+    let outcome = measure(&plan, &bins, &run, &mut results, &mut worlds);
     results.elapsed = started.elapsed();
     if let Err(e) = &outcome {
         results.notes.push(format!("run aborted early: {e:#}"));
@@ -217,6 +219,9 @@ pub fn run(opts: &Options) -> Result<()> {
         std::fs::write(&csv_path, stats::csv(&results.samples))?;
         print!("{}", report::summary(plan, &results));
     }
+    eprintln!("bench: tearing down (stops the daemon, removes every namespace of the run)");
+    drop(worlds); // servers, then the daemon (which deletes its slots)
+    drop(run); // every namespace of the prefix
     outcome
 }
 
@@ -248,8 +253,14 @@ fn build(plan: &Plan) -> Result<Bins> {
     Ok(Bins { xtask, netagent })
 }
 
-fn measure(plan: &Plan, bins: &Bins, run: &topology::Run, results: &mut Results) -> Result<()> {
-    let mut worlds = topology::Worlds::build(run, plan, bins, results)?;
+fn measure(
+    plan: &Plan,
+    bins: &Bins,
+    run: &topology::Run,
+    results: &mut Results,
+    keep: &mut Option<topology::Worlds>,
+) -> Result<()> {
+    let worlds = keep.insert(topology::Worlds::build(run, plan, bins, results)?);
     if plan.prog_cost
         && let Some(agent) = worlds.agent.as_ref()
     {
@@ -284,7 +295,7 @@ fn measure(plan: &Plan, bins: &Bins, run: &topology::Run, results: &mut Results)
         } else {
             &plan.scale_workloads
         };
-        workloads::alternate(plan, &worlds, n, loads, results)?;
+        workloads::alternate(plan, worlds, n, loads, results)?;
         // The agent's control plane with few slots present; it ends by creating
         // the next N's slots at once (timed, memory measured around it).
         if i == 0

@@ -648,12 +648,16 @@ fn render_limits(o: &mut String, plan: &Plan, r: &Results) {
             .find(|l| l.starts_with("Max open files"))
             .and_then(|l| l.split_whitespace().nth(3).and_then(|v| v.parse().ok()))
             .unwrap_or(f64::NAN);
+        let failed = r.notes.iter().any(|n| n.contains("could not create"));
         items.push(format!(
-            "**Slot count.** The agent stopped at {reached} of {n} slots (see the notes for its \
-             error). It holds {per:.1} more open fds per slot (the per-slot program instances, \
-             their maps and links), and its open-files limit here is {soft:.0}: about {:.0} slots \
-             at most. Sharing one program instance per hook (or pinning the links and closing \
-             the fds), and raising the soft limit to the hard one at start-up, would lift it.",
+            "**Slot count.** {reached} of {n} slots were created ({}). The agent holds {per:.1} \
+             more open fds per slot and its open-files limit here is {soft:.0}: about {:.0} slots \
+             at most unless it raises its soft limit or holds fewer fds per slot.",
+            if failed {
+                "creation failed, see the notes"
+            } else {
+                "creation stopped at the bench's time budget for one N"
+            },
             if per > 0.0 { soft / per } else { f64::NAN }
         ));
     }
