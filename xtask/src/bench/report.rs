@@ -354,7 +354,7 @@ pub fn render(plan: &Plan, c: &Conditions, r: &Results) -> String {
     }
     let _ = writeln!(
         o,
-        "## Rerun\n\n```\ncargo xtask bench                       # everything (about 20 minutes)\n\
+        "## Rerun\n\n```\ncargo xtask bench                       # everything (30–40 minutes with teardown)\n\
          cargo xtask bench --quick               # smoke run, N = 1, report under target/bench/\n\
          cargo xtask bench --paths floor,netagent --workloads rr,stream --slots 1,1000 --rounds 3\n```\n\n\
          Needs root; it builds its own namespaces (prefix `xb` + 4 hex digits), never touches the \
