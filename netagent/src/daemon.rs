@@ -484,11 +484,28 @@ fn shutdown_signal() -> Result<impl Future<Output = &'static str>, DaemonError> 
     })
 }
 
+/// Raises the soft open-files limit to the hard limit: every slot holds a few
+/// descriptors (namespace, TCX links), so the usual soft limit of 1024 would cap
+/// an agent at a few hundred slots. A failure only costs headroom, so it is logged.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 /// Runs the agent until SIGINT/SIGTERM. `config` must be validated.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let plan = config.validate()?;
     check_privileges()?;
     check_kernel()?;
+    raise_fd_limit();
     check_uplink(&config).await?;
     let group = config
         .socket_group
