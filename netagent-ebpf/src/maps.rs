@@ -3,7 +3,6 @@
 //! (`EbpfLoader::map_max_entries`), so nothing below is a tuning knob.
 
 use aya_ebpf::{
-    Global,
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
@@ -26,9 +25,9 @@ pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static SLOTS: Array<SlotInfo> = Array::with_max_entries(DEFAULT_SLOTS, 0);
 
-/// `MAP_NETNS_SLOTS`: netns cookie → slot index.
+/// `MAP_ADDR_SLOTS`: slot address (vpeer_ip, host_ip) → slot index.
 #[map]
-pub static NETNS_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(DEFAULT_SLOTS, 0);
+pub static ADDR_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(2 * DEFAULT_SLOTS, 0);
 
 /// `MAP_VETH_SLOTS`: host veth ifindex → slot index.
 #[map]
@@ -57,7 +56,7 @@ pub static LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_LO
 #[map]
 pub static STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(DEFAULT_SLOTS, 0);
 
-/// `MAP_GUEST_L2`: the guest's Ethernet addresses, learned by `tap_ingress`.
+/// `MAP_GUEST_L2`: the guest's Ethernet addresses, learned by `veth_ingress`.
 #[map]
 pub static GUEST_L2: Array<GuestL2> = Array::with_max_entries(DEFAULT_SLOTS, 0);
 
@@ -81,35 +80,18 @@ pub fn slot_info(index: u32) -> Option<&'static SlotInfo> {
     Some(info)
 }
 
-/// The slot this program instance serves, set by the loader
-/// (`EbpfLoader::override_global`) when it loads `tap_ingress` and `slot_ingress`
-/// for one slot. 0 in the shared instance.
-///
-/// Per-slot instances exist because a program inside a slot namespace cannot
-/// find its namespace from the packet: `bpf_get_netns_cookie` on a tc program
-/// reports the namespace of the skb's socket, and frames from a TAP or veth have
-/// none (it then returns the initial namespace's cookie).
-// SAFETY: `no_mangle` keeps the symbol name the loader patches by
-// (`override_global("SLOT_INDEX", ..)`); nothing else in the object uses it.
-#[unsafe(no_mangle)]
-static SLOT_INDEX: Global<u32> = Global::new(0);
-
-/// The slot whose namespace this program runs in, with its configuration.
-///
-/// A per-slot instance knows it from `SLOT_INDEX` (a constant the verifier sees
-/// through). The shared instance falls back to `NETNS_SLOTS` by the netns cookie,
-/// which only works for skbs that carry a socket of that namespace, as in
-/// `BPF_PROG_TEST_RUN`.
+/// The slot whose address (vpeer_ip or host_ip) is `daddr` (network order), with
+/// its configuration.
 #[inline(always)]
-pub fn slot_by_netns(ctx: &aya_ebpf::programs::TcContext) -> Option<(u32, &'static SlotInfo)> {
-    let index = SLOT_INDEX.load();
-    if index != 0 {
-        return Some((index, slot_info(index)?));
-    }
-    use aya_ebpf::EbpfContext as _;
-    // SAFETY: the helper only reads the skb that the context points to.
-    let cookie = unsafe { aya_ebpf::helpers::generated::bpf_get_netns_cookie(ctx.as_ptr()) };
+pub fn slot_by_addr(daddr: u32) -> Option<(u32, &'static SlotInfo)> {
     // SAFETY: the value is a plain u32 copied out right away.
-    let index = unsafe { *NETNS_SLOTS.get(&cookie)? };
+    let index = unsafe { *ADDR_SLOTS.get(&daddr)? };
     Some((index, slot_info(index)?))
+}
+
+/// The global configuration as userspace wrote it, uplink or not (the address
+/// ranges that stay on the host are set at load time).
+#[inline(always)]
+pub fn config() -> Option<&'static GlobalConfig> {
+    CONFIG.get(0)
 }

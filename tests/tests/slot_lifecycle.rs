@@ -79,7 +79,7 @@ fn snapshot(world: &World, guest_ns: Option<&str>) -> Result<Snapshot> {
     })
 }
 
-/// Map entries of any slot: SLOTS entries marked active, NETNS_SLOTS, VETH_SLOTS,
+/// Map entries of any slot: SLOTS entries marked active, ADDR_SLOTS, VETH_SLOTS,
 /// and flows of the slot.
 fn map_entries(agent: &Agent, index: u32) -> Result<Vec<String>> {
     let m = agent.manager();
@@ -90,8 +90,8 @@ fn map_entries(agent: &Agent, index: u32) -> Result<Vec<String>> {
         if info.flags != 0 {
             out.push(format!("SLOTS[{index}] = {info:?}"));
         }
-        for (cookie, i) in maps.netns_slots()? {
-            out.push(format!("NETNS_SLOTS[{cookie}] = {i}"));
+        for (addr, i) in maps.addr_slots()? {
+            out.push(format!("ADDR_SLOTS[{addr}] = {i}"));
         }
         for (ifindex, i) in maps.veth_slots()? {
             out.push(format!("VETH_SLOTS[{ifindex}] = {i}"));
@@ -226,6 +226,11 @@ fn create_makes_exactly_what_the_design_says() -> Result<()> {
         );
         let eth0 = link(&links, "eth0")?;
         assert_eq!(inet(eth0), vec![format!("{vpeer_ip}/31")]);
+        assert_eq!(
+            eth0["ifindex"],
+            netagent_common::SLOT_ETH0_IFINDEX,
+            "eth0 has the ifindex the shared tap_ingress redirects to"
+        );
         ensure!(is_up(eth0));
         ensure!(is_up(link(&links, "lo")?));
         let tap0 = link(&links, "tap0")?;
@@ -270,11 +275,12 @@ fn create_makes_exactly_what_the_design_says() -> Result<()> {
             entries.contains(&format!("VETH_SLOTS[{veth_ifindex}] = {index}")),
             "{entries:?}"
         );
-        ensure!(
-            entries
-                .iter()
-                .any(|e| e.starts_with("NETNS_SLOTS") && e.ends_with(&format!("= {index}")))
-        );
+        for addr in [host_ip, vpeer_ip] {
+            ensure!(
+                entries.contains(&format!("ADDR_SLOTS[{addr}] = {index}")),
+                "{entries:?}"
+            );
+        }
     }
 
     // No forwarding and no firewall rules anywhere.
@@ -686,5 +692,62 @@ fn delete_treats_already_gone_as_done() -> Result<()> {
     agent.run(|m| async move { m.delete(4).await })??;
     assert_eq!(before, snapshot(&world, None)?);
     ensure!(map_entries(&agent, 4)?.is_empty());
+    Ok(())
+}
+
+/// Programs using this agent's maps (found by the id of its pinned CONFIG map),
+/// by name, from the kernel's list of loaded programs (`BPF_PROG_GET_NEXT_ID`).
+fn agent_programs(agent: &Agent) -> Result<std::collections::BTreeMap<String, usize>> {
+    let pin = agent
+        .manager()
+        .with_datapath(|dp| dp.pin_dir().join(netagent_common::MAP_CONFIG))?;
+    let config_id = aya::maps::MapInfo::from_pin(&pin)?.id();
+    let mut by_name = std::collections::BTreeMap::new();
+    for info in aya::programs::loaded_programs() {
+        let Ok(info) = info else { continue }; // unloaded while listed
+        if info.map_ids()?.unwrap_or_default().contains(&config_id) {
+            let name = info.name_as_str().unwrap_or("?").to_string();
+            *by_name.entry(name).or_insert(0) += 1;
+        }
+    }
+    Ok(by_name)
+}
+
+/// Slots cost links and map entries only: creating ten slots loads no program,
+/// all ten attach the same four, and every slot's `eth0` has SLOT_ETH0_IFINDEX.
+#[test]
+fn slots_share_the_programs_loaded_once() -> Result<()> {
+    let Some(world) = World::new()? else {
+        return Ok(());
+    };
+    let agent = world.start_agent(|_| {})?;
+    let before = agent_programs(&agent)?;
+    let names = [
+        "slot_ingress",
+        "tap_ingress",
+        "uplink_ingress",
+        "veth_ingress",
+    ];
+    assert_eq!(
+        before,
+        names.iter().map(|n| (n.to_string(), 1)).collect(),
+        "the datapath loads each program once"
+    );
+    for index in 1..=10u32 {
+        let (slot, _) =
+            agent.run(move |m| async move { m.create(index.into(), GuestLink::Tap).await })??;
+        let links = world.ip_json(Some(&slot.namespace), &["link", "show", "eth0"])?;
+        assert_eq!(
+            links[0]["ifindex"],
+            netagent_common::SLOT_ETH0_IFINDEX,
+            "eth0 of slot {index}"
+        );
+    }
+    assert_eq!(
+        agent_programs(&agent)?,
+        before,
+        "no program was loaded for any of the 10 slots"
+    );
+    agent.shutdown()?;
     Ok(())
 }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use aya::{EbpfLoader, programs::SchedClassifier};
 use netagent_common::{
-    MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS, MAP_NAT_INGRESS,
-    MAP_NETNS_SLOTS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
+    MAP_ADDR_SLOTS, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS,
+    MAP_NAT_INGRESS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
 };
 
 use super::attach::{AttachMode, AttachedSlot, AttachedUplink};
@@ -45,11 +45,11 @@ pub struct DatapathConfig {
     pub attach_mode: AttachMode,
 }
 
-/// Every map of the object (all pinned, so per-slot instances share them).
+/// Every map of the object (all pinned in the instance's bpffs directory).
 pub(super) const MAP_NAMES: [&str; 10] = [
     MAP_CONFIG,
     MAP_SLOTS,
-    MAP_NETNS_SLOTS,
+    MAP_ADDR_SLOTS,
     MAP_VETH_SLOTS,
     MAP_NAT_EGRESS,
     MAP_NAT_INGRESS,
@@ -58,9 +58,6 @@ pub(super) const MAP_NAMES: [&str; 10] = [
     MAP_STATS,
     MAP_GUEST_L2,
 ];
-
-/// Name of the global the per-slot instances get their slot index from.
-const SLOT_INDEX_GLOBAL: &str = "SLOT_INDEX";
 
 /// Entries of LOCAL_ADDRS (addresses of the agent namespace).
 pub const LOCAL_ADDRS_SIZE: u32 = 256;
@@ -89,9 +86,9 @@ impl DatapathConfig {
 
     fn max_entries(&self, map: &str) -> u32 {
         match map {
-            MAP_SLOTS | MAP_STATS | MAP_NETNS_SLOTS | MAP_VETH_SLOTS | MAP_GUEST_L2 => {
-                self.max_slots
-            }
+            MAP_SLOTS | MAP_STATS | MAP_VETH_SLOTS | MAP_GUEST_L2 => self.max_slots,
+            // Two addresses per slot: vpeer_ip and host_ip.
+            MAP_ADDR_SLOTS => self.max_slots.saturating_mul(2),
             MAP_NAT_EGRESS | MAP_NAT_INGRESS => self.nat_table_size,
             MAP_HOST_FLOWS => self.host_flow_table_size,
             MAP_LOCAL_ADDRS => LOCAL_ADDRS_SIZE,
@@ -147,8 +144,6 @@ pub struct Datapath {
     pub(super) cfg: DatapathConfig,
     pub(super) uplink: Option<AttachedUplink>,
     pub(super) slots: HashMap<u32, AttachedSlot>,
-    /// Per-slot program instances loaded but not attached (yet).
-    pub(super) slot_programs: HashMap<u32, aya::Ebpf>,
     /// Declared last: the pins go after everything that uses the maps.
     pub(super) pins: PinDir,
 }
@@ -164,8 +159,9 @@ impl std::fmt::Debug for Datapath {
 }
 
 impl Datapath {
-    /// Loads the object, sizes the maps and loads (verifies) all four programs.
-    /// Nothing is attached yet.
+    /// Loads the object, sizes the maps and loads (verifies) all four programs,
+    /// once: every slot's links attach these same programs. Nothing is attached
+    /// yet.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, BpfError> {
         cfg.validate()?;
         let mut pins = match &cfg.pin_dir {
@@ -207,46 +203,8 @@ impl Datapath {
             cfg: cfg.clone(),
             uplink: None,
             slots: HashMap::new(),
-            slot_programs: HashMap::new(),
             pins,
         })
-    }
-
-    /// Loads (verifies) the per-slot instance of `tap_ingress` and `slot_ingress`
-    /// for slot `index`: the same programs with `SLOT_INDEX = index`, sharing the
-    /// pinned maps. `attach_slot` does this itself; tests call it to run the
-    /// per-slot instance with `test_run_slot` without attaching.
-    pub fn load_slot_programs(&mut self, index: u32) -> Result<(), BpfError> {
-        self.check_index(index)?;
-        if self.slots.contains_key(&index) || self.slot_programs.contains_key(&index) {
-            return Ok(());
-        }
-        let ebpf = self.load_slot_instance(index)?;
-        self.slot_programs.insert(index, ebpf);
-        Ok(())
-    }
-
-    pub(super) fn load_slot_instance(&self, index: u32) -> Result<aya::Ebpf, BpfError> {
-        self.pins.check_ours()?;
-        let mut loader = self.cfg.loader(&self.pins);
-        loader.override_global(SLOT_INDEX_GLOBAL, &index, true);
-        let mut ebpf = loader
-            .load(OBJECT)
-            .map_err(|e| BpfError::Load(Box::new(e)))?;
-        for prog in Program::SLOT_NS {
-            let name = prog.name();
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|e| BpfError::program(name, "type check", e))?;
-            p.load()
-                .map_err(|e| BpfError::program(name, "load (slot instance)", e))?;
-        }
-        Ok(ebpf)
     }
 
     /// The bpffs directory holding the map pins.

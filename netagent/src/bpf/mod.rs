@@ -15,8 +15,8 @@
 //!     /// Attaches `uplink_ingress` to the uplink (agent namespace) and writes CONFIG.
 //!     pub fn attach_uplink(&mut self, uplink: &Uplink) -> Result<(), BpfError>;
 //!     /// Attaches `tap_ingress` (tap0) and `slot_ingress` (eth0) inside the slot
-//!     /// namespace and `veth_ingress` on the host veth; fills SLOTS, NETNS_SLOTS,
-//!     /// VETH_SLOTS. All-or-nothing.
+//!     /// namespace and `veth_ingress` on the host veth (links of the programs
+//!     /// loaded once); fills SLOTS, ADDR_SLOTS, VETH_SLOTS. All-or-nothing.
 //!     pub fn attach_slot(&mut self, slot: &SlotDatapath<'_>) -> Result<(), BpfError>;
 //!     /// Detaches the slot's programs and removes every map entry of the slot
 //!     /// (slot info, lookups, NAT and host-flow entries, counters). Idempotent.
@@ -41,30 +41,27 @@
 //!     pub fn reap_at(&mut self, timeouts: &Timeouts, now_ns: u64) -> Result<ReapReport, BpfError>;
 //!     pub fn uplink(&self) -> Option<&Uplink>;  pub fn attached_slots(&self) -> Vec<u32>;
 //!     pub fn unattributed_stats(&self) -> Result<SlotStats, BpfError>;  // STATS[0]
-//!     /// Loads slot `index`'s program instance without attaching it (tests), and
-//!     /// runs that instance on a frame.
-//!     pub fn load_slot_programs(&mut self, index: u32) -> Result<(), BpfError>;
-//!     pub fn test_run_slot(&self, index: u32, prog: Program, frame: &[u8])
-//!         -> Result<TestRunOutput, BpfError>;
 //!     /// Direct map access for tests and diagnostics.
 //!     pub fn maps(&self) -> &Maps;  pub fn maps_mut(&mut self) -> &mut Maps;
 //! }
 //! pub struct Uplink { pub ifindex: u32, pub name: String, pub ipv4: Ipv4Addr }
 //! pub struct SlotDatapath<'a> { pub index: u32, pub netns: BorrowedFd<'a>,
 //!     pub veth_ifindex: u32, pub veth_mac: [u8; 6], pub eth0_ifindex: u32,
-//!     pub eth0_mac: [u8; 6], pub tap_ifindex: u32, pub vpeer_ip: Ipv4Addr,
+//!     pub eth0_mac: [u8; 6], pub tap_ifindex: u32, pub vpeer_ip: Ipv4Addr,   // eth0_ifindex == SLOT_ETH0_IFINDEX
 //!     pub host_ip: Ipv4Addr }
 //! ```
 //!
-//! Per-slot program instances: `tap_ingress` and `slot_ingress` run inside the
-//! slot namespace, where nothing in the packet says which slot it is (a tc
-//! program's `bpf_get_netns_cookie` reports the skb's *socket* namespace, and
-//! frames from a TAP or veth carry no socket: it returns the initial
-//! namespace's cookie). So `attach_slot` loads one instance of those two
-//! programs per slot with the slot index as a load-time constant
-//! (`SLOT_INDEX`), sharing the maps through pins in `DatapathConfig::pin_dir`.
-//! `veth_ingress` and `uplink_ingress` run in the agent namespace and find the
-//! slot by ifindex or flow; they have one shared instance.
+//! One instance of each program serves every slot; a slot costs three links and
+//! a few map entries. Inside a slot namespace nothing in the packet says which
+//! slot it is (a tc program's `bpf_get_netns_cookie` reports the skb's *socket*
+//! namespace, and frames from a TAP or veth carry none), so the programs there
+//! do not need to know: `eth0` has the same ifindex (`SLOT_ETH0_IFINDEX`) in
+//! every slot namespace, `tap_ingress` hands the guest's frames untouched to the
+//! host veth with `bpf_redirect_peer(SLOT_ETH0_IFINDEX)`, and `veth_ingress`
+//! finds the slot by its ifindex (VETH_SLOTS) and translates them there;
+//! `slot_ingress` finds the slot by the destination address (ADDR_SLOTS).
+//! The maps are pinned in `DatapathConfig::pin_dir` (for inspection and a
+//! restarted agent).
 //!
 //! Files: `load` (object, map sizes, `Datapath`), `attach` (TCX with a clsact
 //! fallback, per-slot links, netns hopping), `maps` (typed map access),
@@ -115,7 +112,7 @@ pub struct SlotDatapath<'a> {
     pub veth_ifindex: u32,
     /// Host-side veth MAC.
     pub veth_mac: [u8; 6],
-    /// `eth0` ifindex in the slot namespace.
+    /// `eth0` ifindex in the slot namespace: must be `SLOT_ETH0_IFINDEX`.
     pub eth0_ifindex: u32,
     /// `eth0` MAC.
     pub eth0_mac: [u8; 6],
