@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -34,10 +34,15 @@ Examples:
   netagent up
   netagent up --config /etc/netagent/netagent.toml --log-format json
   netagent up --uplink eth0 --prefix wrenn --nat-port-min 20000 --nat-port-max 32767
+  netagent up --socket-group sandbox --api-tcp 127.0.0.1:7070
 
 Every key of the TOML config file is also a flag (nat.port_min is --nat-port-min);
 flags override the file. On SIGINT/SIGTERM the agent finishes in-flight requests,
-deletes every slot it created, detaches the datapath and removes its socket.";
+deletes every slot it created, detaches the datapath and removes its socket.
+
+The API socket is root-only (0600) unless --socket-group names a group (0660);
+TCP is off unless --api-tcp gives a loopback address. The agent refuses an
+uplink that does not exist, is a loopback interface or one of its slot veths.";
 
 const SLOT_EXAMPLES: &str = "\
 Examples:
@@ -97,7 +102,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent in the foreground: datapath, API socket, reaper.
     #[command(after_help = UP_EXAMPLES)]
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Create, delete and list slots (talks to the running agent).
     #[command(subcommand, after_help = SLOT_EXAMPLES)]
     Slot(SlotCommand),
@@ -146,6 +151,21 @@ pub struct ConfigFlags {
     /// [socket] API socket (default /run/netagent/netagent.sock).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// [socket_group] Group allowed on the API socket (mode 0660); default: root only (0600).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// [api_tcp] Also serve the API on this loopback address, e.g. 127.0.0.1:7070 (default: no TCP).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub api_tcp: Option<SocketAddr>,
+    /// [api.body_limit] Largest request body in bytes (default 16384).
+    #[arg(long, value_name = "BYTES")]
+    pub api_body_limit: Option<usize>,
+    /// [api.header_timeout] Seconds a client has to send its request headers (default 10).
+    #[arg(long, value_name = "SECS")]
+    pub api_header_timeout: Option<u64>,
+    /// [api.request_timeout] Seconds within which a request is answered (default 60).
+    #[arg(long, value_name = "SECS")]
+    pub api_request_timeout: Option<u64>,
     /// [bpffs] Per-instance bpffs directory (default /sys/fs/bpf/netagent).
     #[arg(long, value_name = "DIR")]
     pub bpffs: Option<PathBuf>,
@@ -199,6 +219,15 @@ impl ConfigFlags {
             cfg.uplink = self.uplink.clone();
         }
         set(&mut cfg.socket, &self.socket);
+        if self.socket_group.is_some() {
+            cfg.socket_group = self.socket_group.clone();
+        }
+        if self.api_tcp.is_some() {
+            cfg.api_tcp = self.api_tcp;
+        }
+        set(&mut cfg.api.body_limit, &self.api_body_limit);
+        set(&mut cfg.api.header_timeout, &self.api_header_timeout);
+        set(&mut cfg.api.request_timeout, &self.api_request_timeout);
         set(&mut cfg.bpffs, &self.bpffs);
         set(&mut cfg.max_slots, &self.max_slots);
         set(&mut cfg.nat.port_min, &self.nat_port_min);
@@ -637,6 +666,8 @@ mod tests {
     fn every_config_key_is_a_flag() {
         let value = toml::Value::try_from(Config {
             uplink: Some("x".into()),
+            socket_group: Some("g".into()),
+            api_tcp: Some("127.0.0.1:7070".parse().unwrap()),
             ..Config::default()
         })
         .unwrap();
@@ -677,6 +708,14 @@ mod tests {
             "2",
             "--uplink",
             "up0",
+            "--socket-group",
+            "ops",
+            "--api-tcp",
+            "127.0.0.1:7070",
+            "--api-body-limit",
+            "4096",
+            "--api-request-timeout",
+            "5",
         ])
         .unwrap();
         let Command::Up(args) = cli.command else {
@@ -688,6 +727,10 @@ mod tests {
         assert_eq!(cfg.timeouts.reap_interval, 2);
         assert_eq!(cfg.uplink.as_deref(), Some("up0"));
         assert_eq!(cfg.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(cfg.socket_group.as_deref(), Some("ops"));
+        assert_eq!(cfg.api_tcp, Some("127.0.0.1:7070".parse().unwrap()));
+        assert_eq!((cfg.api.body_limit, cfg.api.request_timeout), (4096, 5));
+        assert_eq!(cfg.api.header_timeout, 10);
     }
 
     #[test]

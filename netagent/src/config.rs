@@ -3,8 +3,10 @@
 //! The core fields are fixed here because slot addressing and the datapath read
 //! them; loading/merging/validation lives alongside.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +26,14 @@ pub struct Config {
     pub uplink: Option<String>,
     /// API socket path.
     pub socket: PathBuf,
+    /// Group that may use the API socket: the socket is then mode 0660 owned by
+    /// root and this group (a name or a numeric gid). `None`: root only (0600).
+    pub socket_group: Option<String>,
+    /// Also serve the API over TCP on this loopback address (`"127.0.0.1:PORT"`).
+    /// `None` (the default): no TCP listener. Non-loopback addresses are refused.
+    pub api_tcp: Option<SocketAddr>,
+    /// Request limits of the API.
+    pub api: ApiConfig,
     /// Per-instance bpffs directory for pins.
     pub bpffs: PathBuf,
     /// Masquerade and flow tables.
@@ -34,6 +44,46 @@ pub struct Config {
     /// (at most 32768, so index 32767 fits).
     pub max_slots: u32,
 }
+
+/// Size and time limits of API requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Largest request body accepted, in bytes (larger: 413).
+    pub body_limit: usize,
+    /// Seconds a client has to send its request headers (then it is disconnected).
+    pub header_timeout: u64,
+    /// Seconds within which a request (body included) must be answered (then
+    /// 503; a slot change already started still runs to completion).
+    pub request_timeout: u64,
+}
+
+impl ApiConfig {
+    /// `header_timeout` as a duration.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout)
+    }
+
+    /// `request_timeout` as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout)
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            body_limit: 16 * 1024,
+            header_timeout: 10,
+            request_timeout: 60,
+        }
+    }
+}
+
+/// Largest `api.body_limit` accepted (the API's bodies are small JSON objects).
+pub const API_BODY_LIMIT_MAX: usize = 1024 * 1024;
+/// Smallest `api.body_limit` accepted (a slot request with a long namespace name fits).
+pub const API_BODY_LIMIT_MIN: usize = 512;
 
 /// Masquerade port range and table sizes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +126,9 @@ impl Default for Config {
             vrt_base: Ipv4Addr::new(10, 12, 0, 0),
             uplink: None,
             socket: PathBuf::from("/run/netagent/netagent.sock"),
+            socket_group: None,
+            api_tcp: None,
+            api: ApiConfig::default(),
             bpffs: PathBuf::from("/sys/fs/bpf/netagent"),
             nat: NatConfig::default(),
             timeouts: Timeouts::default(),
@@ -191,6 +244,60 @@ impl Config {
             errors.push(format!(
                 "uplink {uplink:?} is not a valid interface name (1 to 15 characters, no '/' or spaces)"
             ));
+        }
+        if let Some(uplink) = &self.uplink
+            && let Some(plan) = &plan
+        {
+            if uplink == "lo" {
+                errors.push(
+                    "uplink lo is the loopback interface: name the interface slot traffic leaves through, e.g. --uplink eth0".to_string(),
+                );
+            } else if let Some(index) = plan.index_of_veth(uplink) {
+                errors.push(format!(
+                    "uplink {uplink} is the host veth of slot {index} of prefix {}: name the host's own uplink interface, e.g. --uplink eth0",
+                    self.prefix
+                ));
+            }
+        }
+        if let Some(group) = &self.socket_group
+            && (group.is_empty()
+                || group.len() > 32
+                || !group
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')))
+        {
+            errors.push(format!(
+                "socket_group {group:?} is not a group name or gid (letters, digits, '_', '-', '.')"
+            ));
+        }
+        if let Some(addr) = self.api_tcp {
+            if !addr.ip().is_loopback() {
+                errors.push(format!(
+                    "api_tcp {addr} is not a loopback address: the API has no authentication, so TCP is served on loopback only (e.g. api_tcp = \"127.0.0.1:{}\")",
+                    addr.port()
+                ));
+            } else if addr.port() == 0 {
+                errors.push(format!(
+                    "api_tcp {addr} has port 0: give the port clients connect to, e.g. 127.0.0.1:7070"
+                ));
+            }
+        }
+        let api = &self.api;
+        if !(API_BODY_LIMIT_MIN..=API_BODY_LIMIT_MAX).contains(&api.body_limit) {
+            errors.push(format!(
+                "api.body_limit {} is out of range: use {API_BODY_LIMIT_MIN} to {API_BODY_LIMIT_MAX} bytes",
+                api.body_limit
+            ));
+        }
+        for (key, value) in [
+            ("api.header_timeout", api.header_timeout),
+            ("api.request_timeout", api.request_timeout),
+        ] {
+            if !(1..=3600).contains(&value) {
+                errors.push(format!(
+                    "{key} {value} is out of range: use 1 to 3600 seconds"
+                ));
+            }
         }
         if !self.socket.is_absolute() {
             errors.push(format!(
@@ -324,6 +431,110 @@ mod tests {
                 "{needle} missing in {err}"
             );
         }
+    }
+
+    #[test]
+    fn api_tcp_is_loopback_only_and_off_by_default() {
+        assert_eq!(Config::default().api_tcp, None);
+        for ok in ["127.0.0.1:7070", "127.0.0.9:80", "[::1]:7070"] {
+            let cfg = parse(&format!("api_tcp = \"{ok}\"\n")).unwrap();
+            assert_eq!(cfg.api_tcp, Some(ok.parse().unwrap()));
+            cfg.validate().unwrap();
+        }
+        for bad in [
+            "0.0.0.0:7070",
+            "10.0.0.1:80",
+            "[::]:7070",
+            "198.18.0.1:7070",
+        ] {
+            let cfg = parse(&format!("api_tcp = \"{bad}\"\n")).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(
+                err.contains(&format!("api_tcp {bad} is not a loopback address")),
+                "{err}"
+            );
+        }
+        let err = parse("api_tcp = \"127.0.0.1:0\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port 0"), "{err}");
+        // Not an address at all: a parse error naming the line.
+        let err = parse("\napi_tcp = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2") && !err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn api_limits_are_keys_with_sane_defaults() {
+        let d = ApiConfig::default();
+        assert_eq!(
+            (d.body_limit, d.header_timeout, d.request_timeout),
+            (16384, 10, 60)
+        );
+        let cfg =
+            parse("[api]\nbody_limit = 2048\nheader_timeout = 2\nrequest_timeout = 3\n").unwrap();
+        assert_eq!(cfg.api.body_limit, 2048);
+        assert_eq!(cfg.api.header_timeout(), Duration::from_secs(2));
+        assert_eq!(cfg.api.request_timeout(), Duration::from_secs(3));
+        cfg.validate().unwrap();
+        let cfg =
+            parse("[api]\nbody_limit = 10\nheader_timeout = 0\nrequest_timeout = 99999\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert_eq!(err.lines().count(), 3, "{err}");
+        for key in [
+            "api.body_limit",
+            "api.header_timeout",
+            "api.request_timeout",
+        ] {
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn socket_group_names_are_checked() {
+        for ok in ["netagent", "sandbox-ops", "1001"] {
+            let cfg = parse(&format!("socket_group = \"{ok}\"\n")).unwrap();
+            cfg.validate().unwrap();
+        }
+        for bad in ["", "a b", "x/y", "g:1"] {
+            let cfg = Config {
+                socket_group: Some(bad.into()),
+                ..Config::default()
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("socket_group"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn uplink_cannot_be_loopback_or_a_slot_veth() {
+        for (uplink, needle) in [
+            ("lo", "uplink lo is the loopback interface"),
+            (
+                "wrenn-veth-3",
+                "uplink wrenn-veth-3 is the host veth of slot 3",
+            ),
+            ("wrenn-v20000", "host veth of slot 20000"),
+        ] {
+            let cfg = Config {
+                uplink: Some(uplink.into()),
+                ..Config::default()
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.contains(needle), "{uplink}: {err}");
+        }
+        // Another prefix's veth name is just a name here (the agent checks the
+        // interface itself at start).
+        let cfg = Config {
+            uplink: Some("other-veth-3".into()),
+            ..Config::default()
+        };
+        cfg.validate().unwrap();
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! `netagent up`: start-up checks, the per-prefix lock, the bpffs mount, the API
 //! socket, the reaper, and shutdown.
 //!
-//! Start-up order: check privileges and kernel features; take an exclusive `flock`
+//! Start-up order: check privileges and kernel features; check the configuration
+//! against the host (the uplink exists and is neither a loopback interface nor a
+//! slot veth; `socket_group` exists); take an exclusive `flock`
 //! on `/run/netagent/{prefix}.lock` (a second instance of the prefix refuses to
 //! start); check the socket path (a live instance there → refuse; a stale socket
 //! from a crash → replaced); mount a bpffs at the parent of `--bpffs` if none is
 //! there; start the slot manager (loads and attaches the datapath, removes
-//! leftovers of a crashed run of the prefix); bind the socket (mode 0600) — from
-//! then on the agent is ready; reap expired flows every
+//! leftovers of a crashed run of the prefix); bind the socket (mode 0600, or 0660
+//! owned by `socket_group`) and, only if `api_tcp` is set, its loopback TCP
+//! address — from then on the agent is ready; reap expired flows every
 //! `timeouts.reap_interval` seconds.
 //!
 //! **Shutdown** (SIGINT or SIGTERM): stop accepting connections, let in-flight
@@ -32,14 +35,16 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::mount::{MsFlags, mount};
 use nix::sys::stat::{Mode, umask};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
-use tokio::net::UnixListener;
+use nix::unistd::{Gid, Group};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::api;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::controller::{Controller, SlotBackend};
 use crate::error::DaemonError;
+use crate::netlink::Netlink;
 
 /// Directory of the per-prefix lock files.
 pub const LOCK_DIR: &str = "/run/netagent";
@@ -326,9 +331,10 @@ pub fn check_socket(path: &Path) -> Result<(), DaemonError> {
     }
 }
 
-/// Binds the API socket with mode 0600 (the umask is narrowed around `bind`, so
-/// the socket is never reachable with wider permissions), creating its directory.
-pub fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+/// Binds the API socket with mode 0600, or 0660 owned by `group` when one is
+/// given (the umask is narrowed around `bind`, so the socket is never reachable
+/// with wider permissions), creating its directory.
+pub fn bind_socket(path: &Path, group: Option<Gid>) -> Result<UnixListener, DaemonError> {
     if let Some(dir) = path.parent() {
         create_dir(dir, 0o755)?;
     }
@@ -341,12 +347,123 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
         source,
     };
     let listener = bound.map_err(|e| io_err("bind socket", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    let mode = match group {
+        Some(gid) => {
+            // Group first, then the group bit: never 0660 with the wrong group.
+            std::os::unix::fs::chown(path, None, Some(gid.as_raw())).map_err(|e| {
+                let _ = std::fs::remove_file(path);
+                io_err("chown socket to socket_group (needs CAP_CHOWN)", e)
+            })?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io_err("chmod socket", e))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| io_err("configure socket", e))?;
     UnixListener::from_std(listener).map_err(|e| io_err("register socket", e))
+}
+
+/// The gid of `socket_group` (a group name or a numeric gid that exists).
+pub fn resolve_group(group: &str) -> Result<Gid, DaemonError> {
+    let found = if let Ok(gid) = group.parse::<u32>() {
+        Group::from_gid(Gid::from_raw(gid))
+    } else {
+        Group::from_name(group)
+    };
+    match found {
+        Ok(Some(g)) => Ok(g.gid),
+        Ok(None) => Err(invalid(format!(
+            "socket_group {group:?} does not exist on this host: create it (groupadd {group}) or name an existing group"
+        ))),
+        Err(e) => Err(invalid(format!(
+            "socket_group {group:?} cannot be looked up: {e}"
+        ))),
+    }
+}
+
+fn invalid(message: String) -> DaemonError {
+    DaemonError::Config(ConfigError::Invalid(vec![message]))
+}
+
+/// Refuses an uplink the agent must not use, with one line: a configured uplink
+/// that does not exist in the agent's namespace, and (configured or the default
+/// route's interface) a loopback interface or one of this prefix's slot veths.
+/// A missing default route is left to the slot manager, which names it.
+pub async fn check_uplink(config: &Config) -> Result<(), DaemonError> {
+    let plan = config.validate()?;
+    let host = Netlink::connect_current()
+        .map_err(|e| DaemonError::Start(format!("cannot read the agent's interfaces: {e}")))?;
+    let read_err = |e: crate::netlink::NetlinkError| {
+        DaemonError::Start(format!("cannot read the agent's interfaces: {e}"))
+    };
+    let links = host.link_list().await.map_err(read_err)?;
+    let (link, how) = match &config.uplink {
+        Some(name) => match links.iter().find(|l| &l.name == name) {
+            Some(l) => (l, "uplink"),
+            None => {
+                let mut names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
+                names.sort_unstable();
+                return Err(invalid(format!(
+                    "uplink {name} does not exist in the agent's network namespace (interfaces: {}): check --uplink",
+                    names.join(", ")
+                )));
+            }
+        },
+        None => {
+            let routes = host.route_list().await.map_err(read_err)?;
+            let Some(oif) = routes.iter().find(|r| r.is_default()).and_then(|r| r.oif) else {
+                return Ok(());
+            };
+            match links.iter().find(|l| l.index == oif) {
+                Some(l) => (
+                    l,
+                    "the default route's interface (the uplink when --uplink is not given)",
+                ),
+                None => return Ok(()),
+            }
+        }
+    };
+    if is_loopback(&host, link.index).await.map_err(read_err)? {
+        return Err(invalid(format!(
+            "{how} {} is a loopback interface: name the interface slot traffic leaves through with --uplink",
+            link.name
+        )));
+    }
+    if let Some(index) = plan.index_of_veth(&link.name) {
+        return Err(invalid(format!(
+            "{how} {} is the host veth of slot {index} of prefix {}: name the host's own uplink with --uplink",
+            link.name, config.prefix
+        )));
+    }
+    Ok(())
+}
+
+async fn is_loopback(host: &Netlink, index: u32) -> Result<bool, crate::netlink::NetlinkError> {
+    use futures::TryStreamExt;
+    use rtnetlink::packet_route::link::LinkFlags;
+    let msg = host
+        .handle()
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| crate::netlink::NetlinkError::netlink(format!("look up link #{index}"), e))?;
+    Ok(msg.is_some_and(|m| m.header.flags.contains(LinkFlags::Loopback)))
+}
+
+/// Binds the loopback TCP address of `api_tcp` (validated to be loopback).
+pub async fn bind_tcp(addr: std::net::SocketAddr) -> Result<TcpListener, DaemonError> {
+    if !addr.ip().is_loopback() {
+        return Err(invalid(format!("api_tcp {addr} is not a loopback address")));
+    }
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::BindTcp { addr, source })
 }
 
 /// Resolves on the first SIGINT or SIGTERM with the signal's name.
@@ -372,6 +489,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let plan = config.validate()?;
     check_privileges()?;
     check_kernel()?;
+    check_uplink(&config).await?;
+    let group = config
+        .socket_group
+        .as_deref()
+        .map(resolve_group)
+        .transpose()?;
     let lock = lock_prefix(&config.prefix)?;
     check_socket(&config.socket)?;
     ensure_bpffs(&config.bpffs)?;
@@ -381,7 +504,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let backend: Arc<dyn SlotBackend> = crate::controller::start_backend(&config).await?;
     let controller = Arc::new(Controller::new(backend, plan, config.max_slots));
 
-    let listener = match bind_socket(&config.socket) {
+    let bound = match bind_socket(&config.socket, group) {
+        Ok(unix) => match config.api_tcp {
+            Some(addr) => match bind_tcp(addr).await {
+                Ok(tcp) => Ok(api::server::Listeners {
+                    unix,
+                    tcp: Some(tcp),
+                }),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&config.socket);
+                    Err(e)
+                }
+            },
+            None => Ok(api::server::Listeners::from(unix)),
+        },
+        Err(e) => Err(e),
+    };
+    let listeners = match bound {
         Ok(l) => l,
         Err(e) => {
             if let Err(err) = controller.shutdown().await {
@@ -390,7 +529,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             return Err(e);
         }
     };
-    tracing::info!(socket = %config.socket.display(), lock = %lock.path().display(), "netagent is ready");
+    let tcp = config
+        .api_tcp
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "off".into());
+    tracing::info!(socket = %config.socket.display(), socket_group = config.socket_group.as_deref().unwrap_or("root only"), api_tcp = %tcp, lock = %lock.path().display(), "netagent is ready");
 
     let (stop_reaper, reaper_stopped) = watch::channel(false);
     let reaper = tokio::spawn(reap_loop(
@@ -401,7 +544,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let signal_name = Arc::new(std::sync::Mutex::new(""));
     let recorded = signal_name.clone();
-    api::server::serve(listener, api::router(controller.clone()), async move {
+    let router = api::router_with(controller.clone(), &config.api);
+    api::server::serve(listeners, router, config.api.header_timeout(), async move {
         let name = signal.await;
         *recorded.lock().unwrap_or_else(|p| p.into_inner()) = name;
         tracing::info!(signal = name, "shutting down: no new requests");
@@ -502,8 +646,38 @@ mod tests {
     async fn bound_socket_is_0600() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/api.sock");
-        let _listener = bind_socket(&path).unwrap();
+        let _listener = bind_socket(&path, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_socket_group_makes_it_0660_owned_by_the_group() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED a_socket_group_makes_it_0660_owned_by_the_group: chown needs root");
+            return;
+        }
+        // Group 1 ("daemon" on Debian) exists on every system with /etc/group.
+        let gid = resolve_group("1").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let _listener = bind_socket(&path, Some(gid)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert_eq!((meta.uid(), meta.gid()), (0, gid.as_raw()));
+    }
+
+    #[test]
+    fn unknown_groups_are_one_clear_line() {
+        let err = resolve_group("no-such-group-x").unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "invalid configuration: socket_group \"no-such-group-x\" does not exist"
+            ),
+            "{err}"
+        );
+        assert!(!err.contains('\n'));
+        let name = Group::from_gid(Gid::from_raw(0)).unwrap().unwrap().name;
+        assert_eq!(resolve_group(&name).unwrap(), Gid::from_raw(0));
     }
 }

@@ -66,6 +66,14 @@ pub enum DaemonError {
         /// The underlying error.
         source: io::Error,
     },
+    /// The loopback TCP address of `api_tcp` cannot be bound.
+    #[error("cannot listen on api_tcp {addr}: {source} (choose another port or remove api_tcp)")]
+    BindTcp {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
     /// Mounting the bpffs failed.
     #[error(
         "cannot mount a bpffs at {path}: {source} (netagent needs CAP_SYS_ADMIN to mount it, or mount it first: mount -t bpf bpf {path})"

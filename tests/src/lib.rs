@@ -5,6 +5,7 @@
 //! process in a test namespace and an HTTP-over-Unix-socket client).
 
 pub mod daemon;
+pub mod leaks;
 pub mod packet;
 pub mod pump;
 pub mod vm;

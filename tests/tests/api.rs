@@ -874,3 +874,166 @@ fn a_silent_or_slow_client_is_cut_off_and_others_are_served() -> Result<()> {
     }
     Ok(())
 }
+
+/// Listening TCP sockets in the agent's namespace (`ss -Hltn`), local addresses.
+fn tcp_listeners(d: &Daemon) -> Result<Vec<String>> {
+    let out = netagent_tests::daemon::in_netns(&d.world.host_ns, "ss", &["-Hltn"])?;
+    ensure!(out.status.success(), "ss: {:?}", out);
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .collect())
+}
+
+/// One HTTP/1.1 request over TCP from inside the agent's namespace.
+fn tcp_request(d: &Daemon, addr: &str, request: &'static str) -> Result<String> {
+    use std::io::{Read, Write};
+    let addr = addr.to_string();
+    netagent_tests::daemon::spawn_in_netns(&d.world.host_ns, move || {
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(request.as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+}
+
+#[test]
+fn no_tcp_and_a_root_only_socket_unless_configured() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(mut d) = Daemon::start("no_tcp_and_a_root_only_socket_unless_configured")? else {
+        return Ok(());
+    };
+    // Defaults: no TCP listener at all, socket 0600 root:root.
+    ensure!(tcp_listeners(&d)?.is_empty(), "{:?}", tcp_listeners(&d)?);
+    let meta = std::fs::metadata(d.world.socket())?;
+    ensure!(meta.permissions().mode() & 0o777 == 0o600 && meta.uid() == 0 && meta.gid() == 0);
+    ensure!(d.logs().contains("\"api_tcp\":\"off\""), "{}", d.logs());
+
+    // Configured: 0660 owned by the group, and the API on the loopback address only.
+    d.stop()?;
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(1))?
+        .context("group 1 does not exist")?;
+    d.launch(&[
+        "--socket-group".into(),
+        group.name.clone(),
+        "--api-tcp".into(),
+        "127.0.0.1:7071".into(),
+    ])?;
+    let meta = std::fs::metadata(d.world.socket())?;
+    ensure!(
+        meta.permissions().mode() & 0o777 == 0o660 && meta.uid() == 0 && meta.gid() == 1,
+        "mode {:o} owner {}:{}",
+        meta.permissions().mode(),
+        meta.uid(),
+        meta.gid()
+    );
+    ensure!(
+        tcp_listeners(&d)? == vec!["127.0.0.1:7071".to_string()],
+        "{:?}",
+        tcp_listeners(&d)?
+    );
+    let reply = tcp_request(
+        &d,
+        "127.0.0.1:7071",
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )?;
+    ensure!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    ensure!(reply.contains("\"status\":\"ok\""), "{reply}");
+    // The same API: a slot made over TCP is listed on the socket.
+    let reply = tcp_request(
+        &d,
+        "127.0.0.1:7071",
+        "PUT /v1/slots/4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    )?;
+    ensure!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let slots = rt().block_on(d.client().slots())?;
+    ensure!(slots.len() == 1 && slots[0].addr.index == 4, "{slots:?}");
+    // Stopping closes the TCP listener too.
+    d.stop()?;
+    ensure!(tcp_listeners(&d)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn request_size_and_time_limits_come_from_the_config() -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let opts = DaemonOptions {
+        args: [
+            "--api-body-limit",
+            "1024",
+            "--api-header-timeout",
+            "1",
+            "--api-request-timeout",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec(),
+        default_uplink: false,
+    };
+    let Some(d) = Daemon::start_with("request_size_and_time_limits_come_from_the_config", opts)?
+    else {
+        return Ok(());
+    };
+    let c = d.client();
+    let rt = rt();
+    // Size: 1 KiB is the limit now (the default is 16 KiB).
+    let big = format!("{{\"guest_netns\":\"{}\"}}", "x".repeat(1100));
+    let r = rt.block_on(c.request("PUT", "/v1/slots/1", Some(big.as_bytes())))?;
+    ensure!(r.status == 413, "{} {}", r.status, r.text());
+    ensure!(
+        error_of(&r.body).contains("at most 1024 bytes"),
+        "{}",
+        r.text()
+    );
+    let small = format!(
+        "{{\"guest_link\":\"veth\",\"guest_netns\":\"{}\"}}",
+        "y".repeat(200)
+    );
+    let r = rt.block_on(c.request("PUT", "/v1/slots/1", Some(small.as_bytes())))?;
+    ensure!(
+        r.status == 400 && error_of(&r.body).contains("yyyy"),
+        "under the limit the request is read and judged: {} {}",
+        r.status,
+        r.text()
+    );
+
+    // Headers: a silent client is cut off after 1 s (not the default 10 s).
+    let socket = d.world.socket();
+    let mut silent = UnixStream::connect(&socket)?;
+    silent.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    ensure!(silent.read_to_end(&mut buf).is_ok(), "never hung up");
+    let waited = started.elapsed();
+    ensure!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "cut off after {waited:?}"
+    );
+
+    // Whole request: a body that never completes gets a 503 after 2 s.
+    let mut slow = UnixStream::connect(&socket)?;
+    slow.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let started = std::time::Instant::now();
+    slow.write_all(
+        b"PUT /v1/slots/2 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )?;
+    let mut reply = vec![0u8; 4096];
+    let n = slow.read(&mut reply)?;
+    let waited = started.elapsed();
+    let reply = String::from_utf8_lossy(&reply[..n]).into_owned();
+    ensure!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    ensure!(reply.contains("api.request_timeout"), "{reply}");
+    ensure!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(5),
+        "answered after {waited:?}"
+    );
+    // Nothing was created, and the agent serves on.
+    ensure!(rt.block_on(c.slots())?.is_empty());
+    ensure!(rt.block_on(c.create_slot(3, &GuestLink::Tap))?.1);
+    Ok(())
+}

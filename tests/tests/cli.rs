@@ -385,3 +385,77 @@ fn missing_privileges_are_reported_as_such() -> Result<()> {
     ensure!(!socket.exists() && !dir.exists(), "left files behind");
     Ok(())
 }
+
+#[test]
+fn api_tcp_on_a_non_loopback_address_is_refused_with_one_line() -> Result<()> {
+    for addr in ["0.0.0.0:7070", "198.18.0.1:7070", "[::]:7070"] {
+        let out = netagent(&["up", "--api-tcp", addr])?;
+        let err = stderr(&out);
+        ensure!(!out.status.success());
+        ensure!(err.lines().count() == 1, "{err}");
+        ensure!(
+            err.contains(&format!("api_tcp {addr} is not a loopback address")),
+            "{err}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn an_uplink_that_is_missing_loopback_or_a_slot_veth_is_refused_with_one_line() -> Result<()> {
+    let Some(d) = Daemon::start(
+        "an_uplink_that_is_missing_loopback_or_a_slot_veth_is_refused_with_one_line",
+    )?
+    else {
+        return Ok(());
+    };
+    let p = d.world.prefix.clone();
+    // Another prefix and socket, so only the uplink decides.
+    let other = format!("{p}u");
+    let mut base = d.up_args();
+    let at = base.iter().position(|a| a == "--prefix").unwrap() + 1;
+    base[at] = other.clone();
+    let at = base.iter().position(|a| a == "--socket").unwrap() + 1;
+    base[at] = d.world.dir.join("u.sock").display().to_string();
+    let at = base.iter().position(|a| a == "--uplink").unwrap();
+    base.drain(at..at + 2);
+    let cases = [
+        (
+            "nosuch0".to_string(),
+            "uplink nosuch0 does not exist in the agent's network namespace (interfaces: lo, up0)"
+                .to_string(),
+        ),
+        ("lo".into(), "uplink lo is the loopback interface".into()),
+        (
+            format!("{other}-veth-7"),
+            format!("uplink {other}-veth-7 is the host veth of slot 7 of prefix {other}"),
+        ),
+    ];
+    for (uplink, needle) in cases {
+        let mut args = base.clone();
+        args.extend(["--uplink".into(), uplink.clone()]);
+        let log = d.world.dir.join("uplink.log");
+        let status = d.spawn_in_host(&args, &log)?.wait()?;
+        let text = std::fs::read_to_string(&log)?;
+        ensure!(!status.success(), "{uplink}: started:\n{text}");
+        ensure!(text.lines().count() == 1, "{uplink}: {text}");
+        ensure!(
+            text.starts_with("netagent: invalid configuration: ") && text.contains(&needle),
+            "{uplink}: {text}"
+        );
+        ensure!(!d.world.dir.join("u.sock").exists());
+    }
+    // The first agent is untouched.
+    ensure!(
+        d.cli(&[
+            "slot",
+            "list",
+            "--socket",
+            &d.world.socket().display().to_string()
+        ])?
+        .status
+        .success()
+    );
+    let _ = std::fs::remove_file(format!("/run/netagent/{other}.lock"));
+    Ok(())
+}

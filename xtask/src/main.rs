@@ -8,6 +8,7 @@ mod bench;
 mod build_ebpf;
 mod debian;
 mod guest;
+mod soak;
 mod test;
 mod toolchain;
 
@@ -33,6 +34,8 @@ enum Command {
     Bench(bench::Options),
     /// Prepare the end-to-end tests' microVM guest (kernel + initramfs) in target/guest.
     Guest(guest::Options),
+    /// Create/delete churn at full scale against a real agent; fails on any leak.
+    Soak(soak::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::Deps => debian::install(debian::TEST_PACKAGES),
         Command::Bench(opts) => bench::run(&opts),
         Command::Guest(opts) => guest::run(&opts),
+        Command::Soak(opts) => soak::run(&opts),
     }
 }
 

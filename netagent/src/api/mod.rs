@@ -16,22 +16,25 @@ pub mod stats;
 pub mod verify;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, put};
 use serde::Serialize;
 
+use crate::config::ApiConfig;
 use crate::controller::{Action, Controller, ControllerError, Outcome};
 
 /// Shared state of every handler.
 pub type AppState = Arc<Controller>;
 
-/// Largest request body accepted (the only body is a small slot request).
+/// Default largest request body (`api.body_limit`; the only body is a small
+/// slot request).
 pub const BODY_LIMIT: usize = 16 * 1024;
 
 /// One route: method and path template, as `docs/openapi.yaml` lists them.
@@ -59,8 +62,14 @@ pub fn routes() -> Vec<(Route, MethodRouter<AppState>)> {
     ]
 }
 
-/// The API router over `controller`.
+/// The API router over `controller` with the default limits.
 pub fn router(controller: Arc<Controller>) -> Router {
+    router_with(controller, &ApiConfig::default())
+}
+
+/// The API router over `controller`: bodies above `limits.body_limit` get 413,
+/// requests not answered within `limits.request_timeout` get 503.
+pub fn router_with(controller: Arc<Controller>, limits: &ApiConfig) -> Router {
     let mut by_path: Vec<(&'static str, MethodRouter<AppState>)> = Vec::new();
     for (route, handler) in routes() {
         match by_path.iter_mut().find(|(p, _)| *p == route.path) {
@@ -74,13 +83,42 @@ pub fn router(controller: Arc<Controller>) -> Router {
     }
     let inner = router
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(DefaultBodyLimit::max(limits.body_limit))
         .with_state(controller);
     // Outside the inner router, so that its responses are complete (the `Allow`
     // header of a 405 is added at the route level, after per-route layers).
     Router::new()
         .fallback_service(inner)
-        .layer(middleware::from_fn(normalize_errors))
+        .layer(middleware::from_fn_with_state(
+            limits.request_timeout(),
+            time_limit,
+        ))
+        .layer(middleware::from_fn_with_state(
+            limits.body_limit,
+            normalize_errors,
+        ))
+}
+
+/// Answers 503 when the request (reading its body included) is not done within
+/// `limit`. Slot changes run on their own task (see `controller`), so one that
+/// has started still completes.
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(%method, %path, ?limit, "request not answered in time");
+            ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!(
+                    "{method} {path} was not answered within {} s (api.request_timeout); a slot change that started still completes: check GET /v1/slots",
+                    limit.as_secs()
+                ),
+            }
+            .into_response()
+        }
+    }
 }
 
 /// An API error: a status and a message for `{"error": ...}`.
@@ -222,7 +260,11 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 /// Logs every request (debug level) and rewrites every error response that is
 /// not already JSON (axum's 405, 413 and extractor rejections) into
 /// `{"error": "..."}`, keeping status and headers such as `Allow`.
-pub async fn normalize_errors(req: Request, next: Next) -> Response {
+pub async fn normalize_errors(
+    State(body_limit): State<usize>,
+    req: Request,
+    next: Next,
+) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let started = std::time::Instant::now();
@@ -253,7 +295,7 @@ pub async fn normalize_errors(req: Request, next: Next) -> Response {
             format!("method {method} is not allowed on {path}; allowed: {allowed}")
         }
         StatusCode::PAYLOAD_TOO_LARGE => {
-            format!("request body too large: at most {BODY_LIMIT} bytes are accepted")
+            format!("request body too large: at most {body_limit} bytes are accepted")
         }
         _ if !detail.is_empty() => format!("{detail} ({method} {path})"),
         _ => format!(

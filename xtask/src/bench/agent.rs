@@ -135,7 +135,7 @@ impl Agent {
         let t0 = Instant::now();
         let deadline = t0 + budget;
         let stop = || Instant::now() > deadline || mem_available_kib() < LOW_MEMORY_KIB;
-        let (ok, _lat) = parallel(
+        let (ok, _lat, errs) = parallel_all(
             &self.socket,
             from,
             target,
@@ -143,7 +143,7 @@ impl Agent {
             "PUT",
             &[201, 200],
             &stop,
-        )?;
+        );
         let took = t0.elapsed();
         self.n = from - 1 + ok;
         eprintln!(
@@ -158,6 +158,15 @@ impl Agent {
         );
         if let Some(d) = self.daemon.as_mut() {
             d.check_alive()?;
+        }
+        if !errs.is_empty() {
+            bail!(
+                "{} of {} creates failed ({ok} slots were made, {} present), first: {}",
+                errs.len(),
+                target - from + 1,
+                self.n,
+                errs[0]
+            );
         }
         Ok((self.n, took))
     }
@@ -210,8 +219,44 @@ impl Agent {
         (total, maps)
     }
 
-    /// Distinct BPF programs the daemon holds open (prog and link fds).
-    pub fn bpf_prog_count(&self) -> usize {
+    /// Open file descriptors of the daemon.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Memory of the BPF programs the daemon holds (`bpftool prog show` memlock of
+    /// the ids in its fdinfo), bytes.
+    pub fn bpf_prog_memory(&self) -> u64 {
+        let ids = self.bpf_prog_ids();
+        let Ok(out) = proc::run_bounded(
+            Command::new("bpftool").args(["prog", "show"]),
+            Duration::from_secs(60),
+        ) else {
+            return 0;
+        };
+        let mut total = 0;
+        let mut current: Option<String> = None;
+        for line in out.stdout.lines() {
+            if !line.starts_with(char::is_whitespace) {
+                current = line.split(':').next().map(|v| v.trim().to_string());
+            }
+            if let Some(id) = &current
+                && ids.contains(id)
+                && let Some(m) = line
+                    .split_whitespace()
+                    .skip_while(|w| *w != "memlock")
+                    .nth(1)
+                    .and_then(|v| v.trim_end_matches('B').parse::<u64>().ok())
+            {
+                total += m;
+            }
+        }
+        total
+    }
+
+    fn bpf_prog_ids(&self) -> std::collections::HashSet<String> {
         let mut ids = std::collections::HashSet::new();
         if let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fdinfo", self.pid())) {
             for e in dir.flatten() {
@@ -222,7 +267,12 @@ impl Agent {
                 }
             }
         }
-        ids.len()
+        ids
+    }
+
+    /// Distinct BPF programs the daemon holds open (prog and link fds).
+    pub fn bpf_prog_count(&self) -> usize {
+        self.bpf_prog_ids().len()
     }
 
     /// Stops the daemon (it deletes its slots on SIGTERM), then `netagent
@@ -294,6 +344,30 @@ fn parallel(
     ok: &[u16],
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<(u32, Vec<Duration>)> {
+    let (n, lat, errs) = parallel_all(socket, from, to, conc, method, ok, stop);
+    proc::check_interrupted()?;
+    if !errs.is_empty() {
+        bail!(
+            "{} of {} requests failed, first: {}",
+            errs.len(),
+            to - from + 1,
+            errs[0]
+        );
+    }
+    Ok((n, lat))
+}
+
+/// Requests `method /v1/slots/{from..=to}` with `conc` clients until done, `stop`
+/// or 20 failures; returns the successes, their latencies and the failures.
+fn parallel_all(
+    socket: &FsPath,
+    from: u32,
+    to: u32,
+    conc: usize,
+    method: &str,
+    ok: &[u16],
+    stop: &(dyn Fn() -> bool + Sync),
+) -> (u32, Vec<Duration>, Vec<String>) {
     let next = AtomicU32::new(from);
     let results = std::sync::Mutex::new((0u32, Vec::new(), Vec::<String>::new()));
     std::thread::scope(|s| {
@@ -329,17 +403,7 @@ fn parallel(
             });
         }
     });
-    proc::check_interrupted()?;
-    let (n, lat, errs) = results.into_inner().expect("not poisoned");
-    if !errs.is_empty() {
-        bail!(
-            "{} of {} requests failed, first: {}",
-            errs.len(),
-            to - from + 1,
-            errs[0]
-        );
-    }
-    Ok((n, lat))
+    results.into_inner().expect("not poisoned")
 }
 
 /// A minimal HTTP/1.1 client over a Unix socket (`Connection: close`).

@@ -40,6 +40,27 @@ pub struct Memory {
     pub bpf_maps: usize,
     pub bpf_progs_before: usize,
     pub bpf_progs_after: usize,
+    pub fds_before: usize,
+    pub fds_after: usize,
+    pub bpf_prog_bytes_before: u64,
+    pub bpf_prog_bytes_after: u64,
+}
+
+impl Memory {
+    /// Growth per slot, KiB: (agent RSS, BPF maps, BPF programs).
+    pub fn per_slot_kib(&self) -> (f64, f64, f64) {
+        let per =
+            |a: u64, b: u64, scale: f64| (b as f64 - a as f64) / scale / f64::from(self.slots);
+        (
+            per(self.rss_before_kib, self.rss_after_kib, 1.0),
+            per(self.bpf_map_bytes_before, self.bpf_map_bytes_after, 1024.0),
+            per(
+                self.bpf_prog_bytes_before,
+                self.bpf_prog_bytes_after,
+                1024.0,
+            ),
+        )
+    }
 }
 
 fn ms(d: &[Duration]) -> Vec<f64> {
@@ -60,31 +81,20 @@ pub fn measure_agent(
     let serial = if plan.quick { 20 } else { 100 };
     let conc = if plan.quick { 64 } else { 256 };
 
-    // Serial: one request at a time.
-    let base = PROBE_BASE;
-    let (_, lat) = agent::create_range(&socket, base, base + serial - 1, 1)?;
-    cp.serial_create = ms(&lat);
-    let (_, lat) = agent::delete_range(&socket, base, base + serial - 1, 1)?;
-    cp.serial_delete = ms(&lat);
-    proc::check_interrupted()?;
-
-    // 32 concurrent clients.
-    let (_, lat) = agent::create_range(&socket, base, base + conc - 1, agent::BULK_CONCURRENCY)?;
-    cp.conc_create = ms(&lat);
-    let (_, lat) = agent::delete_range(&socket, base, base + conc - 1, agent::BULK_CONCURRENCY)?;
-    cp.conc_delete = ms(&lat);
-    proc::check_interrupted()?;
-
-    // Many slots at once (the slots the scaling runs use next), memory around it.
+    // Many slots at once (the slots the scaling runs use next), first, so the
+    // agent's memory is measured from a state with only slot 1.
     std::thread::sleep(Duration::from_millis(500));
     let from = agent.n;
     let rss_before = agent.rss_kib().unwrap_or(0);
+    let fds_before = agent.fd_count();
     let (maps_before, _) = agent.bpf_map_memory();
     let progs_before = agent.bpf_prog_count();
+    let prog_bytes_before = agent.bpf_prog_memory();
     let avail_before = agent::mem_available_kib() as i64;
-    let (reached, took) = agent.scale_to(bulk_to, budget)?;
+    let scaled = agent.scale_to(bulk_to, budget);
+    let took = scaled.as_ref().map(|(_, t)| *t).unwrap_or_default();
     std::thread::sleep(Duration::from_millis(500));
-    let made = reached - from;
+    let made = agent.n - from;
     if made > 0 {
         let rss_after = agent.rss_kib().unwrap_or(0);
         let (maps_after, nmaps) = agent.bpf_map_memory();
@@ -100,8 +110,28 @@ pub fn measure_agent(
             bpf_maps: nmaps,
             bpf_progs_before: progs_before,
             bpf_progs_after: agent.bpf_prog_count(),
+            fds_before,
+            fds_after: agent.fd_count(),
+            bpf_prog_bytes_before: prog_bytes_before,
+            bpf_prog_bytes_after: agent.bpf_prog_memory(),
         });
     }
+    scaled?;
+    proc::check_interrupted()?;
+
+    // Serial: one request at a time (with the bulk slots present).
+    let base = PROBE_BASE;
+    let (_, lat) = agent::create_range(&socket, base, base + serial - 1, 1)?;
+    cp.serial_create = ms(&lat);
+    let (_, lat) = agent::delete_range(&socket, base, base + serial - 1, 1)?;
+    cp.serial_delete = ms(&lat);
+    proc::check_interrupted()?;
+
+    // 32 concurrent clients.
+    let (_, lat) = agent::create_range(&socket, base, base + conc - 1, agent::BULK_CONCURRENCY)?;
+    cp.conc_create = ms(&lat);
+    let (_, lat) = agent::delete_range(&socket, base, base + conc - 1, agent::BULK_CONCURRENCY)?;
+    cp.conc_delete = ms(&lat);
     Ok(cp)
 }
 

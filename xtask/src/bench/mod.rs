@@ -126,7 +126,7 @@ impl Plan {
             paths: o.paths.clone().unwrap_or_else(|| Path::ALL.to_vec()),
             slots,
             rounds: o.rounds.unwrap_or(if o.quick { 2 } else { 5 }).max(1),
-            duration: Duration::from_secs(o.duration.unwrap_or(if o.quick { 2 } else { 4 }).max(1)),
+            duration: Duration::from_secs(o.duration.unwrap_or(if o.quick { 2 } else { 3 }).max(1)),
             control_plane: !o.no_control_plane,
             prog_cost: !o.no_prog_cost,
             scale_budget: Duration::from_secs(o.scale_budget.unwrap_or(if o.quick {
@@ -270,7 +270,7 @@ fn measure(plan: &Plan, bins: &Bins, run: &topology::Run, results: &mut Results)
                 (0, true) => 3,
                 (0, false) => 20,
                 (_, true) => 1,
-                (_, false) => 5,
+                (_, false) => 3,
             };
             match control_plane::measure_seed(run, legacy.host_ns(), samples) {
                 Ok(t) => results.seed.push((n, t)),
