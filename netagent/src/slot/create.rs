@@ -20,9 +20,9 @@ use super::{GuestLink, SlotAddr};
 /// Name of the guest end of a veth guest link inside the guest namespace.
 pub const GUEST_VETH_NAME: &str = "eth0";
 
-/// The host veth's ifindex while it is made in the slot namespace (it keeps it
-/// in the agent namespace if free there).
-const HOST_VETH_FIRST_INDEX: u32 = SLOT_ETH0_IFINDEX + 1;
+/// The host veth of slot N asks for ifindex `HOST_VETH_INDEX_BASE + N` (above
+/// what the kernel hands out by itself on a host with fewer devices).
+const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
 
 /// The steps of create, in order. With the `fault-injection` feature a test can
 /// make create fail right after any of them has done its work.
@@ -190,23 +190,39 @@ async fn build(
     let slot = Netlink::connect_in(ns.as_fd()).map_err(at(Namespace))?;
     mgr.inject(Namespace).map_err(at(Namespace))?;
 
-    // Veth pair, made inside the slot namespace so that both ifindexes can be
-    // explicit (the kernel honours the peer's only then): `eth0` gets
-    // SLOT_ETH0_IFINDEX, which the shared `tap_ingress` redirects to. Then the
-    // host end moves to the agent namespace (keeping its index if that is free
-    // there, else getting a new one; read back below). Until the move succeeded
-    // the pair goes away with the namespace.
-    slot.veth_add_indexed(
-        &addr.veth,
-        HOST_VETH_FIRST_INDEX,
-        VPEER_NAME,
-        SLOT_ETH0_IFINDEX,
-    )
-    .await
-    .map_err(at(Veth))?;
-    slot.link_move(HOST_VETH_FIRST_INDEX, mgr.host_ns(), &addr.veth)
+    // Veth pair with both ifindexes explicit (the kernel honours the peer's only
+    // then): `eth0` gets SLOT_ETH0_IFINDEX, which the shared `tap_ingress`
+    // redirects to. The host end asks for an index derived from the slot index;
+    // if that one is taken in the agent namespace (another agent), the pair is
+    // made inside the slot namespace instead (any host index there) and the host
+    // end moved over, which costs a netns move (an RCU grace period). Until the
+    // move succeeded the pair goes away with the namespace.
+    let direct = host
+        .veth_add_indexed_peer_ns(
+            &addr.veth,
+            HOST_VETH_INDEX_BASE + addr.index,
+            VPEER_NAME,
+            SLOT_ETH0_IFINDEX,
+            ns.as_fd(),
+        )
+        .await;
+    if let Err(e) = direct {
+        if e.is_exists() && host.link_by_name(&addr.veth).await.ok().flatten().is_some() {
+            // The name is taken: a conflict, reported as such.
+            return Err(Failed(Veth, e.into()));
+        }
+        slot.veth_add_indexed(
+            &addr.veth,
+            HOST_VETH_INDEX_BASE + addr.index,
+            VPEER_NAME,
+            SLOT_ETH0_IFINDEX,
+        )
         .await
         .map_err(at(Veth))?;
+        slot.link_move(HOST_VETH_INDEX_BASE + addr.index, mgr.host_ns(), &addr.veth)
+            .await
+            .map_err(at(Veth))?;
+    }
     undo.push(Undo::HostLink(addr.veth.clone()));
     mgr.inject(Veth).map_err(at(Veth))?;
 
