@@ -181,6 +181,61 @@ pub struct Controller {
     serving: AtomicBool,
     reaped: AtomicU64,
     reap_errors: AtomicU64,
+    activity: Arc<std::sync::Mutex<Activity>>,
+}
+
+/// Which slots are being changed, and when each last was: `verify` leaves out
+/// slots that a create or delete touched while it ran.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Bumped at the start and the end of every slot change.
+    seq: u64,
+    /// Changes in progress per slot.
+    busy: std::collections::BTreeMap<u32, usize>,
+    /// `seq` of each slot's latest start or end of a change.
+    last: std::collections::BTreeMap<u32, u64>,
+}
+
+fn lock_activity(a: &std::sync::Mutex<Activity>) -> std::sync::MutexGuard<'_, Activity> {
+    a.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A slot change in progress; dropped when the change ends (it travels with the
+/// change's own task, so it ends when the change does, not when the client
+/// hangs up).
+struct Busy {
+    activity: Arc<std::sync::Mutex<Activity>>,
+    index: u32,
+}
+
+impl Busy {
+    fn start(activity: &Arc<std::sync::Mutex<Activity>>, index: i64) -> Busy {
+        let index = index as u32;
+        let mut a = lock_activity(activity);
+        a.seq += 1;
+        let seq = a.seq;
+        *a.busy.entry(index).or_default() += 1;
+        a.last.insert(index, seq);
+        Busy {
+            activity: activity.clone(),
+            index,
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut a = lock_activity(&self.activity);
+        a.seq += 1;
+        let seq = a.seq;
+        if let Some(n) = a.busy.get_mut(&self.index) {
+            *n -= 1;
+            if *n == 0 {
+                a.busy.remove(&self.index);
+            }
+        }
+        a.last.insert(self.index, seq);
+    }
 }
 
 /// Longest namespace name accepted (a file name in `/run/netns`).
@@ -196,6 +251,7 @@ impl Controller {
             serving: AtomicBool::new(true),
             reaped: AtomicU64::new(0),
             reap_errors: AtomicU64::new(0),
+            activity: Arc::default(),
         }
     }
 
@@ -228,15 +284,26 @@ impl Controller {
                 check_guest(&guest)?;
                 self.check_serving()?;
                 let backend = self.backend.clone();
-                let (slot, created) =
-                    run_to_completion(async move { backend.create(index, guest).await }).await?;
+                let busy = Busy::start(&self.activity, index);
+                let (slot, created) = run_to_completion(async move {
+                    let result = backend.create(index, guest).await;
+                    drop(busy);
+                    result
+                })
+                .await?;
                 Ok(Outcome::Slot { slot, created })
             }
             Action::DeleteSlot { index } => {
                 self.check_index(index)?;
                 self.check_serving()?;
                 let backend = self.backend.clone();
-                run_to_completion(async move { backend.delete(index).await }).await?;
+                let busy = Busy::start(&self.activity, index);
+                run_to_completion(async move {
+                    let result = backend.delete(index).await;
+                    drop(busy);
+                    result
+                })
+                .await?;
                 Ok(Outcome::Deleted)
             }
             Action::GetSlot { index } => {
@@ -258,7 +325,23 @@ impl Controller {
             Action::Metrics => Ok(Outcome::Metrics(render_prometheus(&self.metrics()?))),
             Action::Verify => {
                 self.check_serving()?;
-                Ok(Outcome::Verify(self.backend.verify().await?))
+                let start = lock_activity(&self.activity).seq;
+                let report = self.backend.verify().await?;
+                // Slots a create or delete touched meanwhile are in flux.
+                let a = lock_activity(&self.activity);
+                let touched = |slot: u32| {
+                    a.busy.contains_key(&slot) || a.last.get(&slot).is_some_and(|s| *s > start)
+                };
+                let differences = report
+                    .differences
+                    .into_iter()
+                    .filter(|d| d.slot.is_none_or(|s| !touched(s)))
+                    .collect();
+                Ok(Outcome::Verify(VerifyReport::new(
+                    &report.prefix,
+                    report.slots,
+                    differences,
+                )))
             }
             Action::Health => {
                 let (programs_loaded, _) = self.backend.programs();

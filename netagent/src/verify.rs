@@ -8,18 +8,20 @@
 //! on eth0, `veth_ingress` on the host veth); `eth0`'s ifindex
 //! (`SLOT_ETH0_IFINDEX`, which the shared `tap_ingress` redirects to); and its
 //! SLOTS, VETH_SLOTS and ADDR_SLOTS entries (ifindices, MACs and addresses must
-//! match the links and the address plan). Then the uplink (`uplink_ingress` attached, CONFIG pointing at it) and
-//! everything of the prefix the agent does not know: namespaces, host veths,
+//! match the links and the address plan). Then the uplink (`uplink_ingress`
+//! attached, CONFIG pointing at it) and everything of the prefix the agent does not know: namespaces, host veths,
 //! routes through them or into the HostIP /16, active SLOTS entries, lookup
 //! entries and flows of unknown slots.
 //!
-//! Reads only: nothing is changed. The result is a snapshot: a create or delete
-//! running at the same time can show as a difference of that slot; slots that
-//! appeared or vanished while the check ran are left out of the report.
+//! Reads only: nothing is changed. Creates and deletes running at the same time
+//! are not reported: slots that appeared or vanished while a pass ran are left
+//! out, and a pass that finds differences is repeated after [`CONFIRM_DELAY`],
+//! reporting only what both passes saw.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Duration;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use futures::TryStreamExt;
@@ -860,8 +862,34 @@ fn check_orphan_topology(
     }
 }
 
-/// Compares the kernel with `mgr`'s slots and datapath.
+/// Time between the two passes of a check that found differences.
+pub const CONFIRM_DELAY: Duration = Duration::from_millis(250);
+
+/// Compares the kernel with `mgr`'s slots and datapath. A check that finds
+/// differences runs again after [`CONFIRM_DELAY`] and reports only those seen
+/// both times, so a create or delete in progress is not reported.
 pub async fn verify(mgr: &SlotManager) -> Result<VerifyReport, VerifyError> {
+    let first = verify_once(mgr).await?;
+    if first.clean {
+        return Ok(first);
+    }
+    tokio::time::sleep(CONFIRM_DELAY).await;
+    let second = verify_once(mgr).await?;
+    let seen: BTreeSet<(Option<u32>, DiffKind, &str)> = first
+        .differences
+        .iter()
+        .map(|d| (d.slot, d.kind, d.object.as_str()))
+        .collect();
+    let confirmed = second
+        .differences
+        .into_iter()
+        .filter(|d| seen.contains(&(d.slot, d.kind, d.object.as_str())))
+        .collect();
+    Ok(VerifyReport::new(&second.prefix, second.slots, confirmed))
+}
+
+/// One pass of [`verify`].
+async fn verify_once(mgr: &SlotManager) -> Result<VerifyReport, VerifyError> {
     let plan = mgr.plan().clone();
     let slots = mgr.list();
     let host_nl = Netlink::connect_current()?;

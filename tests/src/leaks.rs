@@ -300,10 +300,12 @@ impl Snapshot {
         ] {
             let new: Vec<_> = after.difference(before).collect();
             if !new.is_empty() {
+                let shown = &new[..new.len().min(16)];
+                let more = if new.len() > shown.len() { " ..." } else { "" };
                 out.push(Leak {
                     kind,
                     detail: format!(
-                        "{} new ids ({} -> {} total): {new:?}",
+                        "{} new ids ({} -> {} total): {shown:?}{more}",
                         new.len(),
                         before.len(),
                         after.len()
@@ -522,9 +524,10 @@ fn route_line(v: &serde_json::Value) -> Vec<String> {
     if autoconf(&field(v, "dst")) {
         return Vec::new();
     }
+    let table = field(v, "table");
     vec![format!(
         "table {} {} {} dev {}",
-        field(v, "table"),
+        if table.is_empty() { "main" } else { &table },
         field(v, "type"),
         field(v, "dst"),
         field(v, "dev")

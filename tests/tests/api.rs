@@ -901,6 +901,22 @@ fn tcp_request(d: &Daemon, addr: &str, request: &'static str) -> Result<String> 
     .map_err(|_| anyhow::anyhow!("client thread panicked"))?
 }
 
+/// `netagent slot list` as uid/gid 65534 (nobody), with supplementary `group` or none.
+fn as_nobody(socket: &str, group: Option<&str>) -> Result<std::process::Output> {
+    let bin = netagent_tests::daemon::netagent_bin()?;
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534"]);
+    match group {
+        Some(g) => cmd.arg(format!("--groups={g}")),
+        None => cmd.arg("--clear-groups"),
+    };
+    cmd.arg(bin)
+        .args(["slot", "list", "--socket", socket])
+        .env_remove("NETAGENT_SOCKET")
+        .output()
+        .context("setpriv")
+}
+
 #[test]
 fn no_tcp_and_a_root_only_socket_unless_configured() -> Result<()> {
     use std::os::unix::fs::MetadataExt;
@@ -912,6 +928,12 @@ fn no_tcp_and_a_root_only_socket_unless_configured() -> Result<()> {
     let meta = std::fs::metadata(d.world.socket())?;
     ensure!(meta.permissions().mode() & 0o777 == 0o600 && meta.uid() == 0 && meta.gid() == 0);
     ensure!(d.logs().contains("\"api_tcp\":\"off\""), "{}", d.logs());
+    let socket = d.world.socket().display().to_string();
+    let out = as_nobody(&socket, Some("1"))?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{out:?}"
+    );
 
     // Configured: 0660 owned by the group, and the API on the loopback address only.
     d.stop()?;
@@ -930,6 +952,15 @@ fn no_tcp_and_a_root_only_socket_unless_configured() -> Result<()> {
         meta.permissions().mode(),
         meta.uid(),
         meta.gid()
+    );
+    // A member of the group may use the API, others may not.
+    let out = as_nobody(&socket, Some("1"))?;
+    ensure!(out.status.success(), "{out:?}");
+    let out = as_nobody(&socket, None)?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success() && err.contains("permission denied") && err.lines().count() == 1,
+        "{err}"
     );
     ensure!(
         tcp_listeners(&d)? == vec!["127.0.0.1:7071".to_string()],
@@ -1023,7 +1054,13 @@ fn request_size_and_time_limits_come_from_the_config() -> Result<()> {
         b"PUT /v1/slots/2 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
     )?;
     let mut reply = vec![0u8; 4096];
-    let n = slow.read(&mut reply)?;
+    // Signals of other tests' children may interrupt the read: retry.
+    let n = loop {
+        match slow.read(&mut reply) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other?,
+        }
+    };
     let waited = started.elapsed();
     let reply = String::from_utf8_lossy(&reply[..n]).into_owned();
     ensure!(reply.starts_with("HTTP/1.1 503"), "{reply}");

@@ -783,6 +783,7 @@ fn the_leak_check_names_what_a_slot_leaves() -> Result<()> {
         "map entries: VETH_SLOTS: 0 -> 1".to_string(),
         "SLOTS entry: slot 5 still active".to_string(),
         "metric: netagent_slots: 0 -> 1".to_string(),
+        "metric: netagent_program_attachments".to_string(),
         // Three TCX links; no program (the programs are shared).
         "agent fd: bpf_link".to_string(),
     ] {

@@ -14,9 +14,9 @@ pub fn run(_opts: &Options) -> Result<()> {
     toolchain::ensure_nightly(&nightly)?;
     let linker_dir = toolchain::ensure_bpf_linker(&nightly)?;
     let root = workspace_root();
-    let path = std::env::join_paths(
-        std::iter::once(linker_dir).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )?;
+    let path = std::env::join_paths(std::iter::once(linker_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
     eprintln!("xtask: building the eBPF object with {nightly}");
     run_cmd(
         Command::new("cargo")
@@ -33,7 +33,8 @@ pub fn run(_opts: &Options) -> Result<()> {
     )?;
     eprintln!(
         "xtask: eBPF object at {}",
-        root.join("target/bpfel-unknown-none/release/netagent-ebpf").display()
+        root.join("target/bpfel-unknown-none/release/netagent-ebpf")
+            .display()
     );
     Ok(())
 }

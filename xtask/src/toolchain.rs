@@ -15,7 +15,8 @@ const BPF_LINKER_VERSION: &str = "0.13";
 /// The nightly named in `netagent-ebpf/rust-toolchain.toml`.
 pub fn pinned_nightly() -> Result<String> {
     let path = workspace_root().join("netagent-ebpf/rust-toolchain.toml");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     text.lines()
         .find_map(|l| {
             let l = l.trim();
@@ -62,7 +63,12 @@ fn cache_dir() -> PathBuf {
 /// Returns the directory holding a `bpf-linker` built against `nightly`'s LLVM,
 /// building it first if needed.
 pub fn ensure_bpf_linker(nightly: &str) -> Result<PathBuf> {
-    let sysroot = output(Command::new("rustc").arg(format!("+{nightly}")).arg("--print").arg("sysroot"))?;
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{nightly}"))
+            .arg("--print")
+            .arg("sysroot"),
+    )?;
     let version = output(Command::new("rustc").arg(format!("+{nightly}")).arg("-vV"))?;
     let llvm_major = version
         .lines()
@@ -81,7 +87,12 @@ pub fn ensure_bpf_linker(nightly: &str) -> Result<PathBuf> {
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM.so."))
-        .with_context(|| format!("no libLLVM.so.* in {} (the nightly ships its LLVM there)", libdir.display()))?;
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {} (the nightly ships its LLVM there)",
+                libdir.display()
+            )
+        })?;
     // bpf-linker's build looks for `libLLVM.so` under LLVM_PREFIX/lib.
     let prefix = root.join("llvm");
     let prefix_lib = prefix.join("lib");
@@ -113,7 +124,14 @@ pub fn ensure_bpf_linker(nightly: &str) -> Result<PathBuf> {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("run {}", crate::describe(cmd)))?;
-    anyhow::ensure!(out.status.success(), "`{}` failed: {}", crate::describe(cmd), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .with_context(|| format!("run {}", crate::describe(cmd)))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "`{}` failed: {}",
+        crate::describe(cmd),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

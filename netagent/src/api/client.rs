@@ -31,7 +31,9 @@ pub enum ClientError {
         socket: PathBuf,
     },
     /// The socket exists but this user may not connect.
-    #[error("permission denied on {socket}: the API socket is root-only, run this as root")]
+    #[error(
+        "permission denied on {socket}: the API socket is root-only unless the agent runs with socket_group; run this as root or as a member of that group"
+    )]
     PermissionDenied {
         /// The socket path.
         socket: PathBuf,

@@ -72,7 +72,11 @@ pub struct AddressPlan {
 impl AddressPlan {
     /// Validates the prefix and bases once, so per-slot computation cannot fail
     /// except on the index.
-    pub fn new(prefix: &str, host_base: Ipv4Addr, vrt_base: Ipv4Addr) -> Result<Self, AddressingError> {
+    pub fn new(
+        prefix: &str,
+        host_base: Ipv4Addr,
+        vrt_base: Ipv4Addr,
+    ) -> Result<Self, AddressingError> {
         if prefix.is_empty()
             || !prefix
                 .bytes()
@@ -130,7 +134,9 @@ impl AddressPlan {
     /// Parses a host veth name of this plan (either form) back into its index.
     pub fn index_of_veth(&self, name: &str) -> Option<u32> {
         let rest = name.strip_prefix(&self.prefix)?;
-        let digits = rest.strip_prefix("-veth-").or_else(|| rest.strip_prefix("-v"))?;
+        let digits = rest
+            .strip_prefix("-veth-")
+            .or_else(|| rest.strip_prefix("-v"))?;
         let index = parse_index(digits)?;
         (self.veth_name(index) == name).then_some(index)
     }
@@ -190,14 +196,22 @@ pub struct SlotAddr {
 /// by `AddressPlan::new`) and `off < 65536` this never wraps.
 fn offset(base: Ipv4Addr, off: u32) -> Ipv4Addr {
     let [a, b, c, d] = base.octets();
-    Ipv4Addr::new(a, b, c.wrapping_add((off >> 8) as u8), d.wrapping_add((off & 0xff) as u8))
+    Ipv4Addr::new(
+        a,
+        b,
+        c.wrapping_add((off >> 8) as u8),
+        d.wrapping_add((off & 0xff) as u8),
+    )
 }
 
 fn parse_index(digits: &str) -> Option<u32> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.starts_with('0') {
         return None;
     }
-    digits.parse().ok().filter(|n| (MIN_INDEX..=MAX_INDEX).contains(n))
+    digits
+        .parse()
+        .ok()
+        .filter(|n| (MIN_INDEX..=MAX_INDEX).contains(n))
 }
 
 /// Formats a MAC as lower-case colon-separated hex.
@@ -211,7 +225,12 @@ mod tests {
     use super::*;
 
     fn plan() -> AddressPlan {
-        AddressPlan::new("wrenn", Ipv4Addr::new(10, 11, 0, 0), Ipv4Addr::new(10, 12, 0, 0)).unwrap()
+        AddressPlan::new(
+            "wrenn",
+            Ipv4Addr::new(10, 11, 0, 0),
+            Ipv4Addr::new(10, 12, 0, 0),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -258,23 +277,43 @@ mod tests {
             assert_eq!(p.index_of_veth(&p.veth_name(n)), Some(n));
             assert_eq!(p.index_of_namespace(&p.namespace_name(n)), Some(n));
         }
-        for bad in ["wrenn-veth-0", "wrenn-veth-01", "wrenn-v5", "other-veth-1", "wrenn-ns-x", "wrenn-ns-40000"] {
-            assert_eq!(p.index_of_veth(bad).or(p.index_of_namespace(bad)), None, "{bad}");
+        for bad in [
+            "wrenn-veth-0",
+            "wrenn-veth-01",
+            "wrenn-v5",
+            "other-veth-1",
+            "wrenn-ns-x",
+            "wrenn-ns-40000",
+        ] {
+            assert_eq!(
+                p.index_of_veth(bad).or(p.index_of_namespace(bad)),
+                None,
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn plan_rejects_bad_prefix_and_bases() {
         let b = Ipv4Addr::new(10, 11, 0, 0);
-        assert!(matches!(AddressPlan::new("", b, b), Err(AddressingError::PrefixInvalid(_))));
-        assert!(matches!(AddressPlan::new("a/b", b, b), Err(AddressingError::PrefixInvalid(_))));
+        assert!(matches!(
+            AddressPlan::new("", b, b),
+            Err(AddressingError::PrefixInvalid(_))
+        ));
+        assert!(matches!(
+            AddressPlan::new("a/b", b, b),
+            Err(AddressingError::PrefixInvalid(_))
+        ));
         assert!(matches!(
             AddressPlan::new("toolongprefix", b, b),
             Err(AddressingError::PrefixTooLong { .. })
         ));
         assert!(matches!(
             AddressPlan::new("w", Ipv4Addr::new(10, 11, 0, 1), b),
-            Err(AddressingError::BaseNotSlash16 { name: "host_base", .. })
+            Err(AddressingError::BaseNotSlash16 {
+                name: "host_base",
+                ..
+            })
         ));
     }
 
