@@ -4,9 +4,10 @@
 pub const MAP_CONFIG: &str = "CONFIG";
 /// Per-slot configuration, `Array<SlotInfo>` indexed by slot index (entry 0 unused).
 pub const MAP_SLOTS: &str = "SLOTS";
-/// Slot namespace cookie → slot index, `HashMap<u64, u32>` (programs in a slot's
-/// namespace find their slot with `bpf_get_netns_cookie`).
-pub const MAP_NETNS_SLOTS: &str = "NETNS_SLOTS";
+/// Slot address → slot index, `HashMap<u32, u32>` (network-order vpeer_ip and
+/// host_ip of every slot): `slot_ingress`, one instance on every slot's `eth0`,
+/// finds its slot by the packet's destination.
+pub const MAP_ADDR_SLOTS: &str = "ADDR_SLOTS";
 /// Host-side veth ifindex → slot index, `HashMap<u32, u32>`.
 pub const MAP_VETH_SLOTS: &str = "VETH_SLOTS";
 /// Masquerade, original direction: `HashMap<FlowKey, NatEntry>`, keyed by the flow
@@ -27,7 +28,7 @@ pub const MAP_LOCAL_ADDRS: &str = "LOCAL_ADDRS";
 /// what cannot be attributed to a slot.
 pub const MAP_STATS: &str = "STATS";
 /// The guest's Ethernet addresses as its own frames show them, `Array<GuestL2>`
-/// indexed by slot index, written by `tap_ingress`. With them `slot_ingress` writes
+/// indexed by slot index, written by `veth_ingress` from the guest's frames. With them `slot_ingress` writes
 /// the Ethernet header itself and hands the packet to the TAP with `bpf_redirect`,
 /// skipping the route and neighbour lookups of `bpf_redirect_neigh`.
 pub const MAP_GUEST_L2: &str = "GUEST_L2";
@@ -39,13 +40,12 @@ pub const NAT_COLLISION_RETRIES: u32 = 32;
 /// flows do not write to shared map memory on every packet.
 pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 
-/// UDP port of a slot's *beacon*: in every slot namespace the agent keeps a UDP
-/// socket bound to `127.0.0.1:SLOT_BEACON_PORT` whose `SO_MARK` is the slot
-/// index. Programs inside a slot namespace find their slot by looking it up
-/// (`bpf_sk_lookup_udp` searches the namespace of the packet's device), because
-/// nothing in a TAP's frames names the namespace (`bpf_get_netns_cookie` on tc
-/// reports the skb's socket's namespace, and those frames have no socket).
-pub const SLOT_BEACON_PORT: u16 = 1;
+/// The ifindex of `eth0` in every slot namespace. With it the one shared
+/// `tap_ingress` hands the guest's frames to the host veth
+/// (`bpf_redirect_peer(SLOT_ETH0_IFINDEX)`) without knowing which slot it runs in;
+/// the slot is found on the host side by the veth's ifindex. Slot create makes the
+/// veth pair with this index for `eth0` and checks it.
+pub const SLOT_ETH0_IFINDEX: u32 = 4096;
 
 /// Highest slot index (DESIGN §1).
 pub const MAX_SLOT_INDEX: u32 = 32767;
@@ -111,7 +111,7 @@ pub struct SlotInfo {
     pub host_ip: u32,
     /// Host-side veth ifindex (agent namespace).
     pub veth_ifindex: u32,
-    /// `eth0` ifindex inside the slot namespace.
+    /// `eth0` ifindex inside the slot namespace (always `SLOT_ETH0_IFINDEX`).
     pub eth0_ifindex: u32,
     /// `tap0` ifindex inside the slot namespace.
     pub tap_ifindex: u32,

@@ -8,6 +8,7 @@ mod addr;
 mod conntrack;
 mod csum;
 mod fwd;
+mod guest;
 mod maps;
 mod nat;
 mod parse;
@@ -19,16 +20,13 @@ mod veth;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-/// Guest → anywhere, on `tap0` (slot namespace).
+/// Guest → anywhere, on `tap0` (every slot namespace): to the host veth.
 #[classifier]
 pub fn tap_ingress(ctx: TcContext) -> i32 {
-    match tap::try_tap_ingress(&ctx) {
-        Ok(verdict) => verdict,
-        Err(d) => stats::drop_packet(d.slot, d.reason),
-    }
+    tap::try_tap_ingress(&ctx)
 }
 
-/// Slot → world masquerade, on the host veth (agent namespace).
+/// Guest and slot → world or host, on the host veth (agent namespace).
 #[classifier]
 pub fn veth_ingress(ctx: TcContext) -> i32 {
     match veth::try_veth_ingress(&ctx) {
@@ -46,7 +44,7 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-/// Anything → guest, on `eth0` (slot namespace).
+/// Anything → guest, on `eth0` (every slot namespace).
 #[classifier]
 pub fn slot_ingress(ctx: TcContext) -> i32 {
     match slot::try_slot_ingress(&ctx) {

@@ -6,9 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
-use netagent_common::{
-    FlowKey, GlobalConfig, GuestL2, NatEntry, SLOT_BEACON_PORT, SlotInfo, SlotStats,
-};
+use netagent_common::{FlowKey, GlobalConfig, GuestL2, NatEntry, SlotInfo, SlotStats};
 
 /// Placeholder size of the per-slot tables (`max_slots`).
 const DEFAULT_SLOTS: u32 = 32768;
@@ -27,9 +25,9 @@ pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static SLOTS: Array<SlotInfo> = Array::with_max_entries(DEFAULT_SLOTS, 0);
 
-/// `MAP_NETNS_SLOTS`: netns cookie → slot index.
+/// `MAP_ADDR_SLOTS`: slot address (vpeer_ip, host_ip) → slot index.
 #[map]
-pub static NETNS_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(DEFAULT_SLOTS, 0);
+pub static ADDR_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(2 * DEFAULT_SLOTS, 0);
 
 /// `MAP_VETH_SLOTS`: host veth ifindex → slot index.
 #[map]
@@ -58,7 +56,7 @@ pub static LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_LO
 #[map]
 pub static STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(DEFAULT_SLOTS, 0);
 
-/// `MAP_GUEST_L2`: the guest's Ethernet addresses, learned by `tap_ingress`.
+/// `MAP_GUEST_L2`: the guest's Ethernet addresses, learned by `veth_ingress`.
 #[map]
 pub static GUEST_L2: Array<GuestL2> = Array::with_max_entries(DEFAULT_SLOTS, 0);
 
@@ -82,64 +80,18 @@ pub fn slot_info(index: u32) -> Option<&'static SlotInfo> {
     Some(info)
 }
 
-/// The 4-tuple `bpf_sk_lookup_udp` takes for IPv4 (`struct bpf_sock_tuple`).
-#[repr(C)]
-struct SockTupleV4 {
-    saddr: u32,
-    daddr: u32,
-    sport: u16,
-    dport: u16,
-}
-
-/// The slot whose namespace the packet's device is in, from the namespace's
-/// beacon socket (see `SLOT_BEACON_PORT`): its `SO_MARK` is the slot index.
+/// The slot whose address (vpeer_ip or host_ip) is `daddr` (network order), with
+/// its configuration.
 #[inline(always)]
-fn slot_by_beacon(ctx: &aya_ebpf::programs::TcContext) -> Option<u32> {
-    use aya_ebpf::EbpfContext as _;
-    use aya_ebpf::bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple};
-    use aya_ebpf::helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release};
-    let loopback = u32::from_ne_bytes([127, 0, 0, 1]);
-    let mut tuple = SockTupleV4 {
-        saddr: loopback,
-        daddr: loopback,
-        sport: SLOT_BEACON_PORT.to_be(),
-        dport: SLOT_BEACON_PORT.to_be(),
-    };
-    // SAFETY: `tuple` is a valid IPv4 `bpf_sock_tuple` of the size given; the
-    // returned socket is released below on the only path that holds it.
-    let sk = unsafe {
-        bpf_sk_lookup_udp(
-            ctx.as_ptr(),
-            (&raw mut tuple).cast::<bpf_sock_tuple>(),
-            core::mem::size_of::<SockTupleV4>() as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: `sk` is a referenced socket from the lookup; read, then released.
-    let mark = unsafe { (*sk).mark };
-    // SAFETY: releases the reference the lookup took.
-    unsafe { bpf_sk_release(sk.cast()) };
-    Some(mark)
-}
-
-/// The slot whose namespace this program runs in, with its configuration.
-///
-/// Found by the namespace's beacon socket. Without one (as in
-/// `BPF_PROG_TEST_RUN`, whose skbs carry a socket of the caller's namespace),
-/// `NETNS_SLOTS` by the netns cookie is tried.
-#[inline(always)]
-pub fn slot_by_netns(ctx: &aya_ebpf::programs::TcContext) -> Option<(u32, &'static SlotInfo)> {
-    if let Some(index) = slot_by_beacon(ctx) {
-        return Some((index, slot_info(index)?));
-    }
-    use aya_ebpf::EbpfContext as _;
-    // SAFETY: the helper only reads the skb that the context points to.
-    let cookie = unsafe { aya_ebpf::helpers::generated::bpf_get_netns_cookie(ctx.as_ptr()) };
+pub fn slot_by_addr(daddr: u32) -> Option<(u32, &'static SlotInfo)> {
     // SAFETY: the value is a plain u32 copied out right away.
-    let index = unsafe { *NETNS_SLOTS.get(&cookie)? };
+    let index = unsafe { *ADDR_SLOTS.get(&daddr)? };
     Some((index, slot_info(index)?))
+}
+
+/// The global configuration as userspace wrote it, uplink or not (the address
+/// ranges that stay on the host are set at load time).
+#[inline(always)]
+pub fn config() -> Option<&'static GlobalConfig> {
+    CONFIG.get(0)
 }

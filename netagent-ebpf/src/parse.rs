@@ -146,6 +146,13 @@ pub fn eth_addrs(ctx: &TcContext) -> Option<([u8; 6], [u8; 6])> {
     Some((eth.dst, eth.src))
 }
 
+/// The destination address of an IPv4 header that may be malformed (network
+/// order), if the frame is long enough to hold it.
+#[inline(always)]
+pub fn raw_daddr(ctx: &TcContext) -> Option<u32> {
+    load(ctx, IP_DST_OFF)
+}
+
 /// The IPv4 header fields the programs use, network order.
 #[derive(Clone, Copy)]
 pub struct Ipv4 {

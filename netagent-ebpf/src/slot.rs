@@ -1,7 +1,8 @@
-//! `slot_ingress` (on `eth0`, slot namespace): packets for the vpeer address or
-//! for HostIP are for the guest. Their destination becomes 169.254.0.21 (HostIP
+//! `slot_ingress` (on `eth0`, every slot namespace, one shared instance):
+//! packets for a slot's vpeer address or HostIP are for that slot's guest (the
+//! slot is found by the destination in `ADDR_SLOTS`). Their destination becomes 169.254.0.21 (HostIP
 //! flows are tracked so the guest's replies leave as HostIP again) and they go to
-//! `tap0`: with `bpf_redirect` once `tap_ingress` has learned the guest's MAC,
+//! `tap0`: with `bpf_redirect` once `veth_ingress` has learned the guest's MAC,
 //! with `bpf_redirect_neigh` (the kernel resolves it) before that.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
@@ -9,20 +10,29 @@ use netagent_common::{Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_V
 
 use crate::{
     conntrack, csum, fwd,
-    maps::{GUEST_L2, slot_by_netns},
+    maps::{GUEST_L2, slot_by_addr},
     parse::{self, IP_DST_OFF, L4Kind},
     stats::{self, Drop},
 };
 
 #[inline(always)]
 pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
-    let Some((slot, info)) = slot_by_netns(ctx) else {
+    let ip = match parse::ipv4(ctx) {
+        Ok(Some(ip)) => ip,
+        Ok(None) => return Ok(TC_ACT_OK as i32),
+        // Dropped like every malformed IPv4 header here; counted for the slot
+        // its destination names, if it can be read.
+        Err(reason) => {
+            let slot = parse::raw_daddr(ctx)
+                .and_then(slot_by_addr)
+                .map_or(0, |(slot, _)| slot);
+            return Err(Drop::new(slot, reason));
+        }
+    };
+    let Some((slot, info)) = slot_by_addr(ip.daddr) else {
         return Ok(TC_ACT_OK as i32);
     };
     let drop = |reason| Drop::new(slot, reason);
-    let Some(ip) = parse::ipv4(ctx).map_err(drop)? else {
-        return Ok(TC_ACT_OK as i32);
-    };
     let to_host_ip = ip.daddr == info.host_ip;
     if !to_host_ip && ip.daddr != info.vpeer_ip {
         return Ok(TC_ACT_OK as i32);

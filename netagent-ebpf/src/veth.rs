@@ -1,16 +1,19 @@
-//! `veth_ingress` (on the slot's host veth, agent namespace): the masquerade.
-//! Packets from the vpeer address to the world get the uplink address and a port
-//! allocated here, and leave with `bpf_redirect_neigh(uplink)`. Everything else
-//! (replies to the host, traffic to host addresses, ARP) goes up the host stack.
+//! `veth_ingress` (on the slot's host veth, agent namespace): the slot is the
+//! one of this veth (`VETH_SLOTS[ifindex]`). The guest's frames, handed over
+//! untouched by `tap_ingress`, are translated in `guest`; packets of the slot
+//! namespace's own stack (source vpeer) to the world are masqueraded here. Both
+//! get the uplink address and a port allocated here and leave with
+//! `bpf_redirect_neigh(uplink)`. Everything else (traffic to host addresses, ARP)
+//! goes up the host stack.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use netagent_common::{Counter, DropReason, FlowKey, GlobalConfig};
+use netagent_common::{Counter, DropReason, FlowKey, GUEST_IP_BYTES, GlobalConfig};
 
 use crate::{
     addr::is_multicast_or_broadcast,
     conntrack::{self, Dir},
     csum::{self, PortField},
-    fwd,
+    fwd, guest,
     maps::{LOCAL_ADDRS, VETH_SLOTS, global_config, slot_info},
     nat,
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind},
@@ -35,18 +38,16 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     let Some(ip) = parse::ipv4(ctx).map_err(drop)? else {
         return Ok(TC_ACT_OK as i32);
     };
+    if ip.saddr == u32::from_ne_bytes(GUEST_IP_BYTES) {
+        return guest::from_guest(ctx, &ip, slot, info);
+    }
     if ip.saddr != info.vpeer_ip {
-        return Ok(TC_ACT_OK as i32); // HostIP replies and the like: host stack
+        return Ok(TC_ACT_OK as i32);
     }
     let Some(cfg) = global_config() else {
         return Ok(TC_ACT_OK as i32);
     };
-    let dnet = ip.daddr & NET16_MASK;
-    if dnet == cfg.host_base
-        || dnet == cfg.vrt_base
-        || is_multicast_or_broadcast(ip.daddr)
-        || LOCAL_ADDRS.get_ptr(&ip.daddr).is_some()
-    {
+    if stays_on_host(cfg, ip.daddr) {
         return Ok(TC_ACT_OK as i32);
     }
     let l4 = parse::l4(ctx, &ip).map_err(drop)?;
@@ -66,37 +67,57 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let now = conntrack::now_ns();
-    let (nat_ip, nat_port) = match nat::snat_v4_lookup(&key) {
-        Some(entry) => {
-            conntrack::touch(entry, &l4, Dir::Original, now);
-            // SAFETY: pointer from a successful lookup, valid for this run.
-            let e = unsafe { &*entry };
-            (e.addr, e.port)
-        }
-        None => {
-            let state = conntrack::state_bits(&l4, Dir::Original);
-            match nat::snat_v4_alloc(&key, slot, cfg, state, now) {
-                Ok(e) => {
-                    stats::count(slot, Counter::NAT_ALLOCATIONS);
-                    (e.addr, e.port)
-                }
-                Err(reason) => {
-                    stats::count(slot, Counter::NAT_FAILURES);
-                    return Err(drop(reason));
-                }
-            }
-        }
-    };
+    let (nat_ip, nat_port) = snat(&key, &l4, slot, cfg)?;
     csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip).map_err(drop)?;
     csum::l4_port_rewrite(ctx, &l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)
         .map_err(drop)?;
     Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
 }
 
-/// An ICMP error the guest sent about a datagram of one of its masqueraded flows
-/// (e.g. "port unreachable" for a late reply): it quotes the reply as the guest
-/// got it, so the quoted destination (vpeer address and original port) goes back
+/// Whether slot traffic to `daddr` stays on the host (the host stack takes it)
+/// instead of being masqueraded: the agent namespace's own addresses, the HostIP
+/// and veth ranges, multicast and broadcast.
+#[inline(always)]
+pub fn stays_on_host(cfg: &GlobalConfig, daddr: u32) -> bool {
+    let dnet = daddr & NET16_MASK;
+    dnet == cfg.host_base
+        || dnet == cfg.vrt_base
+        || is_multicast_or_broadcast(daddr)
+        || LOCAL_ADDRS.get_ptr(&daddr).is_some()
+}
+
+/// The masquerade address and port of the outgoing flow `key` (source = the
+/// slot's vpeer address): the known entry, refreshed, or a newly allocated one
+/// (counted as an allocation or a failure).
+#[inline(always)]
+pub fn snat(key: &FlowKey, l4: &L4, slot: u32, cfg: &GlobalConfig) -> Result<(u32, u16), Drop> {
+    let now = conntrack::now_ns();
+    match nat::snat_v4_lookup(key) {
+        Some(entry) => {
+            conntrack::touch(entry, l4, Dir::Original, now);
+            // SAFETY: pointer from a successful lookup, valid for this run.
+            let e = unsafe { &*entry };
+            Ok((e.addr, e.port))
+        }
+        None => {
+            let state = conntrack::state_bits(l4, Dir::Original);
+            match nat::snat_v4_alloc(key, slot, cfg, state, now) {
+                Ok(e) => {
+                    stats::count(slot, Counter::NAT_ALLOCATIONS);
+                    Ok((e.addr, e.port))
+                }
+                Err(reason) => {
+                    stats::count(slot, Counter::NAT_FAILURES);
+                    Err(Drop::new(slot, reason))
+                }
+            }
+        }
+    }
+}
+
+/// An ICMP error the slot namespace's own stack sent about a datagram of one of
+/// its masqueraded flows (e.g. "port unreachable" for a late reply): it quotes
+/// the reply as it was received, so the quoted destination (vpeer address and original port) goes back
 /// to the uplink address and the allocated port along with the outer source.
 /// Errors about anything else cannot be translated and are dropped.
 #[inline(always)]

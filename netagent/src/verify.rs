@@ -5,10 +5,11 @@
 //! /31 address); `lo`, `eth0` and `tap0` in the namespace (up, kind, addresses,
 //! the TAP's MAC and txqueuelen); the slot's default route and the host's
 //! HostIP/32 route; the programs attached (`tap_ingress` on tap0, `slot_ingress`
-//! on eth0, `veth_ingress` on the host veth); and its SLOTS, VETH_SLOTS and
-//! NETNS_SLOTS entries (ifindices, MACs and the namespace cookie must match the
-//! links). Then the uplink (`uplink_ingress` attached, CONFIG pointing at it) and
-//! everything of the prefix the agent does not know: namespaces, host veths,
+//! on eth0, `veth_ingress` on the host veth); `eth0`'s ifindex
+//! (`SLOT_ETH0_IFINDEX`, which the shared `tap_ingress` redirects to); and its
+//! SLOTS, VETH_SLOTS and ADDR_SLOTS entries (ifindices, MACs and addresses must
+//! match the links and the address plan). Then the uplink (`uplink_ingress`
+//! attached, CONFIG pointing at it) and everything of the prefix the agent does not know: namespaces, host veths,
 //! routes through them or into the HostIP /16, active SLOTS entries, lookup
 //! entries and flows of unknown slots.
 //!
@@ -24,11 +25,11 @@ use std::time::Duration;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use futures::TryStreamExt;
-use netagent_common::{CONFIG_F_UPLINK, SLOT_F_ACTIVE, SlotInfo};
+use netagent_common::{CONFIG_F_UPLINK, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SlotInfo};
 use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
 use serde::{Deserialize, Serialize};
 
-use crate::bpf::{Datapath, FlowTable, current_netns_cookie, in_netns};
+use crate::bpf::{Datapath, FlowTable};
 use crate::netlink::addr::Addr;
 use crate::netlink::link::{KIND_TUN, KIND_VETH, Link};
 use crate::netlink::route::Route;
@@ -427,7 +428,6 @@ struct Observed {
     veth: Option<Link>,
     eth0: Option<Link>,
     tap: Option<Link>,
-    cookie: Option<u64>,
 }
 
 async fn check_slot(d: &mut Diffs, host: &NsState, host_nl: &Netlink, slot: &Slot) -> Observed {
@@ -532,9 +532,15 @@ async fn check_slot(d: &mut Diffs, host: &NsState, host_nl: &Netlink, slot: &Slo
         seen.tap = tap.cloned();
     }
     check_route(d, n, host, hostw, (a.host_ip, 32), a.vpeer_ip, veth);
-    match in_netns(ns.as_fd(), current_netns_cookie) {
-        Ok(c) => seen.cookie = Some(c),
-        Err(e) => d.mismatch(Some(n), format!("cookie of {nsw}"), "readable", e),
+    if let Some(eth0) = &seen.eth0
+        && eth0.index != SLOT_ETH0_IFINDEX
+    {
+        d.mismatch(
+            Some(n),
+            format!("ifindex of link {VPEER_NAME} ({nsw})"),
+            SLOT_ETH0_IFINDEX,
+            eth0.index,
+        );
     }
     seen
 }
@@ -624,24 +630,26 @@ fn check_slot_maps(d: &mut Diffs, dp: &Datapath, slot: &Slot, seen: &Observed) {
             Err(e) => d.mismatch(Some(n), "map VETH_SLOTS", "readable", e),
         }
     }
-    if let Some(cookie) = seen.cookie {
-        match maps.netns_slots() {
-            Ok(entries) => match entries.iter().find(|(c, _)| *c == cookie) {
-                Some((_, i)) if *i == n => {}
-                Some((_, i)) => d.mismatch(
-                    Some(n),
-                    format!("map NETNS_SLOTS[{cookie}] ({})", a.namespace),
-                    format!("slot {n}"),
-                    format!("slot {i}"),
-                ),
-                None => d.missing(
-                    Some(n),
-                    format!("map NETNS_SLOTS[{cookie}] ({})", a.namespace),
-                    format!("slot {n}"),
-                ),
-            },
-            Err(e) => d.mismatch(Some(n), "map NETNS_SLOTS", "readable", e),
+    match maps.addr_slots() {
+        Ok(entries) => {
+            for addr in [a.vpeer_ip, a.host_ip] {
+                match entries.iter().find(|(x, _)| *x == addr) {
+                    Some((_, i)) if *i == n => {}
+                    Some((_, i)) => d.mismatch(
+                        Some(n),
+                        format!("map ADDR_SLOTS[{addr}]"),
+                        format!("slot {n}"),
+                        format!("slot {i}"),
+                    ),
+                    None => d.missing(
+                        Some(n),
+                        format!("map ADDR_SLOTS[{addr}]"),
+                        format!("slot {n}"),
+                    ),
+                }
+            }
         }
+        Err(e) => d.mismatch(Some(n), "map ADDR_SLOTS", "readable", e),
     }
     if !dp.attached_slots().contains(&n) {
         d.missing(
@@ -699,22 +707,24 @@ fn check_orphan_maps(d: &mut Diffs, dp: &Datapath, known: &BTreeMap<u32, &Observ
         }
         Err(e) => d.mismatch(None, "map VETH_SLOTS", "readable", e),
     }
-    match maps.netns_slots() {
+    match maps.addr_slots() {
         Ok(entries) => {
-            for (cookie, i) in entries {
-                let ours = known
-                    .get(&i)
-                    .is_some_and(|o| o.cookie.is_none_or(|c| c == cookie));
+            for (addr, i) in entries {
+                // A known slot's own addresses (checked against the plan above).
+                let ours = known.contains_key(&i)
+                    && maps
+                        .slot(i)
+                        .is_ok_and(|s| ip_of(s.vpeer_ip) == addr || ip_of(s.host_ip) == addr);
                 if !ours {
                     d.orphan(
                         Some(i),
-                        format!("map NETNS_SLOTS[{cookie}]"),
-                        format!("slot {i} (not the cookie of the slot's namespace)"),
+                        format!("map ADDR_SLOTS[{addr}]"),
+                        format!("slot {i} (not an address of the slot)"),
                     );
                 }
             }
         }
-        Err(e) => d.mismatch(None, "map NETNS_SLOTS", "readable", e),
+        Err(e) => d.mismatch(None, "map ADDR_SLOTS", "readable", e),
     }
     for t in FlowTable::ALL {
         match maps.flows(t) {

@@ -11,7 +11,7 @@
 //! - system-wide BPF program, link and map ids (`BPF_*_GET_NEXT_ID`);
 //! - every file under the instance's bpffs mount;
 //! - entries of the pinned maps, read through the pins (an independent view of the
-//!   kernel): active `SLOTS` indices, `NETNS_SLOTS`, `VETH_SLOTS`, `NAT_EGRESS`,
+//!   kernel): active `SLOTS` indices, `ADDR_SLOTS`, `VETH_SLOTS`, `NAT_EGRESS`,
 //!   `NAT_INGRESS`, `HOST_FLOWS`, learned `GUEST_L2` rows, non-zero `STATS` rows;
 //! - the agent's own gauges from `/metrics` (slots, table entries, programs,
 //!   attachments, per-slot series);
@@ -703,8 +703,8 @@ fn pinned_map_entries(dir: &Path) -> Result<Entries> {
     }
     entries.insert("SLOTS", active.len());
     entries.insert(
-        "NETNS_SLOTS",
-        hash_len::<u64, u32>(dir, netagent_common::MAP_NETNS_SLOTS)?,
+        "ADDR_SLOTS",
+        hash_len::<u32, u32>(dir, netagent_common::MAP_ADDR_SLOTS)?,
     );
     entries.insert(
         "VETH_SLOTS",

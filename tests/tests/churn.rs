@@ -573,7 +573,7 @@ struct SlotPresence {
     namespace: bool,
     veth: bool,
     slots_entry: bool,
-    netns_entries: usize,
+    addr_entries: usize,
     veth_entries: usize,
     veth_tcx: bool,
     guest_eth0: bool,
@@ -585,7 +585,7 @@ impl SlotPresence {
             && self.namespace
             && self.veth
             && self.slots_entry
-            && self.netns_entries == 1
+            && self.addr_entries == 2
             && self.veth_entries == 1
             && self.veth_tcx
             && self.guest_eth0
@@ -596,7 +596,7 @@ impl SlotPresence {
             && !self.namespace
             && !self.veth
             && !self.slots_entry
-            && self.netns_entries == 0
+            && self.addr_entries == 0
             && self.veth_entries == 0
             && !self.veth_tcx
             && !self.guest_eth0
@@ -612,7 +612,7 @@ fn presence(d: &Daemon, target: &Target, guest_ns: &str, index: i64, api: bool) 
         namespace: s.namespaces.contains(&ns),
         veth: s.host_links.contains(&veth),
         slots_entry: s.active_slots.contains(&(index as u32)),
-        netns_entries: s.map_entries.get("NETNS_SLOTS").copied().unwrap_or(0),
+        addr_entries: s.map_entries.get("ADDR_SLOTS").copied().unwrap_or(0),
         veth_entries: s.map_entries.get("VETH_SLOTS").copied().unwrap_or(0),
         veth_tcx: s.tcx.contains_key(&format!("{veth}/ingress")),
         guest_eth0: s
@@ -779,11 +779,12 @@ fn the_leak_check_names_what_a_slot_leaves() -> Result<()> {
         "host address: ".to_string(),
         "host route: ".to_string(),
         format!("tcx attachment: {p}-veth-5/ingress"),
-        "map entries: NETNS_SLOTS: 0 -> 1".to_string(),
+        "map entries: ADDR_SLOTS: 0 -> 2".to_string(),
         "map entries: VETH_SLOTS: 0 -> 1".to_string(),
         "SLOTS entry: slot 5 still active".to_string(),
         "metric: netagent_slots: 0 -> 1".to_string(),
         "metric: netagent_program_attachments".to_string(),
+        // Three TCX links; no program (the programs are shared).
         "agent fd: bpf_link".to_string(),
     ] {
         ensure!(

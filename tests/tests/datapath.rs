@@ -9,13 +9,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use netagent::bpf::{
     AttachMode, Datapath, DatapathConfig, FlowTable, Program, TEST_RUN_IFINDEX, TestRunOutput,
-    current_netns_cookie,
 };
 use netagent::config::Timeouts;
 use netagent_common::{
     CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatEntry, SLOT_F_ACTIVE, STATE_FIN_ORIG,
-    STATE_FIN_REPLY, STATE_REPLIED, STATE_SYN, SlotInfo, SlotStats,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatEntry, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE,
+    STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_REPLIED, STATE_SYN, SlotInfo, SlotStats,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -75,9 +74,8 @@ fn small_config() -> DatapathConfig {
     }
 }
 
-/// A loaded datapath with slot 7 seeded as the namespace of this test process
-/// (test runs see the caller's netns cookie) and as the test-run ifindex, and an
-/// uplink 198.18.0.1.
+/// A loaded datapath with slot 7 seeded (SLOTS, its addresses in ADDR_SLOTS, and
+/// the test-run ifindex as its host veth in VETH_SLOTS) and an uplink 198.18.0.1.
 fn datapath_with(cfg: DatapathConfig) -> Option<Datapath> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipping: BPF_PROG_TEST_RUN needs root (CAP_BPF)");
@@ -101,7 +99,7 @@ fn datapath_with(cfg: DatapathConfig) -> Option<Datapath> {
             vpeer_ip: map_ip(VPEER),
             host_ip: map_ip(HOST_IP),
             veth_ifindex: 1001,
-            eth0_ifindex: 2002,
+            eth0_ifindex: SLOT_ETH0_IFINDEX,
             tap_ifindex: 3003,
             flags: SLOT_F_ACTIVE,
             veth_mac: VETH_MAC,
@@ -109,8 +107,8 @@ fn datapath_with(cfg: DatapathConfig) -> Option<Datapath> {
         },
     )
     .unwrap();
-    maps.set_netns_slot(current_netns_cookie().unwrap(), SLOT)
-        .unwrap();
+    maps.set_addr_slot(VPEER, SLOT).unwrap();
+    maps.set_addr_slot(HOST_IP, SLOT).unwrap();
     maps.set_veth_slot(TEST_RUN_IFINDEX, SLOT).unwrap();
     Some(dp)
 }
@@ -119,10 +117,32 @@ fn datapath() -> Option<Datapath> {
     datapath_with(small_config())
 }
 
-/// Runs `prog` once. Programs inside a slot namespace find slot 7 through the
-/// netns cookie fallback here: there is no beacon socket in the test's namespace.
+/// Runs `prog` (the one instance every slot shares).
 fn run(dp: &Datapath, prog: Program, frame: &[u8]) -> TestRunOutput {
     dp.test_run(prog, frame).expect("BPF_PROG_TEST_RUN")
+}
+
+/// A guest frame's way out of the slot: `tap_ingress` hands it untouched to the
+/// host veth (`bpf_redirect_peer(SLOT_ETH0_IFINDEX)`), where `veth_ingress`
+/// translates it. Returns what `veth_ingress` made of it.
+fn from_tap(dp: &Datapath, frame: &[u8]) -> TestRunOutput {
+    let at_tap = run(dp, Program::TapIngress, frame);
+    assert_eq!(
+        (at_tap.verdict, &at_tap.frame),
+        (TC_ACT_REDIRECT, &frame.to_vec()),
+        "tap_ingress redirects the guest's frame untouched"
+    );
+    run(dp, Program::VethIngress, frame)
+}
+
+/// A guest packet to the world through tap and veth: masqueraded in one rewrite
+/// and redirected to the uplink. Returns the output and the allocated port.
+fn guest_masquerade(dp: &Datapath, pkt: &PacketBuilder) -> (TestRunOutput, u16) {
+    let out = from_tap(dp, &pkt.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "masqueraded and redirected");
+    let p = packet::parse(&out.frame).unwrap();
+    assert_eq!(p.src, UPLINK_IP);
+    (out, p.sport)
 }
 
 fn stats(dp: &Datapath) -> SlotStats {
@@ -155,10 +175,10 @@ fn guest_frame(b: PacketBuilder) -> PacketBuilder {
     b.macs(GUEST_MAC, TAP_MAC)
 }
 
-// ---------------------------------------------------------------- tap_ingress
+// ------------------------------------------------ tap_ingress + veth_ingress (guest)
 
 #[test]
-fn tap_tcp_snat_to_vpeer_and_redirect() {
+fn guest_tcp_is_masqueraded_in_one_rewrite_keyed_by_vpeer() {
     let Some(dp) = datapath() else { return };
     let pkt = guest_frame(PacketBuilder::tcp(
         sock(GUEST, 40000),
@@ -166,49 +186,65 @@ fn tap_tcp_snat_to_vpeer_and_redirect() {
         tcp_flags::SYN,
     ));
     let frame = pkt.build();
-    let out = run(&dp, Program::TapIngress, &frame);
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    let expected = pkt
-        .clone()
-        .macs(ETH0_MAC, VETH_MAC)
-        .with_src(VPEER, 40000)
-        .build();
-    assert_frame(&out, &expected);
+    let (out, port) = guest_masquerade(&dp, &pkt);
+    assert!((PORT_MIN..=PORT_MAX).contains(&port));
+    // The guest's address becomes the uplink's directly; the MACs are left to
+    // bpf_redirect_neigh.
+    assert_frame(&out, &pkt.clone().with_src(UPLINK_IP, port).build());
+    // The flow is keyed by the slot's vpeer address (unique per slot), and
+    // replies come back to the vpeer address.
+    let egress = dp
+        .maps()
+        .flow(
+            FlowTable::NatEgress,
+            &key(VPEER, 40000, WAN, 80, IPPROTO_TCP),
+        )
+        .unwrap()
+        .expect("NAT_EGRESS entry keyed by vpeer");
+    assert_eq!(
+        (egress.addr, egress.port, egress.slot, egress.state),
+        (map_ip(UPLINK_IP), port.to_be(), SLOT, STATE_SYN)
+    );
+    let ingress = dp
+        .maps()
+        .flow(
+            FlowTable::NatIngress,
+            &key(WAN, 80, UPLINK_IP, port, IPPROTO_TCP),
+        )
+        .unwrap()
+        .expect("NAT_INGRESS entry");
+    assert_eq!(
+        (ingress.addr, ingress.port),
+        (map_ip(VPEER), 40000u16.to_be())
+    );
     let s = stats(&dp);
     assert_eq!(s.counters[Counter::FROM_GUEST_PACKETS], 1);
     assert_eq!(s.counters[Counter::FROM_GUEST_BYTES], frame.len() as u64);
+    assert_eq!(s.counters[Counter::NAT_ALLOCATIONS], 1);
 }
 
 #[test]
-fn tap_udp_snat_to_vpeer() {
+fn guest_udp_is_masqueraded() {
     let Some(dp) = datapath() else { return };
     let pkt = guest_frame(PacketBuilder::udp(
         sock(GUEST, 5353),
         sock(WAN, 53),
         b"query",
     ));
-    let out = run(&dp, Program::TapIngress, &pkt.build());
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    assert_frame(
-        &out,
-        &pkt.macs(ETH0_MAC, VETH_MAC).with_src(VPEER, 5353).build(),
-    );
+    let (out, port) = guest_masquerade(&dp, &pkt);
+    assert_frame(&out, &pkt.with_src(UPLINK_IP, port).build());
 }
 
 #[test]
-fn tap_icmp_echo_snat_to_vpeer() {
+fn guest_icmp_echo_is_masqueraded() {
     let Some(dp) = datapath() else { return };
     let pkt = guest_frame(PacketBuilder::icmp_echo_request(GUEST, WAN, 0x4d2, 1));
-    let out = run(&dp, Program::TapIngress, &pkt.build());
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    assert_frame(
-        &out,
-        &pkt.macs(ETH0_MAC, VETH_MAC).with_src(VPEER, 0x4d2).build(),
-    );
+    let (out, id) = guest_masquerade(&dp, &pkt);
+    assert_frame(&out, &pkt.with_src(UPLINK_IP, id).build());
 }
 
 #[test]
-fn tap_udp_checksum_zero_stays_zero() {
+fn guest_udp_checksum_zero_stays_zero() {
     let Some(dp) = datapath() else { return };
     let pkt = guest_frame(PacketBuilder::udp(
         sock(GUEST, 5000),
@@ -216,17 +252,13 @@ fn tap_udp_checksum_zero_stays_zero() {
         b"nock",
     ))
     .udp_no_checksum();
-    let out = run(&dp, Program::TapIngress, &pkt.build());
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let (out, port) = guest_masquerade(&dp, &pkt);
     assert_eq!(packet::parse(&out.frame).unwrap().l4_checksum, 0);
-    assert_frame(
-        &out,
-        &pkt.macs(ETH0_MAC, VETH_MAC).with_src(VPEER, 5000).build(),
-    );
+    assert_frame(&out, &pkt.with_src(UPLINK_IP, port).build());
 }
 
 #[test]
-fn tap_handles_ip_options() {
+fn guest_ip_options_are_handled() {
     let Some(dp) = datapath() else { return };
     // Router Alert (4 bytes) + a NOP-padded timestamp-ish option: IHL 7.
     let options = [0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00];
@@ -235,17 +267,13 @@ fn tap_handles_ip_options() {
             .ip_options(&options)
             .payload(b"hello over options"),
     );
-    let out = run(&dp, Program::TapIngress, &pkt.build());
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let (out, port) = guest_masquerade(&dp, &pkt);
     assert_eq!(packet::parse(&out.frame).unwrap().ihl_bytes, 28);
-    assert_frame(
-        &out,
-        &pkt.macs(ETH0_MAC, VETH_MAC).with_src(VPEER, 41000).build(),
-    );
+    assert_frame(&out, &pkt.with_src(UPLINK_IP, port).build());
 }
 
 #[test]
-fn tap_reply_of_host_flow_leaves_as_host_ip() {
+fn guest_reply_of_host_flow_goes_up_as_host_ip() {
     let Some(mut dp) = datapath() else { return };
     // The host (10.12.0.14:50000) opened a TCP flow to HostIP:8080.
     let original = key(VETH_IP, 50000, HOST_IP, 8080, IPPROTO_TCP);
@@ -268,8 +296,9 @@ fn tap_reply_of_host_flow_leaves_as_host_ip() {
         sock(VETH_IP, 50000),
         tcp_flags::SYN | tcp_flags::ACK,
     ));
-    let out = run(&dp, Program::TapIngress, &pkt.build());
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    // Up the host stack as HostIP, addressed as if it came over the veth.
+    let out = from_tap(&dp, &pkt.build());
+    assert_eq!(out.verdict, TC_ACT_OK);
     assert_frame(
         &out,
         &pkt.macs(ETH0_MAC, VETH_MAC).with_src(HOST_IP, 8080).build(),
@@ -284,7 +313,7 @@ fn tap_reply_of_host_flow_leaves_as_host_ip() {
 }
 
 #[test]
-fn tap_reply_of_host_ping_leaves_as_host_ip() {
+fn guest_reply_of_host_ping_goes_up_as_host_ip() {
     let Some(mut dp) = datapath() else { return };
     let original = key(VETH_IP, 0x77, HOST_IP, 0, IPPROTO_ICMP);
     dp.maps_mut()
@@ -302,8 +331,8 @@ fn tap_reply_of_host_ping_leaves_as_host_ip() {
         )
         .unwrap();
     let pkt = guest_frame(PacketBuilder::icmp_echo_reply(GUEST, VETH_IP, 0x77, 3));
-    let out = run(&dp, Program::TapIngress, &pkt.build());
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let out = from_tap(&dp, &pkt.build());
+    assert_eq!(out.verdict, TC_ACT_OK);
     let mut expected = pkt.macs(ETH0_MAC, VETH_MAC);
     expected.src = HOST_IP;
     assert_frame(&out, &expected.build());
@@ -333,7 +362,7 @@ fn tap_passes_arp_ipv6_and_gateway_traffic_untouched() {
 }
 
 #[test]
-fn tap_drops_malformed_packets_and_counts_them() {
+fn guest_malformed_packets_are_dropped_and_counted_for_the_slot() {
     let Some(dp) = datapath() else { return };
     let good = guest_frame(PacketBuilder::tcp(
         sock(GUEST, 1),
@@ -370,8 +399,10 @@ fn tap_drops_malformed_packets_and_counts_them() {
     cut_tcp[16..18].copy_from_slice(&30u16.to_be_bytes());
     cases.push(("TCP header cut off", cut_tcp));
     let n = cases.len() as u64;
+    // tap_ingress cannot count for a slot it does not know: it hands them over,
+    // and veth_ingress drops and counts them for this slot.
     for (what, frame) in cases {
-        let out = run(&dp, Program::TapIngress, &frame);
+        let out = from_tap(&dp, &frame);
         assert_eq!(out.verdict, TC_ACT_SHOT, "{what}");
     }
     assert_eq!(drops(&dp, DropReason::Malformed), n);
@@ -379,7 +410,7 @@ fn tap_drops_malformed_packets_and_counts_them() {
 }
 
 #[test]
-fn tap_drops_fragments_and_counts_them() {
+fn guest_fragments_are_dropped_and_counted_for_the_slot() {
     let Some(dp) = datapath() else { return };
     let first =
         guest_frame(PacketBuilder::udp(sock(GUEST, 1), sock(WAN, 2), &[7; 64]).fragment(true, 0))
@@ -388,35 +419,77 @@ fn tap_drops_fragments_and_counts_them() {
         guest_frame(PacketBuilder::udp(sock(GUEST, 1), sock(WAN, 2), &[7; 64]).fragment(false, 9))
             .build();
     for frame in [first, later] {
-        assert_eq!(run(&dp, Program::TapIngress, &frame).verdict, TC_ACT_SHOT);
+        assert_eq!(from_tap(&dp, &frame).verdict, TC_ACT_SHOT);
     }
     assert_eq!(drops(&dp, DropReason::Fragment), 2);
 }
 
 #[test]
-fn shared_instance_finds_the_slot_by_netns_cookie_or_passes() {
+fn tap_redirects_without_knowing_the_slot_and_veth_finds_it_by_ifindex() {
     let Some(mut dp) = datapath() else { return };
-    let pkt = guest_frame(PacketBuilder::tcp(
+    let frame = guest_frame(PacketBuilder::tcp(
         sock(GUEST, 1),
         sock(WAN, 2),
         tcp_flags::SYN,
-    ));
-    let frame = pkt.build();
-    // In a test run the skb carries a socket of this namespace, so the cookie
-    // lookup finds slot 7.
-    let out = run(&dp, Program::TapIngress, &frame);
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    assert_frame(
-        &out,
-        &pkt.macs(ETH0_MAC, VETH_MAC).with_src(VPEER, 1).build(),
-    );
-    dp.maps_mut()
-        .remove_netns_slot(current_netns_cookie().unwrap())
-        .unwrap();
-    for prog in Program::SLOT_NS {
-        let out = run(&dp, prog, &frame);
-        assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
+    ))
+    .build();
+    // No slot known at all: tap_ingress still hands the frame over (it looks
+    // nothing up); veth_ingress, without a VETH_SLOTS entry, passes it.
+    dp.maps_mut().remove_veth_slot(TEST_RUN_IFINDEX).unwrap();
+    dp.maps_mut().set_slot(SLOT, &SlotInfo::default()).unwrap();
+    let out = from_tap(&dp, &frame);
+    assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
+    assert_eq!(dp.table_usage().unwrap().nat_egress, 0);
+    assert_eq!(stats(&dp), SlotStats::default());
+    assert_eq!(dp.unattributed_stats().unwrap(), SlotStats::default());
+}
+
+#[test]
+fn slot_ingress_finds_the_slot_by_destination() {
+    let Some(mut dp) = datapath() else { return };
+    // Slot 9 next to slot 7: HostIP 10.11.0.9, vpeer 10.12.0.19.
+    let (host9, vpeer9) = (Ipv4Addr::new(10, 11, 0, 9), Ipv4Addr::new(10, 12, 0, 19));
+    let maps = dp.maps_mut();
+    maps.set_slot(
+        9,
+        &SlotInfo {
+            vpeer_ip: map_ip(vpeer9),
+            host_ip: map_ip(host9),
+            veth_ifindex: 1009,
+            eth0_ifindex: SLOT_ETH0_IFINDEX,
+            tap_ifindex: 3009,
+            flags: SLOT_F_ACTIVE,
+            veth_mac: VETH_MAC,
+            eth0_mac: ETH0_MAC,
+        },
+    )
+    .unwrap();
+    maps.set_addr_slot(vpeer9, 9).unwrap();
+    maps.set_addr_slot(host9, 9).unwrap();
+    for (dst, slot) in [(VPEER, SLOT), (vpeer9, 9), (HOST_IP, SLOT), (host9, 9)] {
+        let before = dp.slot_stats(slot).unwrap().counters[Counter::TO_GUEST_PACKETS];
+        let pkt = PacketBuilder::udp(sock(WAN, 53), sock(dst, 5353), b"a").macs(VETH_MAC, ETH0_MAC);
+        let out = run(&dp, Program::SlotIngress, &pkt.build());
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "to {dst}");
+        assert_frame(&out, &pkt.with_dst(GUEST, 5353).build());
+        let after = dp.slot_stats(slot).unwrap().counters[Counter::TO_GUEST_PACKETS];
+        assert_eq!(after, before + 1, "counted for slot {slot}");
     }
+    // Slot 9's host flow is slot 9's.
+    let flow = dp
+        .maps()
+        .flow(
+            FlowTable::HostFlows,
+            &key(WAN, 53, host9, 5353, IPPROTO_UDP),
+        )
+        .unwrap()
+        .expect("host flow of slot 9");
+    assert_eq!(flow.slot, 9);
+    // An address no slot has passes untouched.
+    dp.maps_mut().remove_addr_slot(vpeer9).unwrap();
+    let frame = PacketBuilder::udp(sock(WAN, 53), sock(vpeer9, 5353), b"a").build();
+    let out = run(&dp, Program::SlotIngress, &frame);
+    assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
 }
 
 // ---------------------------------------------------------------- veth_ingress
@@ -946,7 +1019,7 @@ fn icmp_errors_about_other_traffic_pass_untouched() {
 }
 
 #[test]
-fn tap_learns_the_guest_l2_and_slot_ingress_uses_it() {
+fn veth_learns_the_guest_l2_and_slot_ingress_uses_it() {
     let Some(mut dp) = datapath() else { return };
     let to_guest =
         PacketBuilder::udp(sock(WAN, 53), sock(VPEER, 5353), b"answer").macs(VETH_MAC, ETH0_MAC);
@@ -957,7 +1030,7 @@ fn tap_learns_the_guest_l2_and_slot_ingress_uses_it() {
     assert_eq!(dp.maps().guest_l2(SLOT).unwrap(), GuestL2::default());
 
     let from_guest = guest_frame(PacketBuilder::udp(sock(GUEST, 5353), sock(WAN, 53), b"q"));
-    run(&dp, Program::TapIngress, &from_guest.build());
+    from_tap(&dp, &from_guest.build());
     assert_eq!(
         dp.maps().guest_l2(SLOT).unwrap(),
         GuestL2 {
@@ -979,18 +1052,12 @@ fn tap_learns_the_guest_l2_and_slot_ingress_uses_it() {
 
     // A new MAC (the guest rebooted with another NIC address) replaces the old.
     let new_mac = [0x02, 0xcc, 0, 0, 0, 0x99];
-    run(
-        &dp,
-        Program::TapIngress,
-        &from_guest.clone().macs(new_mac, TAP_MAC).build(),
-    );
+    from_tap(&dp, &from_guest.clone().macs(new_mac, TAP_MAC).build());
     assert_eq!(dp.maps().guest_l2(SLOT).unwrap().guest_mac, new_mac);
     // Frames that are not the guest's IPv4 teach nothing.
-    run(
-        &dp,
-        Program::TapIngress,
-        &arp_request([0x02, 0xee, 0, 0, 0, 1], GUEST, TAP_IP),
-    );
+    let arp = arp_request([0x02, 0xee, 0, 0, 0, 1], GUEST, TAP_IP);
+    run(&dp, Program::TapIngress, &arp);
+    run(&dp, Program::VethIngress, &arp);
     assert_eq!(dp.maps().guest_l2(SLOT).unwrap().guest_mac, new_mac);
 
     dp.detach_slot(SLOT).unwrap();
@@ -1012,22 +1079,13 @@ fn guest_icmp_errors_about_its_flows_leave_translated() {
     let answer = PacketBuilder::udp(sock(WAN, 53), sock(GUEST, 5353), b"late answer");
     let quoted = quote(&answer.ipv4_bytes());
     let err = guest_frame(PacketBuilder::icmp(GUEST, WAN, 3, 3).payload(&quoted));
-    let at_veth = run(&dp, Program::TapIngress, &err.build());
-    assert_eq!(at_veth.verdict, TC_ACT_REDIRECT);
-    assert_frame(
-        &at_veth,
-        &PacketBuilder::icmp(VPEER, WAN, 3, 3)
-            .payload(&requote_dst(&quoted, VPEER, 5353))
-            .macs(ETH0_MAC, VETH_MAC)
-            .build(),
-    );
-    let on_wire = run(&dp, Program::VethIngress, &at_veth.frame);
+    let on_wire = from_tap(&dp, &err.build());
     assert_eq!(on_wire.verdict, TC_ACT_REDIRECT);
     assert_frame(
         &on_wire,
         &PacketBuilder::icmp(UPLINK_IP, WAN, 3, 3)
             .payload(&requote_dst(&quoted, UPLINK_IP, port))
-            .macs(ETH0_MAC, VETH_MAC)
+            .macs(GUEST_MAC, TAP_MAC)
             .build(),
     );
 }
@@ -1053,8 +1111,9 @@ fn guest_icmp_errors_to_the_host_leave_as_host_ip() {
     let got = PacketBuilder::udp(sock(VETH_IP, 41000), sock(GUEST, 53), b"probe");
     let quoted = quote(&got.ipv4_bytes());
     let err = guest_frame(PacketBuilder::icmp(GUEST, VETH_IP, 3, 3).payload(&quoted));
-    let out = run(&dp, Program::TapIngress, &err.build());
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    // Up the host stack as HostIP.
+    let out = from_tap(&dp, &err.build());
+    assert_eq!(out.verdict, TC_ACT_OK);
     assert_frame(
         &out,
         &PacketBuilder::icmp(HOST_IP, VETH_IP, 3, 3)
@@ -1062,9 +1121,6 @@ fn guest_icmp_errors_to_the_host_leave_as_host_ip() {
             .macs(ETH0_MAC, VETH_MAC)
             .build(),
     );
-    // On the host veth it goes up the host stack as it is.
-    let up = run(&dp, Program::VethIngress, &out.frame);
-    assert_eq!((up.verdict, &up.frame), (TC_ACT_OK, &out.frame));
 }
 
 // ---------------------------------------------------------------- slot_ingress
@@ -1166,9 +1222,7 @@ fn guest_to_world_and_back_through_all_four_programs() {
         sock(WAN, 443),
         tcp_flags::SYN,
     ));
-    let at_veth = run(&dp, Program::TapIngress, &syn.build());
-    assert_eq!(at_veth.verdict, TC_ACT_REDIRECT);
-    let on_wire = run(&dp, Program::VethIngress, &at_veth.frame);
+    let on_wire = from_tap(&dp, &syn.build());
     assert_eq!(on_wire.verdict, TC_ACT_REDIRECT);
     verify_checksums(&on_wire.frame).unwrap();
     let wire = packet::parse(&on_wire.frame).unwrap();
@@ -1218,8 +1272,9 @@ fn host_to_guest_and_back_through_slot_and_tap() {
         sock(VETH_IP, 41000),
         b"a",
     ));
-    let out = run(&dp, Program::TapIngress, &answer.build());
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    // The reply goes up the host stack as HostIP.
+    let out = from_tap(&dp, &answer.build());
+    assert_eq!(out.verdict, TC_ACT_OK);
     assert_frame(
         &out,
         &answer
@@ -1227,9 +1282,6 @@ fn host_to_guest_and_back_through_slot_and_tap() {
             .with_src(HOST_IP, 53)
             .build(),
     );
-    // On the host veth the reply (source HostIP) goes to the host stack as is.
-    let up = run(&dp, Program::VethIngress, &out.frame);
-    assert_eq!((up.verdict, &up.frame), (TC_ACT_OK, &out.frame));
 }
 
 // ---------------------------------------------------------------- userspace side
@@ -1353,16 +1405,20 @@ fn detach_slot_removes_its_flows_and_counters_only() {
     );
     assert_eq!(stats(&dp), SlotStats::default());
     assert_eq!(dp.maps().slot(SLOT).unwrap(), SlotInfo::default());
-    assert!(dp.maps().netns_slots().unwrap().is_empty());
+    assert!(dp.maps().addr_slots().unwrap().is_empty());
     assert!(dp.maps().veth_slots().unwrap().is_empty());
-    // Nothing of slot 7 translates any more, in either instance.
+    // Nothing of slot 7 translates any more, in either direction.
     let frame = guest_frame(PacketBuilder::tcp(
         sock(GUEST, 1),
         sock(WAN, 2),
         tcp_flags::SYN,
     ))
     .build();
-    assert_eq!(run(&dp, Program::TapIngress, &frame).verdict, TC_ACT_OK);
+    let out = from_tap(&dp, &frame);
+    assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
+    let to_guest = PacketBuilder::udp(sock(WAN, 1), sock(VPEER, 2), b"x").build();
+    let out = run(&dp, Program::SlotIngress, &to_guest);
+    assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &to_guest));
     // Idempotent.
     dp.detach_slot(SLOT).unwrap();
 }
@@ -1389,16 +1445,22 @@ fn program_cost_per_packet() {
         tcp_flags::ACK,
     ));
     let (_, port) = masquerade(&dp, &syn);
-    let cases: [(&str, Program, Vec<u8>); 6] = [
+    let guest_tcp = guest_frame(PacketBuilder::tcp(
+        sock(GUEST, 1),
+        sock(WAN, 80),
+        tcp_flags::ACK,
+    ));
+    guest_masquerade(&dp, &guest_tcp);
+    let cases: [(&str, Program, Vec<u8>); 7] = [
         (
             "tap: guest TCP to the world",
             Program::TapIngress,
-            guest_frame(PacketBuilder::tcp(
-                sock(GUEST, 1),
-                sock(WAN, 80),
-                tcp_flags::ACK,
-            ))
-            .build(),
+            guest_tcp.build(),
+        ),
+        (
+            "veth: guest masquerade, known flow",
+            Program::VethIngress,
+            guest_tcp.build(),
         ),
         (
             "veth: masquerade, known flow",
@@ -1576,8 +1638,26 @@ impl RealWorld {
         ip(&["-n", h, "link", "set", "up0", "up"]);
         ip(&["-n", w, "addr", "add", "198.18.0.100/24", "dev", "wan0"]);
         ip(&["-n", w, "link", "set", "wan0", "up"]);
+        // eth0 gets SLOT_ETH0_IFINDEX, as slot create makes it (the peer's index
+        // is honoured when the main device's is given too).
+        let eth0_index = SLOT_ETH0_IFINDEX.to_string();
         ip(&[
-            "-n", h, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", s,
+            "-n",
+            h,
+            "link",
+            "add",
+            &veth,
+            "index",
+            "4097",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "index",
+            &eth0_index,
+            "netns",
+            s,
         ]);
         ip(&["-n", h, "addr", "add", "10.12.0.14/31", "dev", &veth]);
         ip(&["-n", h, "link", "set", &veth, "up"]);
@@ -1605,6 +1685,7 @@ impl RealWorld {
         let (up_idx, _) = link_info(h, "up0");
         let (veth_idx, veth_mac) = link_info(h, &veth);
         let (eth0_idx, eth0_mac) = link_info(s, "eth0");
+        assert_eq!(eth0_idx, SLOT_ETH0_IFINDEX);
         let (tap_idx, _) = link_info(s, "tap0");
 
         let dp = inside(&host_ns, || {
@@ -1767,7 +1848,7 @@ fn attached_slot_carries_real_udp_and_tcp_both_ways() {
 }
 
 #[test]
-fn maps_are_pinned_and_removed_with_the_datapath() {
+fn maps_are_pinned_and_another_instances_pins_are_left_alone() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipping: needs root (CAP_BPF, mount)");
         return;
@@ -1777,18 +1858,31 @@ fn maps_are_pinned_and_removed_with_the_datapath() {
     cfg.pin_dir = Some(dir.clone());
     let first = Datapath::load(&cfg).expect("first instance");
     assert_eq!(first.pin_dir(), dir.as_path());
-    for map in ["CONFIG", "NAT_EGRESS", "STATS"] {
+    for map in [
+        "CONFIG",
+        "SLOTS",
+        "ADDR_SLOTS",
+        "VETH_SLOTS",
+        "NAT_EGRESS",
+        "NAT_INGRESS",
+        "HOST_FLOWS",
+        "LOCAL_ADDRS",
+        "STATS",
+        "GUEST_L2",
+    ] {
         assert!(dir.join(map).exists(), "{map} is pinned");
     }
+    let config_id = || {
+        aya::maps::MapInfo::from_pin(dir.join("CONFIG"))
+            .unwrap()
+            .id()
+    };
+    let first_id = config_id();
     {
-        // A second instance on the same directory takes it over; dropping it
-        // removes its pins, and the first then leaves them alone.
         let _second = Datapath::load(&cfg).expect("second instance on the same directory");
+        let second_id = config_id();
+        assert_ne!(first_id, second_id, "the second instance pinned fresh maps");
     }
-    assert!(
-        !dir.join("CONFIG").exists(),
-        "the second instance's pins are gone"
-    );
     drop(first);
     assert!(!dir.exists(), "the bpffs mounted for the pins is gone");
 }
@@ -2072,7 +2166,17 @@ fn mutation_rounds(seed: u64) {
         let out = dp
             .test_run(prog, &frame)
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        // veth_ingress sends the guest's frames for the host up the host stack
+        // translated (to HostIP or the vpeer address): passed, but rewritten.
+        let from_guest = prog == Program::VethIngress && frame.get(26..30) == Some(&GUEST.octets());
         match out.verdict {
+            TC_ACT_OK if from_guest && out.frame != frame => {
+                if well_formed {
+                    translated += 1;
+                    verify_checksums(&out.frame)
+                        .unwrap_or_else(|e| panic!("round {round} ({prog:?}, to the host): {e}"));
+                }
+            }
             TC_ACT_OK => assert_eq!(
                 out.frame, frame,
                 "round {round}: passed frames are untouched"

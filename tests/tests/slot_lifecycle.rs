@@ -79,7 +79,7 @@ fn snapshot(world: &World, guest_ns: Option<&str>) -> Result<Snapshot> {
     })
 }
 
-/// Map entries of any slot: SLOTS entries marked active, NETNS_SLOTS, VETH_SLOTS,
+/// Map entries of any slot: SLOTS entries marked active, ADDR_SLOTS, VETH_SLOTS,
 /// and flows of the slot.
 fn map_entries(agent: &Agent, index: u32) -> Result<Vec<String>> {
     let m = agent.manager();
@@ -90,8 +90,8 @@ fn map_entries(agent: &Agent, index: u32) -> Result<Vec<String>> {
         if info.flags != 0 {
             out.push(format!("SLOTS[{index}] = {info:?}"));
         }
-        for (cookie, i) in maps.netns_slots()? {
-            out.push(format!("NETNS_SLOTS[{cookie}] = {i}"));
+        for (addr, i) in maps.addr_slots()? {
+            out.push(format!("ADDR_SLOTS[{addr}] = {i}"));
         }
         for (ifindex, i) in maps.veth_slots()? {
             out.push(format!("VETH_SLOTS[{ifindex}] = {i}"));
@@ -226,6 +226,11 @@ fn create_makes_exactly_what_the_design_says() -> Result<()> {
         );
         let eth0 = link(&links, "eth0")?;
         assert_eq!(inet(eth0), vec![format!("{vpeer_ip}/31")]);
+        assert_eq!(
+            eth0["ifindex"],
+            netagent_common::SLOT_ETH0_IFINDEX,
+            "eth0 has the ifindex the shared tap_ingress redirects to"
+        );
         ensure!(is_up(eth0));
         ensure!(is_up(link(&links, "lo")?));
         let tap0 = link(&links, "tap0")?;
@@ -270,11 +275,12 @@ fn create_makes_exactly_what_the_design_says() -> Result<()> {
             entries.contains(&format!("VETH_SLOTS[{veth_ifindex}] = {index}")),
             "{entries:?}"
         );
-        ensure!(
-            entries
-                .iter()
-                .any(|e| e.starts_with("NETNS_SLOTS") && e.ends_with(&format!("= {index}")))
-        );
+        for addr in [host_ip, vpeer_ip] {
+            ensure!(
+                entries.contains(&format!("ADDR_SLOTS[{addr}] = {index}")),
+                "{entries:?}"
+            );
+        }
     }
 
     // No forwarding and no firewall rules anywhere.
@@ -686,5 +692,132 @@ fn delete_treats_already_gone_as_done() -> Result<()> {
     agent.run(|m| async move { m.delete(4).await })??;
     assert_eq!(before, snapshot(&world, None)?);
     ensure!(map_entries(&agent, 4)?.is_empty());
+    Ok(())
+}
+
+/// Ids of every program loaded on the machine (`BPF_PROG_GET_NEXT_ID`).
+fn loaded_program_ids() -> BTreeSet<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(|info| info.ok().map(|i| i.id()))
+        .collect()
+}
+
+/// Ids of the programs attached (TCX ingress) to `dev` in namespace `ns`.
+fn tcx_ingress_ids(world: &World, ns: &str, dev: &str) -> Result<Vec<u32>> {
+    let dev = dev.to_string();
+    let (_, infos) = world.in_ns(ns, move || {
+        aya::programs::SchedClassifier::query_tcx(&dev, aya::programs::TcAttachType::Ingress)
+    })??;
+    Ok(infos.iter().map(|i| i.id()).collect())
+}
+
+/// Slots cost links and map entries only: creating ten slots loads no program
+/// (the kernel's list of loaded programs, read before, already holds every
+/// program the ten slots' tap0, eth0 and host veth run, one per hook for all ten),
+/// and every slot's `eth0` has SLOT_ETH0_IFINDEX.
+#[test]
+fn slots_share_the_programs_loaded_once() -> Result<()> {
+    let Some(world) = World::new()? else {
+        return Ok(());
+    };
+    let agent = world.start_agent(|_| {})?;
+    let before = loaded_program_ids();
+    let host = world.host_name();
+    let mut per_hook: [BTreeSet<u32>; 3] = Default::default();
+    for index in 1..=10u32 {
+        let (slot, _) =
+            agent.run(move |m| async move { m.create(index.into(), GuestLink::Tap).await })??;
+        let links = world.ip_json(Some(&slot.namespace), &["link", "show", "eth0"])?;
+        assert_eq!(
+            links[0]["ifindex"],
+            netagent_common::SLOT_ETH0_IFINDEX,
+            "eth0 of slot {index}"
+        );
+        for (hook, (ns, dev)) in [
+            (slot.namespace.as_str(), "tap0"),
+            (slot.namespace.as_str(), "eth0"),
+            (host.as_str(), slot.veth.as_str()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let ids = tcx_ingress_ids(&world, ns, dev)?;
+            assert_eq!(ids.len(), 1, "one program on {dev} of slot {index}");
+            per_hook[hook].extend(ids);
+        }
+    }
+    for (hook, ids) in ["tap0", "eth0", "host veth"].iter().zip(&per_hook) {
+        assert_eq!(
+            ids.len(),
+            1,
+            "all 10 slots run the same program on {hook}: {ids:?}"
+        );
+        assert!(
+            ids.is_subset(&before),
+            "the {hook} program was loaded before any slot existed: {ids:?}"
+        );
+    }
+    agent.shutdown()?;
+    Ok(())
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Serial create and delete latency of 200 TAP slots (run with `--release
+/// --ignored`; prints the figures).
+#[test]
+#[ignore = "a measurement: run with --release -- --ignored --nocapture"]
+fn measure_serial_create_and_delete_latency() -> Result<()> {
+    let Some(world) = World::new()? else {
+        return Ok(());
+    };
+    let agent = world.start_agent(|_| {})?;
+    const N: u32 = 200;
+    let rss0 = rss_kib();
+    let t0 = std::time::Instant::now();
+    let mut create = Vec::new();
+    for index in 1..=N {
+        let t = std::time::Instant::now();
+        agent.run(move |m| async move { m.create(index.into(), GuestLink::Tap).await })??;
+        create.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let total = t0.elapsed();
+    let rss1 = rss_kib();
+    let mut delete = Vec::new();
+    for index in 1..=N {
+        let t = std::time::Instant::now();
+        agent.run(move |m| async move { m.delete(index.into()).await })??;
+        delete.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    for (what, v) in [("create", &mut create), ("delete", &mut delete)] {
+        v.sort_by(f64::total_cmp);
+        eprintln!(
+            "{what}: n {} p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+            v.len(),
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            v[v.len() - 1]
+        );
+    }
+    eprintln!(
+        "{N} serial creates in {:.2} s; process RSS +{} KiB ({:.1} KiB per slot)",
+        total.as_secs_f64(),
+        rss1.saturating_sub(rss0),
+        rss1.saturating_sub(rss0) as f64 / f64::from(N)
+    );
+    agent.shutdown()?;
     Ok(())
 }

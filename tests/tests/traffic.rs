@@ -479,3 +479,62 @@ fn two_slots_are_isolated_and_use_distinct_ports() -> Result<()> {
     agent.shutdown()?;
     Ok(())
 }
+
+/// Two guests with the same address and the same source port talk to the same
+/// wan server at once: the wan sees two distinct masquerade ports, and each
+/// guest gets back only its own replies (the flows are keyed by the slot's vpeer
+/// address, not by the guest address every slot shares).
+#[test]
+fn two_guests_on_the_same_address_and_port_never_get_each_others_flows() -> Result<()> {
+    let Some(world) = World::new()? else {
+        return Ok(());
+    };
+    let agent = world.start_agent(|_| {})?;
+    let mut guests = Vec::new();
+    for i in [5u32, 6] {
+        let guest_ns = world.guest_namespace(i)?;
+        let g = GuestLink::Veth {
+            guest_netns: guest_ns.clone(),
+        };
+        agent.run(move |m| async move { m.create(i.into(), g).await })??;
+        guests.push(guest_ns);
+    }
+    const PORT: u16 = 40404;
+    let sockets: Vec<UdpSocket> = guests
+        .iter()
+        .map(|ns| {
+            world.in_ns(ns, || -> Result<UdpSocket> {
+                let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(169, 254, 0, 21), PORT))?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                Ok(s)
+            })?
+        })
+        .collect::<Result<_>>()?;
+    let server = SocketAddrV4::new(WAN_IP, UDP_ECHO_PORT);
+    for round in 0..5u8 {
+        // Both send before either reads: the flows are live at the same time.
+        for (g, s) in sockets.iter().enumerate() {
+            s.send_to(&[b'A' + g as u8, round], server)?;
+        }
+        for (g, s) in sockets.iter().enumerate() {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                ensure!(from == server.into(), "guest {g}: reply from {from}");
+                got.push(buf[..n].to_vec());
+            }
+            ensure!(
+                got == vec![vec![b'A' + g as u8, round]],
+                "guest {g} round {round} got {got:?}: only its own reply, once"
+            );
+        }
+    }
+    let ports: std::collections::BTreeSet<u16> =
+        world.seen().udp.iter().map(|p| p.port()).collect();
+    ensure!(
+        ports.len() == 2,
+        "one masquerade port per guest flow: {ports:?}"
+    );
+    agent.shutdown()?;
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! Attaching the programs: TCX links where the kernel has them (6.6+), a clsact
-//! qdisc and a netlink filter otherwise. Slot programs attach inside the slot
+//! qdisc and a netlink filter otherwise. Every slot's links attach the same
+//! four programs, loaded once; those on `tap0` and `eth0` attach inside the slot
 //! namespace (see `netns_cookie::in_netns`).
 
 use std::ffi::CStr;
@@ -10,9 +11,11 @@ use aya::programs::{
     ProgramError, SchedClassifier, TcAttachType,
     tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
 };
-use netagent_common::{CONFIG_F_UPLINK, SLOT_F_ACTIVE, SlotInfo};
+use std::net::Ipv4Addr;
 
-use super::netns_cookie::{current_netns_cookie, in_netns};
+use netagent_common::{CONFIG_F_UPLINK, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SlotInfo};
+
+use super::netns_cookie::in_netns;
 use super::test_run::Program;
 use super::{BpfError, Datapath, SlotDatapath, Uplink, ip_to_map};
 
@@ -39,16 +42,15 @@ pub(super) struct AttachedUplink {
     link: AttachedLink,
 }
 
-/// What `attach_slot` made for one slot.
+/// What `attach_slot` made for one slot: links and the keys of its lookup
+/// entries (no programs: those are shared).
 pub(super) struct AttachedSlot {
-    /// The slot's beacon socket (see `SLOT_BEACON_PORT`), inside its namespace.
-    _beacon: OwnedFd,
     /// Links inside the slot namespace (`tap_ingress`, `slot_ingress`).
     ns_links: Vec<AttachedLink>,
     /// `veth_ingress` on the host veth.
     host_link: Option<AttachedLink>,
-    cookie: u64,
     veth_ifindex: u32,
+    addrs: [Ipv4Addr; 2],
 }
 
 fn ifname(ifindex: u32) -> Result<String, BpfError> {
@@ -156,65 +158,6 @@ fn attach_ingress(
     }
 }
 
-/// The slot's beacon, made in (and kept for) the calling thread's namespace: a
-/// UDP socket on `127.0.0.1:SLOT_BEACON_PORT` marked with the slot index, which
-/// `tap_ingress` and `slot_ingress` look up to learn their slot. It only ever
-/// needs to exist; a minimal receive buffer bounds what it could queue.
-fn beacon_socket(index: u32) -> Result<OwnedFd, BpfError> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let fail = |call: &str| {
-        BpfError::syscall(format!("beacon socket: {call}"), io::Error::last_os_error())
-    };
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(fail("socket"));
-    }
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let set = |opt: libc::c_int, value: libc::c_int| {
-        // SAFETY: `value` is a c_int, as these options take, of the size given.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&raw const value).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        }
-    };
-    if set(libc::SO_MARK, index as libc::c_int) != 0 {
-        return Err(fail("setsockopt(SO_MARK)"));
-    }
-    if set(libc::SO_RCVBUF, 0) != 0 {
-        return Err(fail("setsockopt(SO_RCVBUF)"));
-    }
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: netagent_common::SLOT_BEACON_PORT.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: `addr` is a valid sockaddr_in of the size given.
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(fail(&format!(
-            "bind 127.0.0.1:{} (is lo up in the slot namespace?)",
-            netagent_common::SLOT_BEACON_PORT
-        )));
-    }
-    Ok(sock)
-}
-
 /// Detaches one link (a netlink filter from inside its namespace). A link whose
 /// interface is already gone counts as detached.
 fn detach(ebpf: &mut aya::Ebpf, link: AttachedLink) -> Result<(), BpfError> {
@@ -295,23 +238,28 @@ impl Datapath {
     }
 
     /// Attaches `tap_ingress` (tap0) and `slot_ingress` (eth0) inside the slot
-    /// namespace and `veth_ingress` on the host veth, then fills SLOTS,
-    /// NETNS_SLOTS and VETH_SLOTS and zeroes the slot's counters. All-or-nothing:
-    /// on failure whatever was attached or written is undone.
+    /// namespace and `veth_ingress` on the host veth — the shared programs, no
+    /// load — then fills SLOTS, ADDR_SLOTS (vpeer_ip, host_ip) and VETH_SLOTS and
+    /// zeroes the slot's counters. `eth0` must have ifindex `SLOT_ETH0_IFINDEX`.
+    /// All-or-nothing: on failure whatever was attached or written is undone.
     pub fn attach_slot(&mut self, slot: &SlotDatapath<'_>) -> Result<(), BpfError> {
         self.check_index(slot.index)?;
         if self.slots.contains_key(&slot.index) {
             return Err(BpfError::SlotAttached(slot.index));
         }
-        let (index, tap_ifindex, eth0_ifindex) = (slot.index, slot.tap_ifindex, slot.eth0_ifindex);
+        if slot.eth0_ifindex != SLOT_ETH0_IFINDEX {
+            return Err(BpfError::Eth0Ifindex {
+                index: slot.index,
+                ifindex: slot.eth0_ifindex,
+            });
+        }
+        let (tap_ifindex, eth0_ifindex) = (slot.tap_ifindex, slot.eth0_ifindex);
         let ebpf = &mut self.ebpf;
         let mode = self.cfg.attach_mode;
-        let (cookie, beacon, ns_links) = in_netns(slot.netns, move || {
-            let cookie = current_netns_cookie()?;
-            let beacon = beacon_socket(index)?;
+        let ns_links = in_netns(slot.netns, move || {
             let tap = attach_ingress(ebpf, Program::TapIngress, tap_ifindex, mode)?;
             match attach_ingress(ebpf, Program::SlotIngress, eth0_ifindex, mode) {
-                Ok(eth0) => Ok((cookie, beacon, vec![tap, eth0])),
+                Ok(eth0) => Ok(vec![tap, eth0]),
                 Err(e) => {
                     let _ = detach(ebpf, tap);
                     Err(e)
@@ -319,11 +267,10 @@ impl Datapath {
             }
         })?;
         let mut attached = AttachedSlot {
-            _beacon: beacon,
             ns_links,
             host_link: None,
-            cookie,
             veth_ifindex: slot.veth_ifindex,
+            addrs: [slot.vpeer_ip, slot.host_ip],
         };
         let result = attach_ingress(
             &mut self.ebpf,
@@ -333,7 +280,7 @@ impl Datapath {
         )
         .and_then(|link| {
             attached.host_link = Some(link);
-            self.write_slot_maps(slot, cookie)
+            self.write_slot_maps(slot)
         });
         match result {
             Ok(()) => {
@@ -341,14 +288,14 @@ impl Datapath {
                 Ok(())
             }
             Err(e) => {
-                let _ = self.clear_slot_maps(slot.index, cookie, slot.veth_ifindex);
+                let _ = self.clear_slot_maps(slot.index, &attached.addrs, attached.veth_ifindex);
                 let _ = self.detach_links(attached);
                 Err(e)
             }
         }
     }
 
-    fn write_slot_maps(&mut self, slot: &SlotDatapath<'_>, cookie: u64) -> Result<(), BpfError> {
+    fn write_slot_maps(&mut self, slot: &SlotDatapath<'_>) -> Result<(), BpfError> {
         let info = SlotInfo {
             vpeer_ip: ip_to_map(slot.vpeer_ip),
             host_ip: ip_to_map(slot.host_ip),
@@ -362,7 +309,8 @@ impl Datapath {
         self.maps.zero_stats(slot.index)?;
         self.maps.clear_guest_l2(slot.index)?;
         self.maps.set_slot(slot.index, &info)?;
-        self.maps.set_netns_slot(cookie, slot.index)?;
+        self.maps.set_addr_slot(slot.vpeer_ip, slot.index)?;
+        self.maps.set_addr_slot(slot.host_ip, slot.index)?;
         self.maps.set_veth_slot(slot.veth_ifindex, slot.index)?;
         Ok(())
     }
@@ -372,7 +320,7 @@ impl Datapath {
     fn clear_slot_maps(
         &mut self,
         index: u32,
-        cookie: u64,
+        addrs: &[Ipv4Addr],
         veth_ifindex: u32,
     ) -> Result<(), BpfError> {
         let mut errors = Vec::new();
@@ -382,7 +330,9 @@ impl Datapath {
             }
         };
         note(self.maps.set_slot(index, &SlotInfo::default()));
-        note(self.maps.remove_netns_slot(cookie));
+        for addr in addrs {
+            note(self.maps.remove_addr_slot(*addr));
+        }
         note(self.maps.remove_veth_slot(veth_ifindex));
         note(self.maps.remove_slot_flows(index).map(|_| ()));
         note(self.maps.zero_stats(index));
@@ -392,12 +342,8 @@ impl Datapath {
 
     fn detach_links(&mut self, attached: AttachedSlot) -> Result<(), BpfError> {
         let mut errors = Vec::new();
-        if let Some(link) = attached.host_link
-            && let Err(e) = detach(&mut self.ebpf, link)
-        {
-            errors.push(e);
-        }
-        for link in attached.ns_links {
+        let links = attached.host_link.into_iter().chain(attached.ns_links);
+        for link in links {
             if let Err(e) = detach(&mut self.ebpf, link) {
                 errors.push(e);
             }
@@ -405,7 +351,7 @@ impl Datapath {
         into_result(errors)
     }
 
-    /// Detaches the slot's programs and removes every map entry of the slot (slot
+    /// Detaches the slot's links and removes every map entry of the slot (slot
     /// info, lookups, NAT and host-flow entries, counters). Idempotent: an unknown
     /// slot still gets its SLOTS entry, flows and counters cleared.
     pub fn detach_slot(&mut self, index: u32) -> Result<(), BpfError> {
@@ -413,7 +359,7 @@ impl Datapath {
         let mut errors = Vec::new();
         match self.slots.remove(&index) {
             Some(attached) => {
-                let (cookie, veth) = (attached.cookie, attached.veth_ifindex);
+                let (addrs, veth) = (attached.addrs, attached.veth_ifindex);
                 // Maps first: from here on the programs pass this slot's packets
                 // and create no new flows for it.
                 if let Err(e) = self.maps.set_slot(index, &SlotInfo::default()) {
@@ -422,20 +368,20 @@ impl Datapath {
                 if let Err(e) = self.detach_links(attached) {
                     errors.push(e);
                 }
-                if let Err(e) = self.clear_slot_maps(index, cookie, veth) {
+                if let Err(e) = self.clear_slot_maps(index, &addrs, veth) {
                     errors.push(e);
                 }
             }
             None => {
                 // Not attached by us (e.g. a previous run): clear what is keyed by
                 // the index, and any lookup entry that points at it.
-                for (cookie, i) in self.maps.netns_slots()? {
-                    if i == index
-                        && let Err(e) = self.maps.remove_netns_slot(cookie)
-                    {
-                        errors.push(e);
-                    }
-                }
+                let addrs: Vec<Ipv4Addr> = self
+                    .maps
+                    .addr_slots()?
+                    .into_iter()
+                    .filter(|(_, i)| *i == index)
+                    .map(|(a, _)| a)
+                    .collect();
                 for (ifindex, i) in self.maps.veth_slots()? {
                     if i == index
                         && let Err(e) = self.maps.remove_veth_slot(ifindex)
@@ -443,16 +389,7 @@ impl Datapath {
                         errors.push(e);
                     }
                 }
-                if let Err(e) = self.maps.set_slot(index, &SlotInfo::default()) {
-                    errors.push(e);
-                }
-                if let Err(e) = self.maps.remove_slot_flows(index) {
-                    errors.push(e);
-                }
-                if let Err(e) = self.maps.zero_stats(index) {
-                    errors.push(e);
-                }
-                if let Err(e) = self.maps.clear_guest_l2(index) {
+                if let Err(e) = self.clear_slot_maps(index, &addrs, 0) {
                     errors.push(e);
                 }
             }

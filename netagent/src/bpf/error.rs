@@ -60,6 +60,18 @@ pub enum BpfError {
     /// `attach_slot` for a slot that is attached already.
     #[error("slot {0} is already attached; detach it first")]
     SlotAttached(u32),
+    /// The slot's `eth0` does not have the ifindex the shared `tap_ingress`
+    /// redirects to.
+    #[error(
+        "eth0 of slot {index} has ifindex {ifindex}; the datapath needs {}",
+        netagent_common::SLOT_ETH0_IFINDEX
+    )]
+    Eth0Ifindex {
+        /// The slot.
+        index: u32,
+        /// The ifindex it has.
+        ifindex: u32,
+    },
     /// `attach_uplink` while an uplink is attached.
     #[error("an uplink ({0}) is already attached; detach it first")]
     UplinkAttached(String),

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use aya::{EbpfLoader, programs::SchedClassifier};
 use netagent_common::{
-    MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS, MAP_NAT_INGRESS,
-    MAP_NETNS_SLOTS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
+    MAP_ADDR_SLOTS, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS,
+    MAP_NAT_INGRESS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
 };
 
 use super::attach::{AttachMode, AttachedSlot, AttachedUplink};
@@ -45,11 +45,11 @@ pub struct DatapathConfig {
     pub attach_mode: AttachMode,
 }
 
-/// Every map of the object (all pinned under the instance's bpffs directory).
+/// Every map of the object (all pinned in the instance's bpffs directory).
 pub(super) const MAP_NAMES: [&str; 10] = [
     MAP_CONFIG,
     MAP_SLOTS,
-    MAP_NETNS_SLOTS,
+    MAP_ADDR_SLOTS,
     MAP_VETH_SLOTS,
     MAP_NAT_EGRESS,
     MAP_NAT_INGRESS,
@@ -86,9 +86,9 @@ impl DatapathConfig {
 
     fn max_entries(&self, map: &str) -> u32 {
         match map {
-            MAP_SLOTS | MAP_STATS | MAP_NETNS_SLOTS | MAP_VETH_SLOTS | MAP_GUEST_L2 => {
-                self.max_slots
-            }
+            MAP_SLOTS | MAP_STATS | MAP_VETH_SLOTS | MAP_GUEST_L2 => self.max_slots,
+            // Two addresses per slot: vpeer_ip and host_ip.
+            MAP_ADDR_SLOTS => self.max_slots.saturating_mul(2),
             MAP_NAT_EGRESS | MAP_NAT_INGRESS => self.nat_table_size,
             MAP_HOST_FLOWS => self.host_flow_table_size,
             MAP_LOCAL_ADDRS => LOCAL_ADDRS_SIZE,
@@ -159,8 +159,9 @@ impl std::fmt::Debug for Datapath {
 }
 
 impl Datapath {
-    /// Loads the object, sizes the maps and loads (verifies) all four programs.
-    /// Nothing is attached yet.
+    /// Loads the object, sizes the maps and loads (verifies) all four programs,
+    /// once: every slot's links attach these same programs. Nothing is attached
+    /// yet.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, BpfError> {
         cfg.validate()?;
         let mut pins = match &cfg.pin_dir {

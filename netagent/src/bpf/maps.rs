@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use netagent_common::{
-    FlowKey, GlobalConfig, GuestL2, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS,
-    MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_NETNS_SLOTS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS,
+    FlowKey, GlobalConfig, GuestL2, MAP_ADDR_SLOTS, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS,
+    MAP_LOCAL_ADDRS, MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS,
     NatEntry, SlotInfo, SlotStats,
 };
 
@@ -46,7 +46,7 @@ impl FlowTable {
 pub struct Maps {
     config: Array<MapData, GlobalConfig>,
     slots: Array<MapData, SlotInfo>,
-    netns_slots: HashMap<MapData, u64, u32>,
+    addr_slots: HashMap<MapData, u32, u32>,
     veth_slots: HashMap<MapData, u32, u32>,
     nat_egress: HashMap<MapData, FlowKey, NatEntry>,
     nat_ingress: HashMap<MapData, FlowKey, NatEntry>,
@@ -80,7 +80,7 @@ impl Maps {
         Ok(Maps {
             config: take(ebpf, MAP_CONFIG)?,
             slots: take(ebpf, MAP_SLOTS)?,
-            netns_slots: take(ebpf, MAP_NETNS_SLOTS)?,
+            addr_slots: take(ebpf, MAP_ADDR_SLOTS)?,
             veth_slots: take(ebpf, MAP_VETH_SLOTS)?,
             nat_egress: take(ebpf, MAP_NAT_EGRESS)?,
             nat_ingress: take(ebpf, MAP_NAT_INGRESS)?,
@@ -133,25 +133,26 @@ impl Maps {
             .map_err(|e| BpfError::map(MAP_GUEST_L2, "update", e))
     }
 
-    /// Maps a namespace cookie to a slot (NETNS_SLOTS).
-    pub fn set_netns_slot(&mut self, cookie: u64, index: u32) -> Result<(), BpfError> {
-        self.netns_slots
-            .insert(cookie, index, 0)
-            .map_err(|e| BpfError::map(MAP_NETNS_SLOTS, "update", e))
+    /// Maps a slot address (vpeer_ip or host_ip) to its slot (ADDR_SLOTS).
+    pub fn set_addr_slot(&mut self, addr: Ipv4Addr, index: u32) -> Result<(), BpfError> {
+        self.addr_slots
+            .insert(ip_to_map(addr), index, 0)
+            .map_err(|e| BpfError::map(MAP_ADDR_SLOTS, "update", e))
     }
 
-    /// Removes a namespace cookie (absent is fine).
-    pub fn remove_netns_slot(&mut self, cookie: u64) -> Result<(), BpfError> {
-        ignore_missing(self.netns_slots.remove(&cookie))
-            .map_err(|e| BpfError::map(MAP_NETNS_SLOTS, "delete", e))
+    /// Removes a slot address (absent is fine).
+    pub fn remove_addr_slot(&mut self, addr: Ipv4Addr) -> Result<(), BpfError> {
+        ignore_missing(self.addr_slots.remove(&ip_to_map(addr)))
+            .map_err(|e| BpfError::map(MAP_ADDR_SLOTS, "delete", e))
     }
 
-    /// Every NETNS_SLOTS entry.
-    pub fn netns_slots(&self) -> Result<Vec<(u64, u32)>, BpfError> {
-        self.netns_slots
+    /// Every ADDR_SLOTS entry.
+    pub fn addr_slots(&self) -> Result<Vec<(Ipv4Addr, u32)>, BpfError> {
+        self.addr_slots
             .iter()
+            .map(|r| r.map(|(a, i)| (super::ip_from_map(a), i)))
             .collect::<Result<_, _>>()
-            .map_err(|e| BpfError::map(MAP_NETNS_SLOTS, "iterate", e))
+            .map_err(|e| BpfError::map(MAP_ADDR_SLOTS, "iterate", e))
     }
 
     /// Maps a host veth ifindex to a slot (VETH_SLOTS).

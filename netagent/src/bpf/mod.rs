@@ -15,8 +15,8 @@
 //!     /// Attaches `uplink_ingress` to the uplink (agent namespace) and writes CONFIG.
 //!     pub fn attach_uplink(&mut self, uplink: &Uplink) -> Result<(), BpfError>;
 //!     /// Attaches `tap_ingress` (tap0) and `slot_ingress` (eth0) inside the slot
-//!     /// namespace and `veth_ingress` on the host veth; fills SLOTS, NETNS_SLOTS,
-//!     /// VETH_SLOTS. All-or-nothing.
+//!     /// namespace and `veth_ingress` on the host veth (links of the programs
+//!     /// loaded once); fills SLOTS, ADDR_SLOTS, VETH_SLOTS. All-or-nothing.
 //!     pub fn attach_slot(&mut self, slot: &SlotDatapath<'_>) -> Result<(), BpfError>;
 //!     /// Detaches the slot's programs and removes every map entry of the slot
 //!     /// (slot info, lookups, NAT and host-flow entries, counters). Idempotent.
@@ -47,19 +47,21 @@
 //! pub struct Uplink { pub ifindex: u32, pub name: String, pub ipv4: Ipv4Addr }
 //! pub struct SlotDatapath<'a> { pub index: u32, pub netns: BorrowedFd<'a>,
 //!     pub veth_ifindex: u32, pub veth_mac: [u8; 6], pub eth0_ifindex: u32,
-//!     pub eth0_mac: [u8; 6], pub tap_ifindex: u32, pub vpeer_ip: Ipv4Addr,
+//!     pub eth0_mac: [u8; 6], pub tap_ifindex: u32, pub vpeer_ip: Ipv4Addr,   // eth0_ifindex == SLOT_ETH0_IFINDEX
 //!     pub host_ip: Ipv4Addr }
 //! ```
 //!
-//! Finding the slot inside a slot namespace: `tap_ingress` and `slot_ingress` run
-//! there, and nothing in a TAP's frames names the namespace (a tc program's
-//! `bpf_get_netns_cookie` reports the skb's *socket* namespace, and those frames
-//! carry none: it returns the initial namespace's cookie). So `attach_slot` keeps
-//! a *beacon* in each slot namespace, a UDP socket on
-//! `127.0.0.1:SLOT_BEACON_PORT` with `SO_MARK` = slot index, and the programs
-//! look it up with `bpf_sk_lookup_udp` (which searches the namespace of the
-//! packet's device). `veth_ingress` and `uplink_ingress` run in the agent
-//! namespace and find the slot by ifindex or flow.
+//! One instance of each program serves every slot; a slot costs three links and
+//! a few map entries. Inside a slot namespace nothing in the packet says which
+//! slot it is (a tc program's `bpf_get_netns_cookie` reports the skb's *socket*
+//! namespace, and frames from a TAP or veth carry none), so the programs there
+//! do not need to know: `eth0` has the same ifindex (`SLOT_ETH0_IFINDEX`) in
+//! every slot namespace, `tap_ingress` hands the guest's frames untouched to the
+//! host veth with `bpf_redirect_peer(SLOT_ETH0_IFINDEX)`, and `veth_ingress`
+//! finds the slot by its ifindex (VETH_SLOTS) and translates them there;
+//! `slot_ingress` finds the slot by the destination address (ADDR_SLOTS).
+//! The maps are pinned in `DatapathConfig::pin_dir` (for inspection and a
+//! restarted agent).
 //!
 //! Files: `load` (object, map sizes, `Datapath`), `attach` (TCX with a clsact
 //! fallback, per-slot links, netns hopping), `maps` (typed map access),
@@ -110,7 +112,7 @@ pub struct SlotDatapath<'a> {
     pub veth_ifindex: u32,
     /// Host-side veth MAC.
     pub veth_mac: [u8; 6],
-    /// `eth0` ifindex in the slot namespace.
+    /// `eth0` ifindex in the slot namespace: must be `SLOT_ETH0_IFINDEX`.
     pub eth0_ifindex: u32,
     /// `eth0` MAC.
     pub eth0_mac: [u8; 6],

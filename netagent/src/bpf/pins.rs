@@ -1,6 +1,6 @@
-//! The bpffs directory the maps are pinned in. Pins are how the per-slot
-//! program instances (loaded one `Ebpf` per slot, see `load`) share the maps of
-//! the main instance: aya reuses a map that is pinned at the path it is given.
+//! The bpffs directory the maps are pinned in (one directory per agent
+//! instance), so the maps outlive a look from outside (`bpftool`, tests) and are
+//! there for a restarted agent.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -134,8 +134,7 @@ impl PinDir {
     }
 
     /// Fails if the pins no longer are this instance's maps (another datapath was
-    /// started on the same directory): per-slot programs would otherwise share
-    /// the other instance's maps.
+    /// started on the same directory): its pins must then be left alone.
     pub(super) fn check_ours(&self) -> Result<(), BpfError> {
         if self.config_id.is_some() && self.pinned_config_id() == self.config_id {
             return Ok(());

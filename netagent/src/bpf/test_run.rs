@@ -36,9 +36,6 @@ impl Program {
         Program::SlotIngress,
     ];
 
-    /// The programs that run inside a slot namespace (one instance per slot).
-    pub const SLOT_NS: [Program; 2] = [Program::TapIngress, Program::SlotIngress];
-
     /// The program's name in the object.
     pub const fn name(self) -> &'static str {
         match self {
@@ -61,8 +58,8 @@ pub struct TestRunOutput {
 
 impl Datapath {
     /// Runs `prog` once on `frame` (an Ethernet frame) with BPF_PROG_TEST_RUN and
-    /// returns its verdict and the frame as the program left it. The netns cookie
-    /// it sees is the caller's namespace's; its ifindex is `TEST_RUN_IFINDEX`.
+    /// returns its verdict and the frame as the program left it. Its ifindex is
+    /// `TEST_RUN_IFINDEX`.
     pub fn test_run(&self, prog: Program, frame: &[u8]) -> Result<TestRunOutput, BpfError> {
         self.test_run_repeat(prog, frame, 1).map(|(out, _)| out)
     }

@@ -88,6 +88,60 @@ impl Netlink {
             .map_err(|e| NetlinkError::netlink(format!("create veth pair {name} / {peer}"), e))
     }
 
+    /// Creates a veth pair in this connection's namespace with both ifindexes
+    /// given: `name` gets `index`, `peer` gets `peer_index` (the kernel honours the
+    /// peer's index only when the main device's is explicit too). Both down.
+    pub async fn veth_add_indexed(
+        &self,
+        name: &str,
+        index: u32,
+        peer: &str,
+        peer_index: u32,
+    ) -> Result<()> {
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::default()
+            .name(peer)
+            .index(peer_index)
+            .build();
+        let msg = LinkVeth::new(name, peer)
+            .index(index)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle.link().add(msg).execute().await.map_err(|e| {
+            NetlinkError::netlink(
+                format!("create veth pair {name} (#{index}) / {peer} (#{peer_index})"),
+                e,
+            )
+        })
+    }
+
+    /// Creates a veth pair with both ifindexes given: `name` (index `index`) in
+    /// this connection's namespace, `peer` (index `peer_index`) placed directly
+    /// into the namespace `peer_ns`. Both down.
+    pub async fn veth_add_indexed_peer_ns(
+        &self,
+        name: &str,
+        index: u32,
+        peer: &str,
+        peer_index: u32,
+        peer_ns: BorrowedFd<'_>,
+    ) -> Result<()> {
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::default()
+            .name(peer)
+            .index(peer_index)
+            .setns_by_fd(peer_ns.as_raw_fd())
+            .build();
+        let msg = LinkVeth::new(name, peer)
+            .index(index)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle.link().add(msg).execute().await.map_err(|e| {
+            NetlinkError::netlink(
+                format!("create veth pair {name} (#{index}) / {peer} (#{peer_index})"),
+                e,
+            )
+        })
+    }
+
     /// Looks a link up by name; `Ok(None)` if there is none.
     pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
         let mut stream = self

@@ -5,6 +5,8 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
 
+use netagent_common::SLOT_ETH0_IFINDEX;
+
 use crate::bpf::SlotDatapath;
 use crate::netlink::{Netlink, NetlinkError, link::Link, netns, sysctl, tap};
 
@@ -18,13 +20,18 @@ use super::{GuestLink, SlotAddr};
 /// Name of the guest end of a veth guest link inside the guest namespace.
 pub const GUEST_VETH_NAME: &str = "eth0";
 
+/// The host veth of slot N asks for ifindex `HOST_VETH_INDEX_BASE + N` (above
+/// what the kernel hands out by itself on a host with fewer devices).
+const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
+
 /// The steps of create, in order. With the `fault-injection` feature a test can
 /// make create fail right after any of them has done its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CreateStep {
     /// The named namespace `{prefix}-ns-N`.
     Namespace,
-    /// The veth pair: host end `{prefix}-veth-N`, slot end `eth0`.
+    /// The veth pair: host end `{prefix}-veth-N`, slot end `eth0` with ifindex
+    /// `SLOT_ETH0_IFINDEX`.
     Veth,
     /// Host veth address (veth_ip/31) and link up.
     HostVeth,
@@ -183,10 +190,39 @@ async fn build(
     let slot = Netlink::connect_in(ns.as_fd()).map_err(at(Namespace))?;
     mgr.inject(Namespace).map_err(at(Namespace))?;
 
-    // Veth pair, peer created directly inside the slot namespace.
-    host.veth_add(&addr.veth, VPEER_NAME, ns.as_fd())
+    // Veth pair with both ifindexes explicit (the kernel honours the peer's only
+    // then): `eth0` gets SLOT_ETH0_IFINDEX, which the shared `tap_ingress`
+    // redirects to. The host end asks for an index derived from the slot index;
+    // if that one is taken in the agent namespace (another agent), the pair is
+    // made inside the slot namespace instead (any host index there) and the host
+    // end moved over, which costs a netns move (an RCU grace period). Until the
+    // move succeeded the pair goes away with the namespace.
+    let direct = host
+        .veth_add_indexed_peer_ns(
+            &addr.veth,
+            HOST_VETH_INDEX_BASE + addr.index,
+            VPEER_NAME,
+            SLOT_ETH0_IFINDEX,
+            ns.as_fd(),
+        )
+        .await;
+    if let Err(e) = direct {
+        if e.is_exists() && host.link_by_name(&addr.veth).await.ok().flatten().is_some() {
+            // The name is taken: a conflict, reported as such.
+            return Err(Failed(Veth, e.into()));
+        }
+        slot.veth_add_indexed(
+            &addr.veth,
+            HOST_VETH_INDEX_BASE + addr.index,
+            VPEER_NAME,
+            SLOT_ETH0_IFINDEX,
+        )
         .await
         .map_err(at(Veth))?;
+        slot.link_move(HOST_VETH_INDEX_BASE + addr.index, mgr.host_ns(), &addr.veth)
+            .await
+            .map_err(at(Veth))?;
+    }
     undo.push(Undo::HostLink(addr.veth.clone()));
     mgr.inject(Veth).map_err(at(Veth))?;
 
@@ -200,6 +236,15 @@ async fn build(
 
     // Slot end.
     let eth0 = slot.link_get(VPEER_NAME).await.map_err(at(SlotVeth))?;
+    if eth0.index != SLOT_ETH0_IFINDEX {
+        return Err(Failed(
+            SlotVeth,
+            StepError::Other(format!(
+                "{VPEER_NAME} got ifindex {} instead of {SLOT_ETH0_IFINDEX}",
+                eth0.index
+            )),
+        ));
+    }
     slot.addr_add(eth0.index, addr.vpeer_ip, VETH_PREFIX)
         .await
         .map_err(at(SlotVeth))?;

@@ -325,6 +325,11 @@ impl SlotManager {
         Ok(())
     }
 
+    /// The agent (host) namespace.
+    pub(super) fn host_ns(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.host_ns.as_fd()
+    }
+
     pub(super) fn host(&self) -> &Netlink {
         &self.host
     }

@@ -1,0 +1,198 @@
+//! The guest's frames at the host veth (`veth_ingress`, source 169.254.0.21,
+//! handed over untouched by `tap_ingress`). The slot is known here, so this is
+//! where they are parsed and counted, the guest's MACs learned, and the source
+//! translated in one rewrite: to HostIP for a reply of a host → guest flow, to
+//! the vpeer address for traffic that stays on the host (both then go up the host
+//! stack), else to the uplink address and a masquerade port, keyed by the slot's
+//! vpeer address (unique per slot, so guests that all use 169.254.0.21 never
+//! share a flow), and out with `bpf_redirect_neigh(uplink)`.
+
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use netagent_common::{
+    Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
+    SlotInfo,
+};
+
+use crate::{
+    conntrack::{self, Dir},
+    csum::{self, PortField},
+    fwd,
+    maps::{GUEST_L2, config, global_config},
+    parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind},
+    stats::{self, Drop},
+    veth::{snat, stays_on_host},
+};
+
+#[inline(always)]
+pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Result<i32, Drop> {
+    let drop = |reason| Drop::new(slot, reason);
+    let l4 = parse::l4(ctx, ip).map_err(drop)?;
+    learn_guest_l2(ctx, slot);
+    stats::count_packet(slot, Counter::FROM_GUEST_PACKETS, ctx.len());
+    let Some(cfg) = config() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if l4.kind == L4Kind::IcmpError {
+        return icmp_error(ctx, cfg, ip, slot, info);
+    }
+    if l4.translatable() {
+        let original = FlowKey {
+            saddr: ip.daddr,
+            daddr: info.host_ip,
+            sport: l4.dport,
+            dport: l4.sport,
+            proto: ip.proto,
+            _pad: [0; 3],
+        };
+        if let Some(flow) = conntrack::host_flow_lookup(&original) {
+            conntrack::touch(flow, &l4, Dir::Reply, conntrack::now_ns());
+            return to_host(ctx, &l4, ip, info, info.host_ip).map_err(drop);
+        }
+    }
+    let Some(cfg) = global_config().filter(|_| !stays_on_host(cfg, ip.daddr)) else {
+        // For the host stack (or no uplink to masquerade to): as the vpeer.
+        return to_host(ctx, &l4, ip, info, info.vpeer_ip).map_err(drop);
+    };
+    // Only what opens a flow can be masqueraded: an echo *reply* to the world
+    // answers nothing the world could have sent (there is no inbound NAT).
+    if !l4.translatable() || l4.kind == L4Kind::IcmpEchoReply {
+        return Err(drop(DropReason::UnsupportedProtocol));
+    }
+    let key = FlowKey {
+        saddr: info.vpeer_ip,
+        daddr: ip.daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let (nat_ip, nat_port) = snat(&key, &l4, slot, cfg)?;
+    csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip).map_err(drop)?;
+    csum::l4_port_rewrite(ctx, &l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)
+        .map_err(drop)?;
+    Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
+}
+
+/// Source := `new_src`, Ethernet addresses as if the frame came over the veth
+/// (`eth0` → host veth), and up the host stack.
+#[inline(always)]
+fn to_host(
+    ctx: &TcContext,
+    l4: &L4,
+    ip: &Ipv4,
+    info: &SlotInfo,
+    new_src: u32,
+) -> Result<i32, DropReason> {
+    csum::ipv4_addr_rewrite(ctx, l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, new_src)?;
+    fwd::set_macs(ctx, &info.eth0_mac, &info.veth_mac)?;
+    Ok(TC_ACT_OK as i32)
+}
+
+/// An ICMP error the guest sent about a datagram it received: the quote has the
+/// guest's address as destination. For a host → guest flow both the outer
+/// source and the quoted destination become HostIP; for the host stack the vpeer
+/// address; for a masqueraded flow (e.g. "port unreachable" for a late reply)
+/// the uplink address, with the quoted destination port back to the allocated
+/// port, and out on the uplink. Errors about anything else that would leave the
+/// host cannot be translated and are dropped.
+#[inline(always)]
+fn icmp_error(
+    ctx: &TcContext,
+    cfg: &GlobalConfig,
+    ip: &Ipv4,
+    slot: u32,
+    info: &SlotInfo,
+) -> Result<i32, Drop> {
+    let drop = |reason| Drop::new(slot, reason);
+    let guest = u32::from_ne_bytes(GUEST_IP_BYTES);
+    let outer = L4 {
+        kind: L4Kind::IcmpError,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+    };
+    let quote = parse::icmp_error_quote(ctx, ip);
+    let uplink = global_config().filter(|_| !stays_on_host(cfg, ip.daddr));
+    if let Ok(q) = &quote
+        && q.daddr == guest
+    {
+        let original = FlowKey {
+            saddr: q.saddr,
+            daddr: info.host_ip,
+            sport: q.sport,
+            dport: q.dport,
+            proto: q.proto,
+            _pad: [0; 3],
+        };
+        let new_src = if conntrack::host_flow_lookup(&original).is_some() {
+            info.host_ip
+        } else if uplink.is_none() {
+            info.vpeer_ip
+        } else {
+            0
+        };
+        if new_src != 0 {
+            csum::quoted_addr_rewrite(ctx, q, q.check, csum::QUOTED_DST, q.daddr, new_src)
+                .map_err(drop)?;
+            return to_host(ctx, &outer, ip, info, new_src).map_err(drop);
+        }
+    }
+    let Some(cfg) = uplink else {
+        return to_host(ctx, &outer, ip, info, info.vpeer_ip).map_err(drop);
+    };
+    let q = quote.map_err(drop)?;
+    if q.daddr != guest {
+        return Err(drop(DropReason::UnsupportedProtocol));
+    }
+    // The original-direction key of the masqueraded flow the quoted reply
+    // belongs to.
+    let key = FlowKey {
+        saddr: info.vpeer_ip,
+        daddr: q.saddr,
+        sport: q.dport,
+        dport: q.sport,
+        proto: q.proto,
+        _pad: [0; 3],
+    };
+    let Some(entry) = crate::nat::snat_v4_lookup(&key) else {
+        return Err(drop(DropReason::UnsupportedProtocol));
+    };
+    // SAFETY: pointer from a successful lookup, valid for this run.
+    let (nat_ip, nat_port) = unsafe { ((*entry).addr, (*entry).port) };
+    csum::ipv4_addr_rewrite(ctx, &outer, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip)
+        .map_err(drop)?;
+    csum::quoted_addr_rewrite(ctx, &q, q.check, csum::QUOTED_DST, q.daddr, nat_ip).map_err(drop)?;
+    csum::quoted_port_rewrite(
+        ctx,
+        &q,
+        ip.l4_off(),
+        PortField::Destination,
+        q.dport,
+        nat_port,
+    )
+    .map_err(drop)?;
+    Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
+}
+
+/// Records the guest's MAC and the MAC it sends to (as its frame arrived from the
+/// TAP, untouched), so `slot_ingress` can address frames to the guest itself.
+/// Writes only when they change.
+#[inline(always)]
+fn learn_guest_l2(ctx: &TcContext, slot: u32) {
+    let Some((dst, src)) = parse::eth_addrs(ctx) else {
+        return;
+    };
+    let Some(known) = GUEST_L2.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: pointer from a successful array lookup, valid for this run.
+    let known = unsafe { &mut *known };
+    if known.flags & GUEST_L2_F_VALID != 0 && known.guest_mac == src && known.gateway_mac == dst {
+        return;
+    }
+    *known = GuestL2 {
+        guest_mac: src,
+        gateway_mac: dst,
+        flags: GUEST_L2_F_VALID,
+    };
+}
