@@ -3,7 +3,10 @@
 //! entries.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
-use netagent_common::{DropReason, FlowKey, GlobalConfig, NAT_COLLISION_RETRIES, NatEntry};
+use netagent_common::{
+    DropReason, FlowKey, GlobalConfig, IPPROTO_TCP, NAT_COLLISION_RETRIES,
+    NAT_REUSE_CLOSED_AFTER_NS, NatEntry, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_RST,
+};
 
 use crate::maps::{NAT_EGRESS, NAT_INGRESS};
 
@@ -61,7 +64,17 @@ pub fn snat_v4_alloc(
         reverse.dport = port.to_be();
         match NAT_INGRESS.insert(&reverse, &reverse_value, u64::from(BPF_NOEXIST)) {
             Ok(()) => {}
-            Err(e) if e == -EEXIST => continue,
+            Err(e) if e == -EEXIST => {
+                // Taken: free it if its flow is closed and idle, then claim it again
+                // (another CPU may win that race; then this try is spent).
+                if !snat_v4_reclaim_closed(&reverse, now)
+                    || NAT_INGRESS
+                        .insert(&reverse, &reverse_value, u64::from(BPF_NOEXIST))
+                        .is_err()
+                {
+                    continue;
+                }
+            }
             Err(_) => return Err(DropReason::NatTableFull),
         }
         let forward = NatEntry {
@@ -90,4 +103,46 @@ pub fn snat_v4_alloc(
         };
     }
     Err(DropReason::NatPortsExhausted)
+}
+
+/// Removes the masquerade flow holding the reply tuple `reverse` if it is a TCP
+/// flow that closed (RST, or FIN from both sides) and has been idle for
+/// `NAT_REUSE_CLOSED_AFTER_NS`. Returns whether the tuple is free now.
+#[inline(always)]
+fn snat_v4_reclaim_closed(reverse: &FlowKey, now: u64) -> bool {
+    if reverse.proto != IPPROTO_TCP {
+        return false;
+    }
+    let Some(rev) = NAT_INGRESS.get_ptr(reverse) else {
+        return true; // freed meanwhile
+    };
+    // SAFETY: pointer from a successful lookup, valid for this run; copied at once.
+    let rev = unsafe { *rev };
+    let forward_key = FlowKey {
+        saddr: rev.addr,
+        daddr: reverse.saddr,
+        sport: rev.port,
+        dport: reverse.sport,
+        proto: reverse.proto,
+        _pad: [0; 3],
+    };
+    let (state, last_seen) = match NAT_EGRESS.get_ptr(&forward_key) {
+        // SAFETY: as above.
+        Some(fwd) => unsafe {
+            (
+                (*fwd).state | rev.state,
+                (*fwd).last_seen_ns.max(rev.last_seen_ns),
+            )
+        },
+        // No forward half: an allocation in progress on another CPU. Leave it.
+        None => return false,
+    };
+    let closed = state & STATE_RST != 0
+        || state & (STATE_FIN_ORIG | STATE_FIN_REPLY) == (STATE_FIN_ORIG | STATE_FIN_REPLY);
+    if !closed || now.wrapping_sub(last_seen) < NAT_REUSE_CLOSED_AFTER_NS {
+        return false;
+    }
+    let _ = NAT_EGRESS.remove(&forward_key);
+    let _ = NAT_INGRESS.remove(reverse);
+    true
 }

@@ -13,8 +13,9 @@ use netagent::bpf::{
 use netagent::config::Timeouts;
 use netagent_common::{
     CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatEntry, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE,
-    STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_REPLIED, STATE_SYN, SlotInfo, SlotStats,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_REUSE_CLOSED_AFTER_NS, NatEntry, SLOT_ETH0_IFINDEX,
+    SLOT_F_ACTIVE, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo,
+    SlotStats,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -672,6 +673,118 @@ fn veth_drops_when_ports_are_exhausted() {
     ));
     let (_, port) = masquerade(&dp, &other);
     assert_eq!(port, 40000);
+}
+
+/// Seeds a masquerade flow WAN:80 ← UPLINK:40000 ← VPEER:1111 with both halves'
+/// TCP state and last-seen time.
+fn seed_tcp_flow(dp: &mut Datapath, fwd_state: u32, rev_state: u32, last_seen_ns: u64) {
+    let entry = |addr: Ipv4Addr, port: u16, state: u32| NatEntry {
+        last_seen_ns,
+        addr: map_ip(addr),
+        port: port.to_be(),
+        _pad: 0,
+        slot: SLOT,
+        state,
+    };
+    dp.maps_mut()
+        .insert_flow(
+            FlowTable::NatEgress,
+            &key(VPEER, 1111, WAN, 80, IPPROTO_TCP),
+            &entry(UPLINK_IP, 40000, fwd_state),
+        )
+        .unwrap();
+    dp.maps_mut()
+        .insert_flow(
+            FlowTable::NatIngress,
+            &key(WAN, 80, UPLINK_IP, 40000, IPPROTO_TCP),
+            &entry(VPEER, 1111, rev_state),
+        )
+        .unwrap();
+}
+
+#[test]
+fn veth_reuses_the_port_of_a_closed_idle_flow_but_not_of_a_live_one() {
+    let mut cfg = small_config();
+    cfg.port_min = 40000;
+    cfg.port_max = 40000;
+    let syn = from_vpeer(PacketBuilder::tcp(
+        sock(VPEER, 2222),
+        sock(WAN, 80),
+        tcp_flags::SYN,
+    ));
+    let closed = STATE_SYN | STATE_FIN_ORIG;
+    let closed_reply = STATE_REPLIED | STATE_FIN_REPLY;
+    let now = netagent_now();
+
+    // Closed (FIN both ways) and idle for longer than NAT_REUSE_CLOSED_AFTER_NS:
+    // the new flow takes the port, the old flow's two entries are gone.
+    let Some(mut dp) = datapath_with(cfg.clone()) else {
+        return;
+    };
+    seed_tcp_flow(
+        &mut dp,
+        closed,
+        closed_reply,
+        now - NAT_REUSE_CLOSED_AFTER_NS - 1_000_000_000,
+    );
+    let (out, port) = masquerade(&dp, &syn);
+    assert_eq!(port, 40000);
+    assert_frame(&out, &syn.clone().with_src(UPLINK_IP, 40000).build());
+    let old = key(VPEER, 1111, WAN, 80, IPPROTO_TCP);
+    assert!(
+        dp.maps()
+            .flow(FlowTable::NatEgress, &old)
+            .unwrap()
+            .is_none()
+    );
+    let usage = dp.table_usage().unwrap();
+    assert_eq!((usage.nat_egress, usage.nat_ingress), (1, 1));
+    let back = dp
+        .maps()
+        .flow(
+            FlowTable::NatIngress,
+            &key(WAN, 80, UPLINK_IP, 40000, IPPROTO_TCP),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        back.port,
+        2222u16.to_be(),
+        "the reply tuple now maps to the new flow"
+    );
+
+    // Reset by either side and idle: reusable too.
+    let Some(mut dp) = datapath_with(cfg.clone()) else {
+        return;
+    };
+    seed_tcp_flow(
+        &mut dp,
+        STATE_SYN,
+        STATE_REPLIED | STATE_RST,
+        now - 10_000_000_000,
+    );
+    assert_eq!(masquerade(&dp, &syn).1, 40000);
+
+    // Closed but only just: not yet (late segments of the old flow may still come).
+    // Established and idle: never (only the reaper frees it, by its timeout).
+    for (fwd, rev, seen) in [
+        (closed, closed_reply, now),
+        (STATE_SYN, STATE_REPLIED, now - 100_000_000_000),
+    ] {
+        let Some(mut dp) = datapath_with(cfg.clone()) else {
+            return;
+        };
+        seed_tcp_flow(&mut dp, fwd, rev, seen);
+        let out = run(&dp, Program::VethIngress, &syn.build());
+        assert_eq!(out.verdict, TC_ACT_SHOT);
+        assert_eq!(drops(&dp, DropReason::NatPortsExhausted), 1);
+        assert!(
+            dp.maps()
+                .flow(FlowTable::NatEgress, &old)
+                .unwrap()
+                .is_some()
+        );
+    }
 }
 
 #[test]
