@@ -51,7 +51,7 @@ pub const SLOT_ETH0_IFINDEX: u32 = 4096;
 /// long may be taken by a new flow to the same destination before the reaper frees
 /// it, so a burst of short connections does not exhaust the ports (the role
 /// TIME_WAIT reuse plays for conntrack).
-pub const NAT_REUSE_CLOSED_AFTER_NS: u64 = 2_000_000_000;
+pub const NAT_REUSE_CLOSED_AFTER_NS: u64 = 1_000_000_000;
 
 /// Highest slot index (DESIGN §1).
 pub const MAX_SLOT_INDEX: u32 = 32767;

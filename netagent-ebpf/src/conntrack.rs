@@ -92,10 +92,12 @@ pub fn touch(entry: *mut NatEntry, l4: &L4, dir: Dir, now: u64) {
     } else {
         e.state | bits
     };
+    // A state change refreshes `last_seen_ns` too, so the closing packet's time is
+    // exact (the masquerade's port reuse counts from it).
     if state != e.state {
         e.state = state;
-    }
-    if now.wrapping_sub(e.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
+        e.last_seen_ns = now;
+    } else if now.wrapping_sub(e.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
         e.last_seen_ns = now;
     }
 }
