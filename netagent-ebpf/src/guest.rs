@@ -9,8 +9,7 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use netagent_common::{
-    Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
-    SlotInfo,
+    Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig, GuestL2, SlotInfo,
 };
 
 use crate::{
@@ -20,7 +19,7 @@ use crate::{
     maps::{GUEST_L2, config, global_config},
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind},
     stats::{self, Drop},
-    veth::{snat, stays_on_host},
+    veth::{masquerade, stays_on_host},
 };
 
 #[inline(always)]
@@ -53,24 +52,7 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
         // For the host stack (or no uplink to masquerade to): as the vpeer.
         return to_host(ctx, &l4, ip, info, info.vpeer_ip).map_err(drop);
     };
-    // Only what opens a flow can be masqueraded: an echo *reply* to the world
-    // answers nothing the world could have sent (there is no inbound NAT).
-    if !l4.translatable() || l4.kind == L4Kind::IcmpEchoReply {
-        return Err(drop(DropReason::UnsupportedProtocol));
-    }
-    let key = FlowKey {
-        saddr: info.vpeer_ip,
-        daddr: ip.daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
-    let (nat_ip, nat_port) = snat(&key, &l4, slot, cfg)?;
-    csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip).map_err(drop)?;
-    csum::l4_port_rewrite(ctx, &l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)
-        .map_err(drop)?;
-    Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
+    masquerade(ctx, ip, &l4, slot, info.vpeer_ip, cfg)
 }
 
 /// Source := `new_src`, Ethernet addresses as if the frame came over the veth

@@ -54,22 +54,40 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     if l4.kind == L4Kind::IcmpError {
         return icmp_error(ctx, cfg, &ip, slot);
     }
+    masquerade(ctx, &ip, &l4, slot, info.vpeer_ip, cfg)
+}
+
+/// Masquerades a packet of `slot` toward the world: the flow is keyed by the
+/// slot's vpeer address (unique per slot, whatever the packet's source — the
+/// guest's 169.254.0.21 or the vpeer itself), the source becomes the uplink
+/// address and an allocated port in one rewrite, and the packet leaves by the
+/// uplink.
+#[inline(always)]
+pub fn masquerade(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    slot: u32,
+    vpeer_ip: u32,
+    cfg: &GlobalConfig,
+) -> Result<i32, Drop> {
+    let drop = |reason| Drop::new(slot, reason);
     // Only what opens a flow can be masqueraded: an echo *reply* to the world
     // answers nothing the world could have sent (there is no inbound NAT).
     if !l4.translatable() || l4.kind == L4Kind::IcmpEchoReply {
         return Err(drop(DropReason::UnsupportedProtocol));
     }
     let key = FlowKey {
-        saddr: ip.saddr,
+        saddr: vpeer_ip,
         daddr: ip.daddr,
         sport: l4.sport,
         dport: l4.dport,
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let (nat_ip, nat_port) = snat(&key, &l4, slot, cfg)?;
-    csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip).map_err(drop)?;
-    csum::l4_port_rewrite(ctx, &l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)
+    let (nat_ip, nat_port) = snat(&key, l4, slot, cfg)?;
+    csum::ipv4_addr_rewrite(ctx, l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip).map_err(drop)?;
+    csum::l4_port_rewrite(ctx, l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)
         .map_err(drop)?;
     Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
 }
