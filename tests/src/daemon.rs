@@ -36,22 +36,8 @@ pub const UPLINK_IP: &str = "198.18.0.1";
 /// The wan namespace's address (a test server can listen here).
 pub const WAN_IP: &str = "198.18.0.2";
 
-/// True when this process can build namespaces and load BPF (root with the
-/// capabilities); otherwise prints why the calling test is skipped.
-pub fn privileged_or_skip(test: &str) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-        .unwrap_or(0);
-    // CAP_NET_ADMIN (12), CAP_SYS_ADMIN (21), CAP_BPF (39).
-    let ok = [12, 21, 39].iter().all(|bit| eff & (1u64 << bit) != 0);
-    if !ok {
-        eprintln!("SKIPPED {test}: needs CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_BPF (run as root)");
-    }
-    ok
-}
+/// The same capability check as the namespace world's.
+pub use crate::world::privileged_or_skip;
 
 /// A prefix unique to this test process and call: `t` + 4 hex digits.
 pub fn unique_prefix() -> String {
