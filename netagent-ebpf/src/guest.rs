@@ -14,12 +14,11 @@ use netagent_common::{
 
 use crate::{
     conntrack::{self, Dir},
-    csum::{self, PortField},
-    fwd,
+    csum, fwd,
     maps::{GUEST_L2, config, global_config},
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind},
     stats::{self, Drop},
-    veth::{masquerade, stays_on_host},
+    veth::{masquerade, masquerade_icmp_error, stays_on_host},
 };
 
 #[inline(always)]
@@ -126,34 +125,7 @@ fn icmp_error(
     if q.daddr != guest {
         return Err(drop(DropReason::UnsupportedProtocol));
     }
-    // The original-direction key of the masqueraded flow the quoted reply
-    // belongs to.
-    let key = FlowKey {
-        saddr: info.vpeer_ip,
-        daddr: q.saddr,
-        sport: q.dport,
-        dport: q.sport,
-        proto: q.proto,
-        _pad: [0; 3],
-    };
-    let Some(entry) = crate::nat::snat_v4_lookup(&key) else {
-        return Err(drop(DropReason::UnsupportedProtocol));
-    };
-    // SAFETY: pointer from a successful lookup, valid for this run.
-    let (nat_ip, nat_port) = unsafe { ((*entry).addr, (*entry).port) };
-    csum::ipv4_addr_rewrite(ctx, &outer, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip)
-        .map_err(drop)?;
-    csum::quoted_addr_rewrite(ctx, &q, q.check, csum::QUOTED_DST, q.daddr, nat_ip).map_err(drop)?;
-    csum::quoted_port_rewrite(
-        ctx,
-        &q,
-        ip.l4_off(),
-        PortField::Destination,
-        q.dport,
-        nat_port,
-    )
-    .map_err(drop)?;
-    Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
+    masquerade_icmp_error(ctx, cfg, ip, &q, slot, info.vpeer_ip)
 }
 
 /// Records the guest's MAC and the MAC it sends to (as its frame arrived from the

@@ -16,7 +16,7 @@ use crate::{
     fwd, guest,
     maps::{LOCAL_ADDRS, VETH_SLOTS, global_config, slot_info},
     nat,
-    parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind},
+    parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind, Quoted},
     stats::{self, Drop},
 };
 
@@ -145,9 +145,26 @@ fn icmp_error(ctx: &TcContext, cfg: &GlobalConfig, ip: &Ipv4, slot: u32) -> Resu
     if q.daddr != ip.saddr {
         return Err(drop(DropReason::UnsupportedProtocol));
     }
+    masquerade_icmp_error(ctx, cfg, ip, &q, slot, ip.saddr)
+}
+
+/// Sends an ICMP error about a masqueraded flow of `slot` to the world: the
+/// quoted packet is a reply to the slot's flow keyed by `vpeer_ip`; the outer
+/// source and the quoted destination become the flow's uplink address and port.
+/// Errors about flows that were never masqueraded are dropped.
+#[inline(always)]
+pub fn masquerade_icmp_error(
+    ctx: &TcContext,
+    cfg: &GlobalConfig,
+    ip: &Ipv4,
+    q: &Quoted,
+    slot: u32,
+    vpeer_ip: u32,
+) -> Result<i32, Drop> {
+    let drop = |reason| Drop::new(slot, reason);
     // The original-direction key of the flow the quoted reply belongs to.
     let key = FlowKey {
-        saddr: q.daddr,
+        saddr: vpeer_ip,
         daddr: q.saddr,
         sport: q.dport,
         dport: q.sport,
@@ -167,10 +184,10 @@ fn icmp_error(ctx: &TcContext, cfg: &GlobalConfig, ip: &Ipv4, slot: u32) -> Resu
     };
     csum::ipv4_addr_rewrite(ctx, &outer, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip)
         .map_err(drop)?;
-    csum::quoted_addr_rewrite(ctx, &q, q.check, csum::QUOTED_DST, q.daddr, nat_ip).map_err(drop)?;
+    csum::quoted_addr_rewrite(ctx, q, q.check, csum::QUOTED_DST, q.daddr, nat_ip).map_err(drop)?;
     csum::quoted_port_rewrite(
         ctx,
-        &q,
+        q,
         ip.l4_off(),
         PortField::Destination,
         q.dport,
