@@ -17,17 +17,45 @@ pub enum DropReason {
     NatTableFull = 4,
     /// Rewriting the packet failed (a helper returned an error).
     RewriteFailed = 5,
+    /// A frame from the guest whose IPv4 source is not 169.254.0.21, or whose
+    /// Ethernet source is not the slot's guest MAC when one is set; also a frame
+    /// on a TAP that belongs to no live slot (counted for slot 0).
+    SpoofedSource = 6,
+    /// ARP from the guest whose sender IP is not 169.254.0.21, whose sender MAC
+    /// is not the frame's Ethernet source, or not the slot's guest MAC when one
+    /// is set; or ARP that is not Ethernet/IPv4.
+    SpoofedArp = 7,
+    /// IPv6 from the guest (not supported yet).
+    Ipv6 = 8,
+    /// A frame from the guest that is neither IPv4 nor ARP (VLAN tags included).
+    UnsupportedEthertype = 9,
+    /// Guest-initiated traffic to an address of the host: the agent namespace's
+    /// own (`LOCAL_ADDRS`) and the HostIP and veth ranges (every slot's HostIP,
+    /// veth and vpeer address), unless the slot allows that address as a /32.
+    HostDenied = 10,
+    /// Guest-initiated traffic denied by the slot's egress policy or the default
+    /// deny list.
+    PolicyDenied = 11,
+    /// Over the slot's bandwidth limit (`MAP_RATE`).
+    RateLimited = 12,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::UnsupportedProtocol,
         DropReason::NatPortsExhausted,
         DropReason::NatTableFull,
         DropReason::RewriteFailed,
+        DropReason::SpoofedSource,
+        DropReason::SpoofedArp,
+        DropReason::Ipv6,
+        DropReason::UnsupportedEthertype,
+        DropReason::HostDenied,
+        DropReason::PolicyDenied,
+        DropReason::RateLimited,
     ];
 
     /// Stable snake_case name, used by the API, the CLI and the metrics.
@@ -39,6 +67,13 @@ impl DropReason {
             DropReason::NatPortsExhausted => "nat_ports_exhausted",
             DropReason::NatTableFull => "nat_table_full",
             DropReason::RewriteFailed => "rewrite_failed",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::SpoofedArp => "spoofed_arp",
+            DropReason::Ipv6 => "ipv6",
+            DropReason::UnsupportedEthertype => "unsupported_ethertype",
+            DropReason::HostDenied => "host_denied",
+            DropReason::PolicyDenied => "policy_denied",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 

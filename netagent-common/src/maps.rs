@@ -32,6 +32,14 @@ pub const MAP_STATS: &str = "STATS";
 /// the Ethernet header itself and hands the packet to the TAP with `bpf_redirect`,
 /// skipping the route and neighbour lookups of `bpf_redirect_neigh`.
 pub const MAP_GUEST_L2: &str = "GUEST_L2";
+/// Egress policy of guest-initiated traffic, `LpmTrie<PolicyKey, PolicyRule>`
+/// (in aya's terms `LpmTrie<[u32; 2], PolicyRule>`: `PolicyKey::data`): one
+/// entry per CIDR of a slot's allow and deny lists, slot 0 holding the default
+/// rules every slot falls back to. See `PolicyKey` for the evaluation.
+pub const MAP_POLICY: &str = "POLICY";
+/// Per-slot bandwidth limit of the guest's frames, `Array<RateLimit>` indexed by
+/// slot index, enforced by `tap_ingress`.
+pub const MAP_RATE: &str = "RATE";
 
 /// Bounded retries when a random masquerade port collides (Cilium's
 /// `SNAT_COLLISION_RETRIES`).
@@ -47,6 +55,11 @@ pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 /// veth pair with this index for `eth0` and checks it.
 pub const SLOT_ETH0_IFINDEX: u32 = 4096;
 
+/// `tap0` of slot N has ifindex `SLOT_TAP_IFINDEX_BASE + N` in its namespace, so
+/// the one shared `tap_ingress` finds its slot from its ifindex (and checks it
+/// against `SlotInfo::tap_ifindex`). A TAP of no live slot drops everything.
+pub const SLOT_TAP_IFINDEX_BASE: u32 = 1 << 20;
+
 /// A masquerade port whose TCP flow is closed (RST, or FIN both ways) and idle this
 /// long may be taken by a new flow to the same destination before the reaper frees
 /// it, so a burst of short connections does not exhaust the ports (the role
@@ -60,6 +73,9 @@ pub const MAX_SLOT_INDEX: u32 = 32767;
 pub const CONFIG_F_UPLINK: u32 = 1;
 /// `SlotInfo::flags`: the slot is live; anything else makes programs pass packets.
 pub const SLOT_F_ACTIVE: u32 = 1;
+/// `SlotInfo::flags`: `SlotInfo::guest_mac` is set, and the guest's frames must
+/// come from it.
+pub const SLOT_F_GUEST_MAC: u32 = 2;
 /// `GuestL2::flags`: the addresses were learned and may be used.
 pub const GUEST_L2_F_VALID: u32 = 1;
 
@@ -86,6 +102,11 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const GUEST_IP_BYTES: [u8; 4] = [169, 254, 0, 21];
 /// The slot-side TAP address, 169.254.0.22.
 pub const TAP_IP_BYTES: [u8; 4] = [169, 254, 0, 22];
+
+/// `PolicyRule::action`: let the traffic pass.
+pub const POLICY_ALLOW: u32 = 1;
+/// `PolicyRule::action`: drop the traffic (counted as `PolicyDenied`).
+pub const POLICY_DENY: u32 = 2;
 
 /// Global datapath configuration.
 #[repr(C)]
@@ -127,6 +148,10 @@ pub struct SlotInfo {
     pub veth_mac: [u8; 6],
     /// MAC of `eth0` in the slot namespace.
     pub eth0_mac: [u8; 6],
+    /// The MAC the guest must send from, when `SLOT_F_GUEST_MAC` is set.
+    pub guest_mac: [u8; 6],
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
 }
 
 /// One direction of a flow, exactly as it appears in the packet (network order).
@@ -181,9 +206,91 @@ pub struct GuestL2 {
     pub flags: u32,
 }
 
+/// Key of `MAP_POLICY`, exactly as the LPM trie stores it: the number of leading
+/// bits of (`slot`, `addr`) that a rule covers, then those bits. A rule for the
+/// CIDR `a.b.c.d/n` of slot S is `prefixlen = 32 + n`, so the slot always
+/// matches in full and a lookup (`prefixlen = 64`) only finds that slot's rules,
+/// the longest prefix first.
+///
+/// Guest-initiated traffic (not a reply of a host-opened flow) to `daddr` is
+/// evaluated as: `r` = the slot's longest match; if `daddr` is a host address
+/// (`LOCAL_ADDRS`, the HostIP /16, the veth /16) it passes only if `r` allows it
+/// as a /32 (`prefix_len == 32`), else `HostDenied`; otherwise `r` decides if
+/// there is one; otherwise the longest match of slot 0 (the defaults): deny →
+/// `PolicyDenied`; otherwise it passes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    /// `32 + CIDR length`; 64 for a lookup.
+    pub prefixlen: u32,
+    /// Slot index, **big-endian** (`slot.to_be()`): the trie matches bits in
+    /// memory order, most significant first.
+    pub slot: u32,
+    /// Address, network order.
+    pub addr: u32,
+}
+
+impl PolicyKey {
+    /// The key of the CIDR `addr/len` (`addr` network order, `len <= 32`) in the
+    /// rules of `slot` (0: the defaults).
+    pub const fn new(slot: u32, addr: u32, len: u32) -> Self {
+        PolicyKey {
+            prefixlen: 32 + len,
+            slot: slot.to_be(),
+            addr,
+        }
+    }
+
+    /// The key that looks `addr` up in `slot`'s rules.
+    pub const fn lookup(slot: u32, addr: u32) -> Self {
+        PolicyKey::new(slot, addr, 32)
+    }
+
+    /// The bits after `prefixlen`, as aya's `lpm_trie::Key::data` holds them.
+    pub const fn data(&self) -> [u32; 2] {
+        [self.slot, self.addr]
+    }
+
+    /// The slot index (host order).
+    pub const fn slot_index(&self) -> u32 {
+        u32::from_be(self.slot)
+    }
+}
+
+/// Value of `MAP_POLICY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// `POLICY_ALLOW` or `POLICY_DENY`.
+    pub action: u32,
+    /// The CIDR length of the rule (`PolicyKey::prefixlen - 32`): a host address
+    /// passes only through an allow rule of length 32.
+    pub prefix_len: u32,
+}
+
+/// Value of `MAP_RATE`: a per-slot policer of the guest's frames, in the
+/// earliest-departure-time style of Cilium's: a frame of `len` bytes takes
+/// `len * 1e9 / rate_bytes_per_sec` ns; `t = max(next_ns, now - burst_ns) +
+/// that`; `t > now` drops it (`RateLimited`), else `next_ns = t`. (The update
+/// is not atomic: CPUs racing may each pass a frame; accepted.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Bytes (L2 frame length) per second; 0 = no limit.
+    pub rate_bytes_per_sec: u64,
+    /// The burst, as the time it takes to send it at the rate (ns).
+    pub burst_ns: u64,
+    /// Datapath state: when the frames passed so far are "sent"
+    /// (`bpf_ktime_get_ns`); userspace writes 0.
+    pub next_ns: u64,
+}
+
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+const _: () = assert!(core::mem::size_of::<PolicyRule>() == 8);
+const _: () = assert!(core::mem::size_of::<RateLimit>() == 24);
 const _: () = assert!(core::mem::size_of::<GuestL2>() == 16);
-const _: () = assert!(core::mem::size_of::<SlotInfo>() == 36);
+const _: () = assert!(core::mem::size_of::<SlotInfo>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
 
@@ -202,4 +309,10 @@ mod pod {
     unsafe impl aya::Pod for crate::counters::SlotStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GuestL2 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RateLimit {}
 }

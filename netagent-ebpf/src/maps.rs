@@ -4,9 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
-use netagent_common::{FlowKey, GlobalConfig, GuestL2, NatEntry, SlotInfo, SlotStats};
+use netagent_common::{
+    FlowKey, GlobalConfig, GuestL2, NatEntry, PolicyRule, RateLimit, SlotInfo, SlotStats,
+};
 
 /// Placeholder size of the per-slot tables (`max_slots`).
 const DEFAULT_SLOTS: u32 = 32768;
@@ -16,6 +18,8 @@ const DEFAULT_NAT_ENTRIES: u32 = 65536;
 const DEFAULT_HOST_FLOWS: u32 = 16384;
 /// Placeholder size of the local-address set.
 const DEFAULT_LOCAL_ADDRS: u32 = 256;
+/// Placeholder size of the egress policy trie.
+const DEFAULT_POLICY_RULES: u32 = 65536;
 
 /// `MAP_CONFIG`: one `GlobalConfig` at index 0.
 #[map]
@@ -59,6 +63,16 @@ pub static STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(DEFAULT
 /// `MAP_GUEST_L2`: the guest's Ethernet addresses, learned by `veth_ingress`.
 #[map]
 pub static GUEST_L2: Array<GuestL2> = Array::with_max_entries(DEFAULT_SLOTS, 0);
+
+/// `MAP_POLICY`: egress rules per slot (slot 0: the defaults); the key data is
+/// `PolicyKey::data` (big-endian slot, address).
+#[map]
+pub static POLICY: LpmTrie<[u32; 2], PolicyRule> =
+    LpmTrie::with_max_entries(DEFAULT_POLICY_RULES, 0);
+
+/// `MAP_RATE`: per-slot bandwidth limit of the guest's frames.
+#[map]
+pub static RATE: Array<RateLimit> = Array::with_max_entries(DEFAULT_SLOTS, 0);
 
 /// The global configuration, if userspace wrote one with the uplink flag set.
 #[inline(always)]

@@ -66,6 +66,7 @@ fn small_config() -> DatapathConfig {
         max_slots: 64,
         nat_table_size: 1024,
         host_flow_table_size: 1024,
+        policy_table_size: 1024,
         port_min: PORT_MIN,
         port_max: PORT_MAX,
         host_base: Ipv4Addr::new(10, 11, 0, 0),
@@ -105,6 +106,8 @@ fn datapath_with(cfg: DatapathConfig) -> Option<Datapath> {
             flags: SLOT_F_ACTIVE,
             veth_mac: VETH_MAC,
             eth0_mac: ETH0_MAC,
+            guest_mac: [0; 6],
+            _pad: [0; 2],
         },
     )
     .unwrap();
@@ -462,6 +465,8 @@ fn slot_ingress_finds_the_slot_by_destination() {
             flags: SLOT_F_ACTIVE,
             veth_mac: VETH_MAC,
             eth0_mac: ETH0_MAC,
+            guest_mac: [0; 6],
+            _pad: [0; 2],
         },
     )
     .unwrap();

@@ -305,6 +305,8 @@ impl Datapath {
             flags: SLOT_F_ACTIVE,
             veth_mac: slot.veth_mac,
             eth0_mac: slot.eth0_mac,
+            guest_mac: [0; 6],
+            _pad: [0; 2],
         };
         self.maps.zero_stats(slot.index)?;
         self.maps.clear_guest_l2(slot.index)?;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use aya::{EbpfLoader, programs::SchedClassifier};
 use netagent_common::{
     MAP_ADDR_SLOTS, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS,
-    MAP_NAT_INGRESS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
+    MAP_NAT_INGRESS, MAP_POLICY, MAP_RATE, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
 };
 
 use super::attach::{AttachMode, AttachedSlot, AttachedUplink};
@@ -29,6 +29,9 @@ pub struct DatapathConfig {
     pub nat_table_size: u32,
     /// Entries of HOST_FLOWS.
     pub host_flow_table_size: u32,
+    /// Entries of POLICY: every CIDR of every slot's egress rules and of the
+    /// default deny list.
+    pub policy_table_size: u32,
     /// First masquerade port (inclusive).
     pub port_min: u16,
     /// Last masquerade port (inclusive).
@@ -46,7 +49,7 @@ pub struct DatapathConfig {
 }
 
 /// Every map of the object (all pinned in the instance's bpffs directory).
-pub(super) const MAP_NAMES: [&str; 10] = [
+pub(super) const MAP_NAMES: [&str; 12] = [
     MAP_CONFIG,
     MAP_SLOTS,
     MAP_ADDR_SLOTS,
@@ -57,10 +60,15 @@ pub(super) const MAP_NAMES: [&str; 10] = [
     MAP_LOCAL_ADDRS,
     MAP_STATS,
     MAP_GUEST_L2,
+    MAP_POLICY,
+    MAP_RATE,
 ];
 
 /// Entries of LOCAL_ADDRS (addresses of the agent namespace).
 pub const LOCAL_ADDRS_SIZE: u32 = 256;
+
+/// Default entries of POLICY (`DatapathConfig::policy_table_size`).
+pub const DEFAULT_POLICY_TABLE_SIZE: u32 = 65_536;
 
 impl DatapathConfig {
     /// The datapath part of the agent configuration.
@@ -69,6 +77,7 @@ impl DatapathConfig {
             max_slots: cfg.max_slots,
             nat_table_size: cfg.nat.table_size,
             host_flow_table_size: cfg.nat.host_flow_table_size,
+            policy_table_size: DEFAULT_POLICY_TABLE_SIZE,
             port_min: cfg.nat.port_min,
             port_max: cfg.nat.port_max,
             host_base: cfg.host_base,
@@ -86,12 +95,13 @@ impl DatapathConfig {
 
     fn max_entries(&self, map: &str) -> u32 {
         match map {
-            MAP_SLOTS | MAP_STATS | MAP_VETH_SLOTS | MAP_GUEST_L2 => self.max_slots,
+            MAP_SLOTS | MAP_STATS | MAP_VETH_SLOTS | MAP_GUEST_L2 | MAP_RATE => self.max_slots,
             // Two addresses per slot: vpeer_ip and host_ip.
             MAP_ADDR_SLOTS => self.max_slots.saturating_mul(2),
             MAP_NAT_EGRESS | MAP_NAT_INGRESS => self.nat_table_size,
             MAP_HOST_FLOWS => self.host_flow_table_size,
             MAP_LOCAL_ADDRS => LOCAL_ADDRS_SIZE,
+            MAP_POLICY => self.policy_table_size,
             _ => 1,
         }
     }
@@ -119,6 +129,11 @@ impl DatapathConfig {
         if self.nat_table_size == 0 || self.host_flow_table_size == 0 {
             return Err(BpfError::Config(
                 "nat.table_size and nat.host_flow_table_size must be at least 1".into(),
+            ));
+        }
+        if self.policy_table_size == 0 {
+            return Err(BpfError::Config(
+                "policy_table_size must be at least 1".into(),
             ));
         }
         if self.port_min == 0 || self.port_min > self.port_max {

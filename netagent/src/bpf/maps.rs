@@ -4,11 +4,14 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+    lpm_trie::{Key, LpmTrie},
+};
 use netagent_common::{
     FlowKey, GlobalConfig, GuestL2, MAP_ADDR_SLOTS, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS,
-    MAP_LOCAL_ADDRS, MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS,
-    NatEntry, SlotInfo, SlotStats,
+    MAP_LOCAL_ADDRS, MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_POLICY, MAP_RATE, MAP_SLOTS, MAP_STATS,
+    MAP_VETH_SLOTS, NatEntry, PolicyKey, PolicyRule, RateLimit, SlotInfo, SlotStats,
 };
 
 use super::{BpfError, ip_to_map};
@@ -54,6 +57,22 @@ pub struct Maps {
     local_addrs: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, SlotStats>,
     guest_l2: Array<MapData, GuestL2>,
+    policy: LpmTrie<MapData, [u32; 2], PolicyRule>,
+    rate: Array<MapData, RateLimit>,
+}
+
+/// A POLICY key in aya's form (prefix length, then the data bits).
+fn trie_key(key: &PolicyKey) -> Key<[u32; 2]> {
+    Key::new(key.prefixlen, key.data())
+}
+
+fn policy_key(key: &Key<[u32; 2]>) -> PolicyKey {
+    let [slot, addr] = key.data();
+    PolicyKey {
+        prefixlen: key.prefix_len(),
+        slot,
+        addr,
+    }
 }
 
 fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, BpfError>
@@ -88,6 +107,8 @@ impl Maps {
             local_addrs: take(ebpf, MAP_LOCAL_ADDRS)?,
             stats: take(ebpf, MAP_STATS)?,
             guest_l2: take(ebpf, MAP_GUEST_L2)?,
+            policy: take(ebpf, MAP_POLICY)?,
+            rate: take(ebpf, MAP_RATE)?,
         })
     }
 
@@ -315,5 +336,58 @@ impl Maps {
         self.stats
             .set(index, zero, 0)
             .map_err(|e| BpfError::map(MAP_STATS, "update", e))
+    }
+
+    /// Every POLICY entry of `slot` (0: the defaults).
+    pub fn policy_rules(&self, slot: u32) -> Result<Vec<(PolicyKey, PolicyRule)>, BpfError> {
+        let mut out = Vec::new();
+        for entry in self.policy.iter() {
+            let (key, rule) = entry.map_err(|e| BpfError::map(MAP_POLICY, "iterate", e))?;
+            let key = policy_key(&key);
+            if key.slot_index() == slot {
+                out.push((key, rule));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Inserts or replaces a POLICY entry.
+    pub fn insert_policy(&mut self, key: &PolicyKey, rule: &PolicyRule) -> Result<(), BpfError> {
+        self.policy
+            .insert(&trie_key(key), rule, 0)
+            .map_err(|e| BpfError::map(MAP_POLICY, "update", e))
+    }
+
+    /// Deletes a POLICY entry (absent is fine).
+    pub fn remove_policy(&mut self, key: &PolicyKey) -> Result<(), BpfError> {
+        ignore_missing(self.policy.remove(&trie_key(key)))
+            .map_err(|e| BpfError::map(MAP_POLICY, "delete", e))
+    }
+
+    /// Deletes every POLICY entry of `slot`; returns how many.
+    pub fn remove_slot_policy(&mut self, slot: u32) -> Result<usize, BpfError> {
+        let keys: Vec<PolicyKey> = self
+            .policy_rules(slot)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        for key in &keys {
+            self.remove_policy(key)?;
+        }
+        Ok(keys.len())
+    }
+
+    /// RATE[index].
+    pub fn rate(&self, index: u32) -> Result<RateLimit, BpfError> {
+        self.rate
+            .get(&index, 0)
+            .map_err(|e| BpfError::map(MAP_RATE, "lookup", e))
+    }
+
+    /// Writes RATE[index] (`RateLimit::default()`: no limit).
+    pub fn set_rate(&mut self, index: u32, limit: &RateLimit) -> Result<(), BpfError> {
+        self.rate
+            .set(index, limit, 0)
+            .map_err(|e| BpfError::map(MAP_RATE, "update", e))
     }
 }

@@ -1,0 +1,505 @@
+//! The guest-facing security settings of the datapath: egress policy (allow and
+//! deny CIDR lists per slot plus the default deny list, in `MAP_POLICY`), the
+//! per-slot bandwidth limit (`MAP_RATE`) and the guest MAC a slot's frames must
+//! come from (`SlotInfo::guest_mac`). The datapath side is `tap_ingress` (MAC,
+//! rate) and `veth_ingress` (policy); see `netagent_common::PolicyKey` for how
+//! the rules are evaluated.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use netagent_common::{
+    POLICY_ALLOW, POLICY_DENY, PolicyKey, PolicyRule, SLOT_F_ACTIVE, SLOT_F_GUEST_MAC,
+};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{BpfError, Datapath, ip_from_map, ip_to_map};
+
+/// The default deny list of guest-initiated traffic (config
+/// `egress_default_deny`): private, shared (CGNAT), link-local (cloud metadata
+/// 169.254.169.254 included), multicast and reserved ranges (the limited
+/// broadcast 255.255.255.255 included).
+pub const DEFAULT_EGRESS_DENY: [Cidr; 7] = [
+    Cidr::new_unchecked(Ipv4Addr::new(10, 0, 0, 0), 8),
+    Cidr::new_unchecked(Ipv4Addr::new(172, 16, 0, 0), 12),
+    Cidr::new_unchecked(Ipv4Addr::new(192, 168, 0, 0), 16),
+    Cidr::new_unchecked(Ipv4Addr::new(100, 64, 0, 0), 10),
+    Cidr::new_unchecked(Ipv4Addr::new(169, 254, 0, 0), 16),
+    Cidr::new_unchecked(Ipv4Addr::new(224, 0, 0, 0), 4),
+    Cidr::new_unchecked(Ipv4Addr::new(240, 0, 0, 0), 4),
+];
+
+/// Smallest accepted burst: one full Ethernet frame (1500 + 14). Frames longer
+/// than the burst never pass (a TAP with TSO hands over frames up to 64 KiB).
+pub const MIN_BURST_BYTES: u64 = 1514;
+
+const NS_PER_SEC: u128 = 1_000_000_000;
+
+/// An IPv4 network `addr/len`; written and parsed as "a.b.c.d/n" with the host
+/// bits zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    /// The network address (host bits zero).
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0..=32.
+    pub len: u8,
+}
+
+/// Why a string is not a CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    /// No "/n" part.
+    #[error("{0:?} is not a CIDR: expected a.b.c.d/n (e.g. 10.0.0.0/8, 1.2.3.4/32)")]
+    Syntax(String),
+    /// The address part is not an IPv4 address.
+    #[error("{0:?} is not a CIDR: the address is not IPv4 a.b.c.d")]
+    Address(String),
+    /// The length is not a number in 0..=32.
+    #[error("{0:?} is not a CIDR: the prefix length must be 0..=32")]
+    Length(String),
+    /// Bits beyond the prefix length are set.
+    #[error("{given} has host bits set: did you mean {network}?")]
+    HostBits {
+        /// What was given.
+        given: String,
+        /// The network it lies in.
+        network: Cidr,
+    },
+}
+
+impl Cidr {
+    /// `addr/len`, checked: `len <= 32` and no host bits set.
+    pub fn new(addr: Ipv4Addr, len: u8) -> Result<Cidr, CidrError> {
+        if len > 32 {
+            return Err(CidrError::Length(format!("{addr}/{len}")));
+        }
+        let cidr = Cidr { addr, len };
+        let network = Cidr {
+            addr: Ipv4Addr::from(u32::from(addr) & cidr.mask()),
+            len,
+        };
+        if network != cidr {
+            return Err(CidrError::HostBits {
+                given: format!("{addr}/{len}"),
+                network,
+            });
+        }
+        Ok(cidr)
+    }
+
+    /// `addr/len` for constants known to be valid.
+    const fn new_unchecked(addr: Ipv4Addr, len: u8) -> Cidr {
+        Cidr { addr, len }
+    }
+
+    /// The netmask, host order.
+    fn mask(&self) -> u32 {
+        match self.len {
+            0 => 0,
+            n => u32::MAX << (32 - u32::from(n.min(32))),
+        }
+    }
+
+    /// Whether `addr` lies in this network.
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & self.mask() == u32::from(self.addr)
+    }
+
+    /// This CIDR's key in the rules of `slot` (0: the defaults).
+    fn key(&self, slot: u32) -> PolicyKey {
+        PolicyKey::new(slot, ip_to_map(self.addr), u32::from(self.len))
+    }
+
+    fn from_key(key: &PolicyKey) -> Cidr {
+        Cidr {
+            addr: ip_from_map(key.addr),
+            len: key.prefixlen.saturating_sub(32).min(32) as u8,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Cidr, CidrError> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| CidrError::Syntax(s.to_string()))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| CidrError::Address(s.to_string()))?;
+        // Digits only: `u8::from_str` would take "+8".
+        if len.is_empty() || len.len() > 2 || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(CidrError::Length(s.to_string()));
+        }
+        let len: u8 = len.parse().map_err(|_| CidrError::Length(s.to_string()))?;
+        Cidr::new(addr, len)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A slot's own egress rules for guest-initiated traffic. The longest matching
+/// CIDR of either list decides; a host address (the agent namespace's, any
+/// slot's HostIP/veth/vpeer) is reachable only through an `allow` entry of
+/// length 32 naming it. Where neither list matches, the default deny list
+/// applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressRules {
+    /// Networks the guest may reach.
+    pub allow: Vec<Cidr>,
+    /// Networks the guest may not reach.
+    pub deny: Vec<Cidr>,
+}
+
+/// A slot's bandwidth limit on the frames its guest sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained rate, bytes (Ethernet frame length) per second; at least 1.
+    pub rate_bytes_per_sec: u64,
+    /// Bytes that may pass at once after an idle period; at least
+    /// `MIN_BURST_BYTES`. Read back exactly for rates up to 1 GB/s (above, the
+    /// datapath keeps it to the nanosecond).
+    pub burst_bytes: u64,
+}
+
+impl RateLimit {
+    fn validate(&self) -> Result<(), BpfError> {
+        if self.rate_bytes_per_sec == 0 {
+            return Err(BpfError::Config(
+                "rate_bytes_per_sec must be at least 1 (no limit: remove the rate limit)".into(),
+            ));
+        }
+        if self.burst_bytes < MIN_BURST_BYTES {
+            return Err(BpfError::Config(format!(
+                "burst_bytes is {}, it must be at least {MIN_BURST_BYTES} (one Ethernet frame)",
+                self.burst_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The map value: the burst as its transmit time at the rate, rounded up.
+    fn to_map(self) -> netagent_common::RateLimit {
+        let rate = u128::from(self.rate_bytes_per_sec);
+        let burst_ns = (u128::from(self.burst_bytes) * NS_PER_SEC).div_ceil(rate);
+        netagent_common::RateLimit {
+            rate_bytes_per_sec: self.rate_bytes_per_sec,
+            burst_ns: u64::try_from(burst_ns).unwrap_or(u64::MAX),
+            next_ns: 0,
+        }
+    }
+
+    fn from_map(v: &netagent_common::RateLimit) -> Option<RateLimit> {
+        if v.rate_bytes_per_sec == 0 {
+            return None;
+        }
+        let burst = u128::from(v.burst_ns) * u128::from(v.rate_bytes_per_sec) / NS_PER_SEC;
+        Some(RateLimit {
+            rate_bytes_per_sec: v.rate_bytes_per_sec,
+            burst_bytes: u64::try_from(burst).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+/// The wanted entries of one slot's rules.
+fn wanted_entries(slot: u32, rules: &EgressRules) -> Result<BTreeMap<Cidr, u32>, BpfError> {
+    let mut out = BTreeMap::new();
+    for (list, action) in [(&rules.allow, POLICY_ALLOW), (&rules.deny, POLICY_DENY)] {
+        for cidr in list {
+            if let Some(prev) = out.insert(*cidr, action)
+                && prev != action
+            {
+                return Err(BpfError::Config(format!(
+                    "{cidr} is both allowed and denied for slot {slot}: keep it in one list"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Datapath {
+    /// Replaces the default deny list (the rules of slot 0) every slot falls
+    /// back to where its own rules do not match.
+    pub fn set_default_egress(&mut self, deny: &[Cidr]) -> Result<(), BpfError> {
+        let rules = EgressRules {
+            allow: Vec::new(),
+            deny: deny.to_vec(),
+        };
+        self.replace_rules(0, &rules)
+    }
+
+    /// The default deny list.
+    pub fn default_egress(&self) -> Result<Vec<Cidr>, BpfError> {
+        Ok(self.rules_of(0)?.deny)
+    }
+
+    /// Replaces slot `index`'s own egress rules (the datapath passes or drops
+    /// by the old or the new set while this runs, never by none). A CIDR in
+    /// both lists is an error; on any error the old rules stay.
+    pub fn set_slot_egress(&mut self, index: u32, rules: &EgressRules) -> Result<(), BpfError> {
+        self.check_index(index)?;
+        self.replace_rules(index, rules)
+    }
+
+    /// Slot `index`'s own egress rules, each list sorted.
+    pub fn slot_egress(&self, index: u32) -> Result<EgressRules, BpfError> {
+        self.check_index(index)?;
+        self.rules_of(index)
+    }
+
+    /// Sets (`Some`) or removes (`None`) slot `index`'s bandwidth limit; a new
+    /// limit starts with a full burst.
+    pub fn set_rate_limit(&mut self, index: u32, limit: Option<RateLimit>) -> Result<(), BpfError> {
+        self.check_index(index)?;
+        let value = match limit {
+            Some(l) => {
+                l.validate()?;
+                l.to_map()
+            }
+            None => netagent_common::RateLimit::default(),
+        };
+        self.maps.set_rate(index, &value)
+    }
+
+    /// Slot `index`'s bandwidth limit, if it has one.
+    pub fn rate_limit(&self, index: u32) -> Result<Option<RateLimit>, BpfError> {
+        self.check_index(index)?;
+        Ok(RateLimit::from_map(&self.maps.rate(index)?))
+    }
+
+    /// Sets (`Some`) or clears (`None`) the MAC slot `index`'s guest must send
+    /// from: with one set, `tap_ingress` drops frames and ARP from any other.
+    /// The slot must be attached (the MAC is part of its `SlotInfo`); the MAC
+    /// must be a unicast address other than 00:00:00:00:00:00.
+    pub fn set_guest_mac(&mut self, index: u32, mac: Option<[u8; 6]>) -> Result<(), BpfError> {
+        self.check_index(index)?;
+        if let Some(m) = mac
+            && (m[0] & 1 != 0 || m == [0; 6])
+        {
+            return Err(BpfError::Config(format!(
+                "guest MAC {} is not a unicast address",
+                m.map(|b| format!("{b:02x}")).join(":")
+            )));
+        }
+        let mut info = self.maps.slot(index)?;
+        if info.flags & SLOT_F_ACTIVE == 0 {
+            return Err(BpfError::Config(format!(
+                "slot {index} is not attached: set its guest MAC after attach_slot"
+            )));
+        }
+        match mac {
+            Some(m) => {
+                info.guest_mac = m;
+                info.flags |= SLOT_F_GUEST_MAC;
+            }
+            None => {
+                info.guest_mac = [0; 6];
+                info.flags &= !SLOT_F_GUEST_MAC;
+            }
+        }
+        self.maps.set_slot(index, &info)
+    }
+
+    /// The MAC slot `index`'s guest must send from, if one is set.
+    pub fn guest_mac(&self, index: u32) -> Result<Option<[u8; 6]>, BpfError> {
+        self.check_index(index)?;
+        let info = self.maps.slot(index)?;
+        Ok((info.flags & SLOT_F_GUEST_MAC != 0).then_some(info.guest_mac))
+    }
+
+    fn rules_of(&self, slot: u32) -> Result<EgressRules, BpfError> {
+        let mut rules = EgressRules::default();
+        let mut entries: Vec<(Cidr, PolicyRule)> = self
+            .maps
+            .policy_rules(slot)?
+            .into_iter()
+            .map(|(k, r)| (Cidr::from_key(&k), r))
+            .collect();
+        entries.sort_by_key(|(c, _)| *c);
+        for (cidr, rule) in entries {
+            match rule.action {
+                POLICY_ALLOW => rules.allow.push(cidr),
+                _ => rules.deny.push(cidr),
+            }
+        }
+        Ok(rules)
+    }
+
+    /// Makes `slot`'s entries exactly `rules`: writes the wanted ones first,
+    /// then removes the rest. On an error the previous entries are restored.
+    fn replace_rules(&mut self, slot: u32, rules: &EgressRules) -> Result<(), BpfError> {
+        let wanted = wanted_entries(slot, rules)?;
+        let old: BTreeMap<Cidr, PolicyRule> = self
+            .maps
+            .policy_rules(slot)?
+            .into_iter()
+            .map(|(k, r)| (Cidr::from_key(&k), r))
+            .collect();
+        let result = self.write_rules(slot, &wanted, &old);
+        if result.is_err() {
+            // Back to the old set: drop what is not in it, rewrite what is.
+            let now: BTreeSet<Cidr> = self
+                .maps
+                .policy_rules(slot)
+                .map(|v| v.iter().map(|(k, _)| Cidr::from_key(k)).collect())
+                .unwrap_or_default();
+            for cidr in now.iter().filter(|c| !old.contains_key(c)) {
+                let _ = self.maps.remove_policy(&cidr.key(slot));
+            }
+            for (cidr, rule) in &old {
+                let _ = self.maps.insert_policy(&cidr.key(slot), rule);
+            }
+        }
+        result
+    }
+
+    fn write_rules(
+        &mut self,
+        slot: u32,
+        wanted: &BTreeMap<Cidr, u32>,
+        old: &BTreeMap<Cidr, PolicyRule>,
+    ) -> Result<(), BpfError> {
+        for (cidr, action) in wanted {
+            let rule = PolicyRule {
+                action: *action,
+                prefix_len: u32::from(cidr.len),
+            };
+            if old.get(cidr) != Some(&rule) {
+                self.maps.insert_policy(&cidr.key(slot), &rule)?;
+            }
+        }
+        for cidr in old.keys().filter(|c| !wanted.contains_key(c)) {
+            self.maps.remove_policy(&cidr.key(slot))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parses_and_displays() {
+        let c: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert_eq!(c, Cidr::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap());
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().len, 0);
+        assert_eq!(
+            "1.2.3.4/32".parse::<Cidr>().unwrap().to_string(),
+            "1.2.3.4/32"
+        );
+        for bad in [
+            "10.0.0.0",
+            "10.0.0/8",
+            "10.0.0.0/33",
+            "10.0.0.0/+8",
+            "10.0.0.0/",
+            "x/8",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        let e = "10.1.2.3/8".parse::<Cidr>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "10.1.2.3/8 has host bits set: did you mean 10.0.0.0/8?"
+        );
+    }
+
+    #[test]
+    fn cidr_contains() {
+        let c: Cidr = "172.16.0.0/12".parse().unwrap();
+        assert!(c.contains(Ipv4Addr::new(172, 31, 255, 255)));
+        assert!(!c.contains(Ipv4Addr::new(172, 32, 0, 0)));
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains(Ipv4Addr::BROADCAST)
+        );
+    }
+
+    #[test]
+    fn cidr_serde_is_the_string() {
+        let rules = EgressRules {
+            allow: vec!["1.2.3.4/32".parse().unwrap()],
+            deny: vec![],
+        };
+        let json = serde_json::to_string(&rules).unwrap();
+        assert_eq!(json, r#"{"allow":["1.2.3.4/32"],"deny":[]}"#);
+        assert_eq!(serde_json::from_str::<EgressRules>(&json).unwrap(), rules);
+        assert!(serde_json::from_str::<EgressRules>(r#"{"allow":["1.2.3.4/33"]}"#).is_err());
+        assert!(serde_json::from_str::<EgressRules>(r#"{"permit":[]}"#).is_err());
+    }
+
+    #[test]
+    fn default_deny_list_is_valid() {
+        for c in DEFAULT_EGRESS_DENY {
+            assert_eq!(Cidr::new(c.addr, c.len).unwrap(), c);
+        }
+        assert!(
+            DEFAULT_EGRESS_DENY
+                .iter()
+                .any(|c| c.contains(Ipv4Addr::new(169, 254, 169, 254)))
+        );
+        assert!(
+            DEFAULT_EGRESS_DENY
+                .iter()
+                .any(|c| c.contains(Ipv4Addr::BROADCAST))
+        );
+    }
+
+    #[test]
+    fn rate_limit_round_trips_through_the_map_value() {
+        for (rate, burst) in [(3, 1514), (125_000, 10_000), (1_000_000_000, 65_536)] {
+            let l = RateLimit {
+                rate_bytes_per_sec: rate,
+                burst_bytes: burst,
+            };
+            assert_eq!(RateLimit::from_map(&l.to_map()), Some(l));
+        }
+        assert_eq!(
+            RateLimit {
+                rate_bytes_per_sec: 1_000_000,
+                burst_bytes: 10_000
+            }
+            .to_map()
+            .burst_ns,
+            10_000_000
+        );
+        assert_eq!(RateLimit::from_map(&Default::default()), None);
+    }
+
+    #[test]
+    fn conflicting_lists_are_an_error() {
+        let c: Cidr = "8.8.8.0/24".parse().unwrap();
+        let rules = EgressRules {
+            allow: vec![c],
+            deny: vec![c],
+        };
+        assert!(wanted_entries(3, &rules).is_err());
+    }
+}
