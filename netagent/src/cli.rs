@@ -202,6 +202,9 @@ pub struct ConfigFlags {
     /// [timeouts.reap_interval] Seconds between reaper runs (default 5).
     #[arg(long, value_name = "SECS")]
     pub timeouts_reap_interval: Option<u64>,
+    /// [table_warn_percent] Warn when a NAT or flow table is this full, 1 to 100 (default 80).
+    #[arg(long, value_name = "PERCENT")]
+    pub table_warn_percent: Option<u8>,
 }
 
 impl ConfigFlags {
@@ -244,6 +247,7 @@ impl ConfigFlags {
         set(&mut t.udp, &self.timeouts_udp);
         set(&mut t.icmp, &self.timeouts_icmp);
         set(&mut t.reap_interval, &self.timeouts_reap_interval);
+        set(&mut cfg.table_warn_percent, &self.table_warn_percent);
     }
 }
 

@@ -40,6 +40,9 @@ pub struct Config {
     pub nat: NatConfig,
     /// Flow expiry.
     pub timeouts: Timeouts,
+    /// Percent of a NAT or flow table's capacity at which the agent warns
+    /// (logged when a table crosses it; `netagent_table_pressure` in the metrics).
+    pub table_warn_percent: u8,
     /// Size of the per-slot arrays: slot indices must be `< max_slots`
     /// (at most 32768, so index 32767 fits).
     pub max_slots: u32,
@@ -132,6 +135,7 @@ impl Default for Config {
             bpffs: PathBuf::from("/sys/fs/bpf/netagent"),
             nat: NatConfig::default(),
             timeouts: Timeouts::default(),
+            table_warn_percent: 80,
             max_slots: 32768,
         }
     }
@@ -338,6 +342,12 @@ impl Config {
                 errors.push(format!("{key} must be at least 1"));
             }
         }
+        if !(1..=100).contains(&self.table_warn_percent) {
+            errors.push(format!(
+                "table_warn_percent {} is out of range: use 1 to 100 (percent of a table's capacity)",
+                self.table_warn_percent
+            ));
+        }
         let t = &self.timeouts;
         for (key, value) in [
             ("timeouts.tcp_established", t.tcp_established),
@@ -535,6 +545,40 @@ mod tests {
             ..Config::default()
         };
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn table_warn_percent_is_a_percentage() {
+        assert_eq!(Config::default().table_warn_percent, 80);
+        let cfg = parse("table_warn_percent = 95\n").unwrap();
+        assert_eq!(cfg.table_warn_percent, 95);
+        cfg.validate().unwrap();
+        for ok in [1, 100] {
+            let cfg = Config {
+                table_warn_percent: ok,
+                ..Config::default()
+            };
+            cfg.validate().unwrap();
+        }
+        for bad in [0, 101, 255] {
+            let cfg = Config {
+                table_warn_percent: bad,
+                ..Config::default()
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(
+                err.contains(&format!(
+                    "table_warn_percent {bad} is out of range: use 1 to 100"
+                )),
+                "{err}"
+            );
+        }
+        // Not a small integer at all: a parse error naming the line.
+        let err = parse("\ntable_warn_percent = 300\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2") && !err.contains('\n'), "{err}");
     }
 
     #[test]

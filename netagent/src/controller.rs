@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use netagent_common::SlotStats;
 use serde::{Deserialize, Serialize};
 
+use crate::pressure::TablePressure;
 use crate::slot::{AddressPlan, AddressingError, GuestLink, SlotAddr, SlotError, SlotManager};
 use crate::stats::{MetricsSnapshot, SlotCounters, TableGauge, render_prometheus};
 use crate::verify::VerifyReport;
@@ -77,8 +78,14 @@ pub enum ControllerError {
     Failed(String),
 }
 
-/// Flows removed by one reaper run.
-pub type Reaped = u64;
+/// What one reaper run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Flows removed.
+    pub flows: u64,
+    /// Occupancy of the tables after the run.
+    pub tables: Vec<TableGauge>,
+}
 
 /// What the controller needs from the slot manager. Methods mirror
 /// `slot::SlotManager` (see the contract in `slot/mod.rs`).
@@ -181,6 +188,7 @@ pub struct Controller {
     serving: AtomicBool,
     reaped: AtomicU64,
     reap_errors: AtomicU64,
+    pressure: TablePressure,
     activity: Arc<std::sync::Mutex<Activity>>,
 }
 
@@ -251,8 +259,15 @@ impl Controller {
             serving: AtomicBool::new(true),
             reaped: AtomicU64::new(0),
             reap_errors: AtomicU64::new(0),
+            pressure: TablePressure::new(80),
             activity: Arc::default(),
         }
+    }
+
+    /// Sets the table occupancy warning threshold (`table_warn_percent`).
+    pub fn with_table_warn_percent(mut self, percent: u8) -> Controller {
+        self.pressure = TablePressure::new(percent);
+        self
     }
 
     fn check_index(&self, index: i64) -> Result<(), ControllerError> {
@@ -381,7 +396,8 @@ impl Controller {
         let (programs_loaded, program_attachments) = self.backend.programs();
         Ok(MetricsSnapshot {
             slots,
-            tables: self.backend.tables()?,
+            tables: self.pressure.scrape(|| self.backend.tables())?,
+            table_warn_percent: self.pressure.warn_percent(),
             programs_loaded,
             program_attachments,
             reaped_flows: self.reaped.load(Ordering::Relaxed),
@@ -392,11 +408,12 @@ impl Controller {
     /// One reaper run; failures are counted and logged, never fatal.
     pub async fn reap_once(&self) {
         match self.backend.reap().await {
-            Ok(n) => {
-                self.reaped.fetch_add(n, Ordering::Relaxed);
-                if n > 0 {
-                    tracing::debug!(flows = n, "reaped expired flows");
+            Ok(Reaped { flows, tables }) => {
+                self.reaped.fetch_add(flows, Ordering::Relaxed);
+                if flows > 0 {
+                    tracing::debug!(flows, "reaped expired flows");
                 }
+                self.pressure.observe(&tables);
             }
             Err(e) => {
                 self.reap_errors.fetch_add(1, Ordering::Relaxed);
@@ -481,17 +498,7 @@ impl SlotBackend for SlotManager {
     }
 
     fn tables(&self) -> Result<Vec<TableGauge>, ControllerError> {
-        let u = self.table_usage()?;
-        let gauge = |table: &str, entries: usize, capacity: u32| TableGauge {
-            table: table.into(),
-            entries: entries as u64,
-            capacity: u64::from(capacity),
-        };
-        Ok(vec![
-            gauge("nat_egress", u.nat_egress, u.nat_capacity),
-            gauge("nat_ingress", u.nat_ingress, u.nat_capacity),
-            gauge("host_flows", u.host_flows, u.host_flow_capacity),
-        ])
+        Ok(TableGauge::from_usage(&self.table_usage()?))
     }
 
     fn programs(&self) -> (u64, u64) {
@@ -506,7 +513,13 @@ impl SlotBackend for SlotManager {
     }
 
     fn reap(&self) -> BoxFuture<'_, Result<Reaped, ControllerError>> {
-        Box::pin(async move { Ok(SlotManager::reap(self).await?.total() as u64) })
+        Box::pin(async move {
+            let report = SlotManager::reap(self).await?;
+            Ok(Reaped {
+                flows: report.total() as u64,
+                tables: TableGauge::from_usage(&report.usage),
+            })
+        })
     }
 
     fn shutdown(&self) -> BoxFuture<'_, Result<(), ControllerError>> {
@@ -650,7 +663,7 @@ pub(crate) mod fake {
         }
 
         fn reap(&self) -> BoxFuture<'_, Result<Reaped, ControllerError>> {
-            Box::pin(async { Ok(0) })
+            Box::pin(async { Ok(Reaped::default()) })
         }
 
         fn shutdown(&self) -> BoxFuture<'_, Result<(), ControllerError>> {

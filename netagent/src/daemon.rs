@@ -519,7 +519,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     tracing::info!(prefix = %config.prefix, bpffs = %config.bpffs.display(), "starting the datapath");
     let backend: Arc<dyn SlotBackend> = crate::controller::start_backend(&config).await?;
-    let controller = Arc::new(Controller::new(backend, plan, config.max_slots));
+    let controller = Arc::new(
+        Controller::new(backend, plan, config.max_slots)
+            .with_table_warn_percent(config.table_warn_percent),
+    );
 
     let bound = match bind_socket(&config.socket, group) {
         Ok(unix) => match config.api_tcp {

@@ -5,7 +5,8 @@
 //!
 //! Layout: `slot` (addressing, create/delete with rollback) builds on `netlink`
 //! (netns, link, addr, route, tap, sysctl) and `bpf` (load, attach, maps); `api`
-//! parses requests into actions that `controller` applies; `daemon` runs it all.
+//! parses requests into actions that `controller` applies; `daemon` runs it all;
+//! `stats` and `pressure` shape counters and table occupancy.
 
 pub mod api;
 pub mod bpf;
@@ -16,6 +17,7 @@ pub mod controller;
 pub mod daemon;
 pub mod error;
 pub mod netlink;
+pub mod pressure;
 pub mod slot;
 pub mod stats;
 pub mod verify;

@@ -88,6 +88,31 @@ pub struct TableGauge {
     pub capacity: u64,
 }
 
+impl TableGauge {
+    /// The three flow tables' gauges (`nat_egress`, `nat_ingress`, `host_flows`).
+    pub fn from_usage(u: &crate::bpf::TableUsage) -> Vec<TableGauge> {
+        let gauge = |table: &str, entries: usize, capacity: u32| TableGauge {
+            table: table.into(),
+            entries: entries as u64,
+            capacity: u64::from(capacity),
+        };
+        vec![
+            gauge("nat_egress", u.nat_egress, u.nat_capacity),
+            gauge("nat_ingress", u.nat_ingress, u.nat_capacity),
+            gauge("host_flows", u.host_flows, u.host_flow_capacity),
+        ]
+    }
+
+    /// `entries / capacity` (0 for a table without capacity).
+    pub fn ratio(&self) -> f64 {
+        if self.capacity == 0 {
+            0.0
+        } else {
+            self.entries as f64 / self.capacity as f64
+        }
+    }
+}
+
 /// Everything `GET /metrics` exposes, gathered by the controller.
 #[derive(Debug, Clone, Default)]
 pub struct MetricsSnapshot {
@@ -95,6 +120,8 @@ pub struct MetricsSnapshot {
     pub slots: Vec<SlotCounters>,
     /// Table occupancy.
     pub tables: Vec<TableGauge>,
+    /// The occupancy warning threshold (`table_warn_percent`), percent.
+    pub table_warn_percent: u8,
     /// Datapath programs loaded.
     pub programs_loaded: u64,
     /// Program attachments (hooks) in place.
@@ -216,6 +243,45 @@ pub fn render_prometheus(m: &MetricsSnapshot) -> String {
             t.table, t.capacity
         );
     }
+    family(
+        &mut out,
+        "netagent_table_usage_ratio",
+        "gauge",
+        "Entries in use divided by the capacity of a NAT or flow table (1 = full: new flows are dropped).",
+    );
+    for t in &m.tables {
+        let _ = writeln!(
+            out,
+            "netagent_table_usage_ratio{{table=\"{}\"}} {}",
+            t.table,
+            t.ratio()
+        );
+    }
+    family(
+        &mut out,
+        "netagent_table_pressure",
+        "gauge",
+        "1 while a NAT or flow table is at or above the warning threshold (table_warn_percent), else 0.",
+    );
+    for t in &m.tables {
+        let _ = writeln!(
+            out,
+            "netagent_table_pressure{{table=\"{}\"}} {}",
+            t.table,
+            u8::from(crate::pressure::over_threshold(t, m.table_warn_percent))
+        );
+    }
+    family(
+        &mut out,
+        "netagent_table_warn_ratio",
+        "gauge",
+        "The occupancy warning threshold (table_warn_percent / 100).",
+    );
+    let _ = writeln!(
+        out,
+        "netagent_table_warn_ratio {}",
+        f64::from(m.table_warn_percent) / 100.0
+    );
     family(&mut out, "netagent_slots", "gauge", "Slots that exist.");
     let _ = writeln!(out, "netagent_slots {}", m.slots.len());
     family(
@@ -515,11 +581,30 @@ mod tests {
                 entries: 3,
                 capacity: 8,
             }],
+            table_warn_percent: 80,
             programs_loaded: 4,
             program_attachments: 4,
             ..Default::default()
         };
         let text = render_prometheus(&m);
+        assert!(text.contains("netagent_table_usage_ratio{table=\"nat_egress\"} 0.375\n"));
+        assert!(text.contains("netagent_table_pressure{table=\"nat_egress\"} 0\n"));
+        assert!(text.contains("netagent_table_warn_ratio 0.8\n"));
+        let full = MetricsSnapshot {
+            tables: vec![TableGauge {
+                table: "host_flows".into(),
+                entries: 7,
+                capacity: 8,
+            }],
+            table_warn_percent: 80,
+            ..Default::default()
+        };
+        let full = render_prometheus(&full);
+        assert!(
+            full.contains("netagent_table_pressure{table=\"host_flows\"} 1\n"),
+            "{full}"
+        );
+        assert!(full.contains("netagent_table_usage_ratio{table=\"host_flows\"} 0.875\n"));
         assert!(
             text.contains("netagent_slot_packets_total{slot=\"1\",direction=\"from_guest\"} 10\n")
         );

@@ -8,7 +8,7 @@ use netagent_common::{
 };
 
 use super::maps::FlowTable;
-use super::{BpfError, Datapath};
+use super::{BpfError, Datapath, TableUsage};
 use crate::config::Timeouts;
 
 /// What one reaper pass removed.
@@ -20,6 +20,9 @@ pub struct ReapReport {
     pub nat_orphans: usize,
     /// Host → guest flows removed.
     pub host_flows: usize,
+    /// Entries left in each table after the pass (counted on the way, so a
+    /// reader of the occupancy need not walk the tables again).
+    pub usage: TableUsage,
 }
 
 impl ReapReport {
@@ -90,11 +93,20 @@ impl Datapath {
 
     /// `reap` as if the time (`CLOCK_BOOTTIME`) were `now_ns` (tests).
     pub fn reap_at(&mut self, timeouts: &Timeouts, now_ns: u64) -> Result<ReapReport, BpfError> {
-        let mut report = ReapReport::default();
+        let mut report = ReapReport {
+            usage: TableUsage {
+                nat_capacity: self.cfg.nat_table_size,
+                host_flow_capacity: self.cfg.host_flow_table_size,
+                ..TableUsage::default()
+            },
+            ..ReapReport::default()
+        };
         let maps = &mut self.maps;
 
         // Masquerade flows: judged on both directions together.
-        for (key, egress) in maps.flows(FlowTable::NatEgress)? {
+        let egress_flows = maps.flows(FlowTable::NatEgress)?;
+        report.usage.nat_egress = egress_flows.len();
+        for (key, egress) in egress_flows {
             let rkey = reverse_of_egress(&key, &egress);
             let ingress = maps.flow(FlowTable::NatIngress, &rkey)?;
             let (state, last) = match &ingress {
@@ -109,6 +121,7 @@ impl Datapath {
                 // and goes to the host, rather than to a flow about to vanish.
                 maps.remove_flow(FlowTable::NatIngress, &rkey)?;
                 maps.remove_flow(FlowTable::NatEgress, &key)?;
+                report.usage.nat_egress -= 1;
                 if ingress.is_some() {
                     report.nat_flows += 1;
                 } else {
@@ -118,21 +131,27 @@ impl Datapath {
         }
         // Reply entries whose egress entry is gone (an allocation undone halfway, or
         // a flow removed above between the two deletes).
-        for (key, ingress) in maps.flows(FlowTable::NatIngress)? {
+        let ingress_flows = maps.flows(FlowTable::NatIngress)?;
+        report.usage.nat_ingress = ingress_flows.len();
+        for (key, ingress) in ingress_flows {
             let ekey = egress_of_reverse(&key, &ingress);
             if maps.flow(FlowTable::NatEgress, &ekey)?.is_none()
                 && now_ns.saturating_sub(ingress.last_seen_ns)
                     > timeout_ns(timeouts, key.proto, ingress.state)
             {
                 maps.remove_flow(FlowTable::NatIngress, &key)?;
+                report.usage.nat_ingress -= 1;
                 report.nat_orphans += 1;
             }
         }
-        for (key, flow) in maps.flows(FlowTable::HostFlows)? {
+        let host_flows = maps.flows(FlowTable::HostFlows)?;
+        report.usage.host_flows = host_flows.len();
+        for (key, flow) in host_flows {
             if now_ns.saturating_sub(flow.last_seen_ns)
                 > timeout_ns(timeouts, key.proto, flow.state)
             {
                 maps.remove_flow(FlowTable::HostFlows, &key)?;
+                report.usage.host_flows -= 1;
                 report.host_flows += 1;
             }
         }
