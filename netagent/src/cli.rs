@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::client::{Client, ClientError};
+use crate::bpf::Cidr;
+use crate::bpf::EgressRules;
 use crate::config::Config;
 use crate::controller::SlotView;
 use crate::daemon::LogFormat;
 use crate::error::CliError;
-use crate::slot::GuestLink;
+use crate::slot::{GuestLink, GuestMac, PolicyRequest, RateLimitSpec};
 use crate::stats::{self, Rates, SlotCounters};
 
 /// Default API socket.
@@ -48,6 +50,9 @@ const SLOT_EXAMPLES: &str = "\
 Examples:
   netagent slot create 1
   netagent slot create 2 --guest-netns bench-guest --json
+  netagent slot create 3 --guest-mac 02:00:00:00:00:03 --allow 10.1.0.0/16 --rate 100M --burst 65536
+  netagent slot egress 3 --allow 10.1.0.0/16 --deny 203.0.113.0/24
+  netagent slot rate 3 --rate 20M --burst 65536
   netagent slot list --json
   netagent slot delete 1";
 
@@ -55,7 +60,33 @@ const SLOT_CREATE_EXAMPLES: &str = "\
 Examples:
   netagent slot create 1
   netagent slot create 7 --json
-  netagent slot create 2 --guest-netns bench-guest   (guest end as eth0 in that namespace)";
+  netagent slot create 2 --guest-netns bench-guest   (guest end as eth0 in that namespace)
+  netagent slot create 3 --guest-mac 02:00:00:00:00:03 --allow 10.1.0.0/16 --deny 198.51.100.0/24
+  netagent slot create 4 --rate 20M --burst 65536    (20 Mbit/s from the guest, 64 KiB burst)
+
+Without --allow/--deny the slot has no rules of its own (the agent's
+egress_default_deny applies); without --rate it is unlimited. Re-running the same
+create is a no-op; different settings are refused (use `slot egress`/`slot rate`).";
+
+const SLOT_EGRESS_EXAMPLES: &str = "\
+Examples:
+  netagent slot egress 3 --allow 10.1.0.0/16 --allow 192.168.5.7/32
+  netagent slot egress 3 --deny 203.0.113.0/24
+  netagent slot egress 3                  (no rules of its own: the defaults apply)
+
+Replaces both lists. The longest matching CIDR of the slot decides; where none
+matches, egress_default_deny does. A host address (the host's own, any slot's
+HostIP/veth/vpeer) is reachable only through an --allow of that exact /32.";
+
+const SLOT_RATE_EXAMPLES: &str = "\
+Examples:
+  netagent slot rate 3 --rate 20M --burst 65536   (20 Mbit/s, 64 KiB burst)
+  netagent slot rate 3 --rate 1500000000 --burst 1048576
+  netagent slot rate 3 --off
+
+The rate counts the guest's Ethernet frames in bits per second (suffixes k, M, G,
+T are powers of 1000); frames beyond rate and burst are dropped and counted as
+rate_limited. A guest with TSO sends frames of up to 64 KiB: keep the burst above.";
 
 const SLOT_DELETE_EXAMPLES: &str = "\
 Example:
@@ -202,6 +233,11 @@ pub struct ConfigFlags {
     /// [timeouts.reap_interval] Seconds between reaper runs (default 5).
     #[arg(long, value_name = "SECS")]
     pub timeouts_reap_interval: Option<u64>,
+    /// [egress_default_deny] CIDRs guests may not reach unless a slot allows them,
+    /// comma-separated; "" for none (default 10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,
+    /// 100.64.0.0/10,169.254.0.0/16,224.0.0.0/4,240.0.0.0/4).
+    #[arg(long, value_name = "CIDR,...", value_parser = parse_cidr_list)]
+    pub egress_default_deny: Option<CidrList>,
     /// [table_warn_percent] Warn when a NAT or flow table is this full, 1 to 100 (default 80).
     #[arg(long, value_name = "PERCENT")]
     pub table_warn_percent: Option<u8>,
@@ -247,8 +283,25 @@ impl ConfigFlags {
         set(&mut t.udp, &self.timeouts_udp);
         set(&mut t.icmp, &self.timeouts_icmp);
         set(&mut t.reap_interval, &self.timeouts_reap_interval);
+        if let Some(list) = &self.egress_default_deny {
+            cfg.egress_default_deny = list.0.clone();
+        }
         set(&mut cfg.table_warn_percent, &self.table_warn_percent);
     }
+}
+
+/// A comma-separated CIDR list given as one flag value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CidrList(pub Vec<Cidr>);
+
+/// Parses "a.b.c.d/n,..." (empty: no CIDR).
+pub fn parse_cidr_list(text: &str) -> Result<CidrList, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<Cidr>().map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()
+        .map(CidrList)
 }
 
 /// `--socket` of the commands that talk to the agent.
@@ -272,6 +325,57 @@ pub enum SlotCommand {
         /// instead of a TAP.
         #[arg(long, value_name = "NAME")]
         guest_netns: Option<String>,
+        /// The only source MAC the guest may use (frames and ARP from any other
+        /// are dropped).
+        #[arg(long, value_name = "MAC")]
+        guest_mac: Option<GuestMac>,
+        /// The slot's own egress rules.
+        #[command(flatten)]
+        egress: EgressArgs,
+        /// Bandwidth limit from the guest, bits per second (k, M, G, T: ×1000).
+        #[arg(long, value_name = "BITS/s", value_parser = parse_rate, requires = "burst")]
+        rate: Option<u64>,
+        /// Burst above the rate, bytes (with --rate).
+        #[arg(long, value_name = "BYTES", requires = "rate")]
+        burst: Option<u64>,
+        /// Print the slot as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Replace slot N's egress allow and deny lists.
+    #[command(after_help = SLOT_EGRESS_EXAMPLES)]
+    Egress {
+        /// Slot index, 1 to 32767.
+        #[arg(allow_negative_numbers = true)]
+        index: i64,
+        /// The new lists (none: no rules of its own).
+        #[command(flatten)]
+        egress: EgressArgs,
+        /// Print the slot as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Set or remove slot N's bandwidth limit.
+    #[command(after_help = SLOT_RATE_EXAMPLES)]
+    Rate {
+        /// Slot index, 1 to 32767.
+        #[arg(allow_negative_numbers = true)]
+        index: i64,
+        /// Bits per second (k, M, G, T: ×1000).
+        #[arg(long, value_name = "BITS/s", value_parser = parse_rate, requires = "burst", required_unless_present = "off")]
+        rate: Option<u64>,
+        /// Burst above the rate, bytes.
+        #[arg(long, value_name = "BYTES", requires = "rate")]
+        burst: Option<u64>,
+        /// Remove the limit.
+        #[arg(long, conflicts_with_all = ["rate", "burst"])]
+        off: bool,
         /// Print the slot as JSON.
         #[arg(long)]
         json: bool,
@@ -299,6 +403,62 @@ pub enum SlotCommand {
         #[command(flatten)]
         socket: SocketArg,
     },
+}
+
+/// `--allow` and `--deny` of `slot create` and `slot egress`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct EgressArgs {
+    /// A CIDR the guest may reach (repeatable); a host address needs its exact /32.
+    #[arg(long, value_name = "CIDR")]
+    pub allow: Vec<Cidr>,
+    /// A CIDR the guest may not reach (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    pub deny: Vec<Cidr>,
+}
+
+impl EgressArgs {
+    /// The lists as given.
+    pub fn rules(&self) -> EgressRules {
+        EgressRules {
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+        }
+    }
+
+    /// Whether any CIDR was given.
+    pub fn given(&self) -> bool {
+        !self.allow.is_empty() || !self.deny.is_empty()
+    }
+}
+
+/// Parses a rate in bits per second: digits with an optional k, M, G or T
+/// (powers of 1000) and an optional "bit"/"bps" ("20M", "20Mbit", "1500000").
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "rate {text:?} is not bits per second: use digits with an optional k, M, G or T, e.g. 20M"
+        )
+    };
+    let t = text.trim();
+    let t = t
+        .strip_suffix("bit")
+        .or_else(|| t.strip_suffix("bps"))
+        .unwrap_or(t);
+    let (digits, scale) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1_000),
+        Some((i, 'M')) => (&t[..i], 1_000_000),
+        Some((i, 'G')) => (&t[..i], 1_000_000_000),
+        Some((i, 'T')) => (&t[..i], 1_000_000_000_000),
+        _ => (t, 1),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(bad)
 }
 
 /// `netagent stats`.
@@ -403,6 +563,28 @@ fn json_line<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
     out(&(text + "\n"))
 }
 
+fn cidrs(list: &[Cidr]) -> String {
+    if list.is_empty() {
+        return "-".into();
+    }
+    list.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_slot(slot: &SlotView, json: bool, what: &str) -> Result<(), CliError> {
+    if json {
+        json_line(slot)
+    } else {
+        out(&format!(
+            "slot {} {what}\n{}",
+            slot.addr.index,
+            render_slot(slot)
+        ))
+    }
+}
+
 /// The human form of one slot.
 pub fn render_slot(slot: &SlotView) -> String {
     let a = &slot.addr;
@@ -424,6 +606,21 @@ pub fn render_slot(slot: &SlotView) -> String {
             ),
         ],
         vec!["guest link".into(), guest],
+        vec![
+            "guest mac".into(),
+            slot.policy
+                .guest_mac
+                .map_or_else(|| "any".to_string(), |m| m.to_string()),
+        ],
+        vec!["egress allow".into(), cidrs(&slot.policy.egress.allow)],
+        vec!["egress deny".into(), cidrs(&slot.policy.egress.deny)],
+        vec![
+            "rate limit".into(),
+            match &slot.policy.rate_limit {
+                Some(l) => format!("{} bit/s, burst {} bytes", l.bits_per_second, l.burst_bytes),
+                None => "none".into(),
+            },
+        ],
     ];
     stats::table_left(&["SLOT", &a.index.to_string()], &rows)
 }
@@ -433,6 +630,10 @@ async fn slot_command(cmd: SlotCommand) -> Result<ExitCode, CliError> {
         SlotCommand::Create {
             index,
             guest_netns,
+            guest_mac,
+            egress,
+            rate,
+            burst,
             json,
             socket,
         } => {
@@ -440,23 +641,60 @@ async fn slot_command(cmd: SlotCommand) -> Result<ExitCode, CliError> {
                 Some(guest_netns) => GuestLink::Veth { guest_netns },
                 None => GuestLink::Tap,
             };
+            let policy = PolicyRequest {
+                guest_mac,
+                egress: egress.given().then(|| egress.rules()),
+                rate_limit: rate
+                    .zip(burst)
+                    .map(|(bits_per_second, burst_bytes)| RateLimitSpec {
+                        bits_per_second,
+                        burst_bytes,
+                    }),
+            };
             let (slot, created) = Client::new(socket.socket)
-                .create_slot(index, &guest)
+                .create_slot_with(index, &guest, &policy)
                 .await?;
-            if json {
-                json_line(&slot)?;
+            let verb = if created {
+                "created"
             } else {
-                let verb = if created {
-                    "created"
-                } else {
-                    "already exists, unchanged:"
-                };
-                out(&format!(
-                    "slot {} {verb}\n{}",
-                    slot.addr.index,
-                    render_slot(&slot)
-                ))?;
-            }
+                "already exists, unchanged:"
+            };
+            print_slot(&slot, json, verb)?;
+        }
+        SlotCommand::Egress {
+            index,
+            egress,
+            json,
+            socket,
+        } => {
+            let slot = Client::new(socket.socket)
+                .set_egress(index, &egress.rules())
+                .await?;
+            print_slot(&slot, json, "egress rules set:")?;
+        }
+        SlotCommand::Rate {
+            index,
+            rate,
+            burst,
+            off: _,
+            json,
+            socket,
+        } => {
+            let limit = rate
+                .zip(burst)
+                .map(|(bits_per_second, burst_bytes)| RateLimitSpec {
+                    bits_per_second,
+                    burst_bytes,
+                });
+            let slot = Client::new(socket.socket)
+                .set_rate_limit(index, limit.as_ref())
+                .await?;
+            let what = if limit.is_some() {
+                "rate limit set:"
+            } else {
+                "rate limit removed:"
+            };
+            print_slot(&slot, json, what)?;
         }
         SlotCommand::Delete { index, socket } => {
             Client::new(socket.socket).delete_slot(index).await?;
@@ -784,6 +1022,119 @@ mod tests {
     }
 
     #[test]
+    fn rates_parse_with_si_suffixes() {
+        for (text, want) in [
+            ("1500000", 1_500_000),
+            ("20M", 20_000_000),
+            ("20Mbit", 20_000_000),
+            ("64k", 64_000),
+            ("1G", 1_000_000_000),
+            ("2T", 2_000_000_000_000),
+        ] {
+            assert_eq!(parse_rate(text), Ok(want), "{text}");
+        }
+        for bad in [
+            "",
+            "M",
+            "1.5M",
+            "-1",
+            "20m",
+            "20 Mb",
+            "99999999999999999999",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn policy_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "netagent",
+            "slot",
+            "create",
+            "3",
+            "--guest-mac",
+            "02:00:00:00:00:03",
+            "--allow",
+            "10.1.0.0/16",
+            "--allow",
+            "192.168.5.7/32",
+            "--deny",
+            "203.0.113.0/24",
+            "--rate",
+            "20M",
+            "--burst",
+            "65536",
+        ])
+        .unwrap();
+        let Command::Slot(SlotCommand::Create {
+            guest_mac,
+            egress,
+            rate,
+            burst,
+            ..
+        }) = cli.command
+        else {
+            panic!()
+        };
+        assert_eq!(guest_mac.unwrap().0, [2, 0, 0, 0, 0, 3]);
+        assert_eq!(egress.allow.len(), 2);
+        assert_eq!(egress.deny[0].to_string(), "203.0.113.0/24");
+        assert_eq!((rate, burst), (Some(20_000_000), Some(65_536)));
+        for bad in [
+            vec!["slot", "create", "3", "--allow", "10.1.2.3/16"],
+            vec!["slot", "create", "3", "--guest-mac", "ff:ff:ff:ff:ff:ff"],
+            vec!["slot", "create", "3", "--rate", "20M"],
+            vec!["slot", "rate", "3"],
+            vec![
+                "slot", "rate", "3", "--off", "--rate", "1M", "--burst", "9000",
+            ],
+        ] {
+            let args = std::iter::once("netagent").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from(["netagent", "slot", "rate", "3", "--off"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Slot(SlotCommand::Rate {
+                off: true,
+                rate: None,
+                ..
+            })
+        ));
+        let cfg = up_config(&match Cli::try_parse_from([
+            "netagent",
+            "up",
+            "--egress-default-deny",
+            "10.0.0.0/8, 169.254.169.254/32",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Up(args) => *args,
+            _ => panic!(),
+        })
+        .unwrap();
+        let got: Vec<String> = cfg
+            .egress_default_deny
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, ["10.0.0.0/8", "169.254.169.254/32"]);
+        let Command::Up(args) =
+            Cli::try_parse_from(["netagent", "up", "--egress-default-deny", ""])
+                .unwrap()
+                .command
+        else {
+            panic!()
+        };
+        assert!(up_config(&args).unwrap().egress_default_deny.is_empty());
+        assert!(
+            Cli::try_parse_from(["netagent", "up", "--egress-default-deny", "10.0.0.1/8"]).is_err()
+        );
+    }
+
+    #[test]
     fn slot_list_aligns() {
         let plan = crate::slot::AddressPlan::new(
             "wrenn",
@@ -795,12 +1146,14 @@ mod tests {
             SlotView {
                 addr: plan.slot(1).unwrap(),
                 guest: GuestLink::Tap,
+                policy: Default::default(),
             },
             SlotView {
                 addr: plan.slot(300).unwrap(),
                 guest: GuestLink::Veth {
                     guest_netns: "g".into(),
                 },
+                policy: Default::default(),
             },
         ];
         let text = render_slot_list(&slots);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bpf::{Cidr, DEFAULT_EGRESS_DENY};
 use crate::slot::AddressPlan;
 
 /// Everything `netagent up` is configured with.
@@ -40,6 +41,10 @@ pub struct Config {
     pub nat: NatConfig,
     /// Flow expiry.
     pub timeouts: Timeouts,
+    /// Destinations guests may not open connections to unless a slot's own
+    /// egress rules allow them (default: private, shared, link-local/metadata,
+    /// multicast and reserved ranges; `[]`: none).
+    pub egress_default_deny: Vec<Cidr>,
     /// Percent of a NAT or flow table's capacity at which the agent warns
     /// (logged when a table crosses it; `netagent_table_pressure` in the metrics).
     pub table_warn_percent: u8,
@@ -135,6 +140,7 @@ impl Default for Config {
             bpffs: PathBuf::from("/sys/fs/bpf/netagent"),
             nat: NatConfig::default(),
             timeouts: Timeouts::default(),
+            egress_default_deny: DEFAULT_EGRESS_DENY.to_vec(),
             table_warn_percent: 80,
             max_slots: 32768,
         }
@@ -191,6 +197,9 @@ pub enum ConfigError {
     #[error("{}", .0.iter().map(|e| format!("invalid configuration: {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<String>),
 }
+
+/// Most CIDRs in `egress_default_deny`.
+pub const EGRESS_DEFAULT_DENY_MAX: usize = 256;
 
 /// Longest path a Unix socket address holds (`sun_path` less the NUL).
 const SUN_PATH_MAX: usize = 107;
@@ -346,6 +355,12 @@ impl Config {
             errors.push(format!(
                 "table_warn_percent {} is out of range: use 1 to 100 (percent of a table's capacity)",
                 self.table_warn_percent
+            ));
+        }
+        if self.egress_default_deny.len() > EGRESS_DEFAULT_DENY_MAX {
+            errors.push(format!(
+                "egress_default_deny has {} CIDRs: at most {EGRESS_DEFAULT_DENY_MAX}",
+                self.egress_default_deny.len()
             ));
         }
         let t = &self.timeouts;
@@ -579,6 +594,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 2") && !err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn egress_default_deny_is_a_cidr_list() {
+        let d = Config::default().egress_default_deny;
+        assert_eq!(d, DEFAULT_EGRESS_DENY.to_vec());
+        assert!(d.iter().any(|c| c.to_string() == "169.254.0.0/16"));
+        let cfg = parse("egress_default_deny = [\"10.0.0.0/8\", \"203.0.113.0/24\"]\n").unwrap();
+        let got: Vec<String> = cfg
+            .egress_default_deny
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(got, ["10.0.0.0/8", "203.0.113.0/24"]);
+        cfg.validate().unwrap();
+        assert!(
+            parse("egress_default_deny = []\n")
+                .unwrap()
+                .egress_default_deny
+                .is_empty()
+        );
+        for bad in ["[\"10.0.0.1/8\"]", "[\"10.0.0.0\"]", "\"10.0.0.0/8\""] {
+            let err = parse(&format!("\negress_default_deny = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("line 2") && !err.contains('\n'),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -16,8 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use netagent_common::SlotStats;
 use serde::{Deserialize, Serialize};
 
+use crate::bpf::EgressRules;
 use crate::pressure::TablePressure;
-use crate::slot::{AddressPlan, AddressingError, GuestLink, SlotAddr, SlotError, SlotManager};
+use crate::slot::{
+    AddressPlan, AddressingError, GuestLink, PolicyRequest, RateLimitSpec, SlotAddr, SlotError,
+    SlotManager, SlotPolicy,
+};
 use crate::stats::{MetricsSnapshot, SlotCounters, TableGauge, render_prometheus};
 use crate::verify::VerifyReport;
 
@@ -25,7 +29,8 @@ use crate::verify::VerifyReport;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A slot as the API returns it: DESIGN §4's slot object, plus `guest_link`
-/// (`"tap"` or `"veth"`) and, for a veth, `guest_netns`.
+/// (`"tap"` or `"veth"`), for a veth `guest_netns`, and the security settings
+/// `guest_mac`, `egress` and `rate_limit`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotView {
     /// Names and addresses.
@@ -34,6 +39,19 @@ pub struct SlotView {
     /// What the guest side is.
     #[serde(flatten)]
     pub guest: GuestLink,
+    /// Guest MAC, egress lists, rate limit.
+    #[serde(flatten)]
+    pub policy: SlotPolicy,
+}
+
+impl From<crate::slot::Slot> for SlotView {
+    fn from(s: crate::slot::Slot) -> SlotView {
+        SlotView {
+            addr: s.addr,
+            guest: s.guest,
+            policy: s.policy,
+        }
+    }
 }
 
 /// The answer of `GET /healthz`.
@@ -90,12 +108,26 @@ pub struct Reaped {
 /// What the controller needs from the slot manager. Methods mirror
 /// `slot::SlotManager` (see the contract in `slot/mod.rs`).
 pub trait SlotBackend: Send + Sync + 'static {
-    /// Creates slot `index`; `Ok((slot, false))` if it already existed identically.
+    /// Creates slot `index`; `Ok((slot, false))` if it already existed identically
+    /// (in the guest link and every setting `policy` gives).
     fn create(
         &self,
         index: i64,
         guest: GuestLink,
+        policy: PolicyRequest,
     ) -> BoxFuture<'_, Result<(SlotView, bool), ControllerError>>;
+    /// Replaces slot `index`'s egress lists.
+    fn set_egress(
+        &self,
+        index: i64,
+        egress: EgressRules,
+    ) -> BoxFuture<'_, Result<SlotView, ControllerError>>;
+    /// Sets or removes slot `index`'s rate limit.
+    fn set_rate_limit(
+        &self,
+        index: i64,
+        limit: Option<RateLimitSpec>,
+    ) -> BoxFuture<'_, Result<SlotView, ControllerError>>;
     /// Deletes slot `index`.
     fn delete(&self, index: i64) -> BoxFuture<'_, Result<(), ControllerError>>;
     /// One slot.
@@ -125,6 +157,23 @@ pub enum Action {
         index: i64,
         /// The guest side.
         guest: GuestLink,
+        /// Guest MAC, egress lists, rate limit (each optional).
+        policy: PolicyRequest,
+    },
+    /// `PUT /v1/slots/{n}/egress`.
+    SetEgress {
+        /// Slot index as given.
+        index: i64,
+        /// The new lists (replacing the old).
+        egress: EgressRules,
+    },
+    /// `PUT /v1/slots/{n}/rate_limit` (`Some`), `DELETE /v1/slots/{n}/rate_limit`
+    /// (`None`).
+    SetRateLimit {
+        /// Slot index as given.
+        index: i64,
+        /// The new limit, or none.
+        limit: Option<RateLimitSpec>,
     },
     /// `DELETE /v1/slots/{n}`.
     DeleteSlot {
@@ -294,19 +343,61 @@ impl Controller {
     /// Applies one action.
     pub async fn apply(&self, action: Action) -> Result<Outcome, ControllerError> {
         match action {
-            Action::CreateSlot { index, guest } => {
+            Action::CreateSlot {
+                index,
+                guest,
+                policy,
+            } => {
                 self.check_index(index)?;
                 check_guest(&guest)?;
+                policy.validate().map_err(ControllerError::BadRequest)?;
                 self.check_serving()?;
                 let backend = self.backend.clone();
                 let busy = Busy::start(&self.activity, index);
                 let (slot, created) = run_to_completion(async move {
-                    let result = backend.create(index, guest).await;
+                    let result = backend.create(index, guest, policy).await;
                     drop(busy);
                     result
                 })
                 .await?;
                 Ok(Outcome::Slot { slot, created })
+            }
+            Action::SetEgress { index, egress } => {
+                self.check_index(index)?;
+                crate::slot::policy::validate_egress(&egress)
+                    .map_err(ControllerError::BadRequest)?;
+                self.check_serving()?;
+                let backend = self.backend.clone();
+                let busy = Busy::start(&self.activity, index);
+                let slot = run_to_completion(async move {
+                    let result = backend.set_egress(index, egress).await;
+                    drop(busy);
+                    result
+                })
+                .await?;
+                Ok(Outcome::Slot {
+                    slot,
+                    created: false,
+                })
+            }
+            Action::SetRateLimit { index, limit } => {
+                self.check_index(index)?;
+                if let Some(limit) = &limit {
+                    limit.validate().map_err(ControllerError::BadRequest)?;
+                }
+                self.check_serving()?;
+                let backend = self.backend.clone();
+                let busy = Busy::start(&self.activity, index);
+                let slot = run_to_completion(async move {
+                    let result = backend.set_rate_limit(index, limit).await;
+                    drop(busy);
+                    result
+                })
+                .await?;
+                Ok(Outcome::Slot {
+                    slot,
+                    created: false,
+                })
             }
             Action::DeleteSlot { index } => {
                 self.check_index(index)?;
@@ -443,7 +534,9 @@ pub async fn start_backend(
 impl From<SlotError> for ControllerError {
     fn from(e: SlotError) -> ControllerError {
         match e {
-            SlotError::InvalidIndex(msg) => ControllerError::BadRequest(msg),
+            SlotError::InvalidIndex(msg) | SlotError::InvalidPolicy(msg) => {
+                ControllerError::BadRequest(msg)
+            }
             SlotError::NotFound(index) => ControllerError::NotFound(index),
             SlotError::Conflict(msg) => ControllerError::Conflict(msg),
             e @ SlotError::GuestNamespaceMissing(_) => ControllerError::BadRequest(e.to_string()),
@@ -464,10 +557,31 @@ impl SlotBackend for SlotManager {
         &self,
         index: i64,
         guest: GuestLink,
+        policy: PolicyRequest,
     ) -> BoxFuture<'_, Result<(SlotView, bool), ControllerError>> {
         Box::pin(async move {
-            let (addr, created) = SlotManager::create(self, index, guest.clone()).await?;
-            Ok((SlotView { addr, guest }, created))
+            let (slot, created) = SlotManager::create_with(self, index, guest, policy).await?;
+            Ok((slot.into(), created))
+        })
+    }
+
+    fn set_egress(
+        &self,
+        index: i64,
+        egress: EgressRules,
+    ) -> BoxFuture<'_, Result<SlotView, ControllerError>> {
+        Box::pin(async move { Ok(SlotManager::set_egress(self, index, egress).await?.into()) })
+    }
+
+    fn set_rate_limit(
+        &self,
+        index: i64,
+        limit: Option<RateLimitSpec>,
+    ) -> BoxFuture<'_, Result<SlotView, ControllerError>> {
+        Box::pin(async move {
+            Ok(SlotManager::set_rate_limit(self, index, limit)
+                .await?
+                .into())
         })
     }
 
@@ -476,20 +590,13 @@ impl SlotBackend for SlotManager {
     }
 
     fn get(&self, index: i64) -> Result<SlotView, ControllerError> {
-        let slot = SlotManager::get(self, index)?;
-        Ok(SlotView {
-            addr: slot.addr,
-            guest: slot.guest,
-        })
+        Ok(SlotManager::get(self, index)?.into())
     }
 
     fn list(&self) -> Vec<SlotView> {
         SlotManager::list(self)
             .into_iter()
-            .map(|s| SlotView {
-                addr: s.addr,
-                guest: s.guest,
-            })
+            .map(SlotView::from)
             .collect()
     }
 
@@ -601,22 +708,59 @@ pub(crate) mod fake {
             &self,
             index: i64,
             guest: GuestLink,
+            policy: PolicyRequest,
         ) -> BoxFuture<'_, Result<(SlotView, bool), ControllerError>> {
             Box::pin(async move {
                 let addr = self.plan.slot(index)?;
                 let mut slots = self.slots.lock().unwrap();
                 if let Some(existing) = slots.get(&addr.index) {
-                    return if existing.guest == guest {
-                        Ok((existing.clone(), false))
-                    } else {
-                        Err(ControllerError::Conflict(format!(
+                    if existing.guest != guest {
+                        return Err(ControllerError::Conflict(format!(
                             "slot {index} exists with another guest link"
-                        )))
+                        )));
+                    }
+                    return match policy.mismatch(addr.index, &existing.policy) {
+                        None => Ok((existing.clone(), false)),
+                        Some(why) => Err(ControllerError::Conflict(why)),
                     };
                 }
-                let view = SlotView { addr, guest };
+                let view = SlotView {
+                    addr,
+                    guest,
+                    policy: policy.to_policy(),
+                };
                 slots.insert(view.addr.index, view.clone());
                 Ok((view, true))
+            })
+        }
+
+        fn set_egress(
+            &self,
+            index: i64,
+            egress: EgressRules,
+        ) -> BoxFuture<'_, Result<SlotView, ControllerError>> {
+            Box::pin(async move {
+                let mut slots = self.slots.lock().unwrap();
+                let slot = slots
+                    .get_mut(&(index as u32))
+                    .ok_or(ControllerError::NotFound(index))?;
+                slot.policy.egress = egress;
+                Ok(slot.clone())
+            })
+        }
+
+        fn set_rate_limit(
+            &self,
+            index: i64,
+            limit: Option<RateLimitSpec>,
+        ) -> BoxFuture<'_, Result<SlotView, ControllerError>> {
+            Box::pin(async move {
+                let mut slots = self.slots.lock().unwrap();
+                let slot = slots
+                    .get_mut(&(index as u32))
+                    .ok_or(ControllerError::NotFound(index))?;
+                slot.policy.rate_limit = limit;
+                Ok(slot.clone())
             })
         }
 
@@ -696,7 +840,11 @@ mod tests {
     #[tokio::test]
     async fn create_is_idempotent_and_conflicts_on_another_guest() {
         let c = controller();
-        let create = |guest| Action::CreateSlot { index: 5, guest };
+        let create = |guest| Action::CreateSlot {
+            index: 5,
+            guest,
+            policy: PolicyRequest::default(),
+        };
         let Outcome::Slot { created, slot } = c.apply(create(GuestLink::Tap)).await.unwrap() else {
             panic!()
         };
@@ -734,6 +882,7 @@ mod tests {
             .apply(Action::CreateSlot {
                 index: 1,
                 guest: bad,
+                policy: PolicyRequest::default(),
             })
             .await
             .unwrap_err();
@@ -748,6 +897,7 @@ mod tests {
             .apply(Action::CreateSlot {
                 index: 1,
                 guest: GuestLink::Tap,
+                policy: PolicyRequest::default(),
             })
             .await
             .unwrap_err();
@@ -765,19 +915,37 @@ mod tests {
         let v = SlotView {
             addr: plan.slot(1).unwrap(),
             guest: GuestLink::Tap,
+            policy: SlotPolicy::default(),
         };
         let json = serde_json::to_value(&v).unwrap();
         assert_eq!(json["namespace"], "wrenn-ns-1");
         assert_eq!(json["guest_link"], "tap");
+        assert_eq!(json["guest_mac"], serde_json::Value::Null);
+        assert_eq!(json["egress"], serde_json::json!({"allow": [], "deny": []}));
+        assert_eq!(json["rate_limit"], serde_json::Value::Null);
         assert_eq!(serde_json::from_value::<SlotView>(json).unwrap(), v);
         let v = SlotView {
             addr: plan.slot(2).unwrap(),
             guest: GuestLink::Veth {
                 guest_netns: "g1".into(),
             },
+            policy: SlotPolicy {
+                guest_mac: Some("02:00:00:00:00:07".parse().unwrap()),
+                egress: EgressRules {
+                    allow: vec!["10.1.0.0/16".parse().unwrap()],
+                    deny: vec!["198.18.9.0/24".parse().unwrap()],
+                },
+                rate_limit: Some(RateLimitSpec {
+                    bits_per_second: 20_000_000,
+                    burst_bytes: 65_536,
+                }),
+            },
         };
         let json = serde_json::to_value(&v).unwrap();
         assert_eq!(json["guest_netns"], "g1");
+        assert_eq!(json["guest_mac"], "02:00:00:00:00:07");
+        assert_eq!(json["egress"]["allow"][0], "10.1.0.0/16");
+        assert_eq!(json["rate_limit"]["bits_per_second"], 20_000_000);
         assert_eq!(serde_json::from_value::<SlotView>(json).unwrap(), v);
     }
 }

@@ -12,8 +12,9 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
+use crate::bpf::EgressRules;
 use crate::controller::SlotView;
-use crate::slot::GuestLink;
+use crate::slot::{GuestLink, PolicyRequest, RateLimitSpec};
 use crate::stats::SlotCounters;
 
 /// Default time allowed for one request (slot creation included).
@@ -246,17 +247,81 @@ impl Client {
         index: i64,
         guest: &GuestLink,
     ) -> Result<(SlotView, bool), ClientError> {
-        let body = match guest {
-            GuestLink::Tap => None,
-            GuestLink::Veth { .. } => {
-                Some(serde_json::to_vec(guest).map_err(|e| ClientError::Request(e.to_string()))?)
-            }
+        self.create_slot_with(index, guest, &PolicyRequest::default())
+            .await
+    }
+
+    /// `PUT /v1/slots/{n}` with security settings (each given one is sent).
+    pub async fn create_slot_with(
+        &self,
+        index: i64,
+        guest: &GuestLink,
+        policy: &PolicyRequest,
+    ) -> Result<(SlotView, bool), ClientError> {
+        let encode = |e: serde_json::Error| ClientError::Request(e.to_string());
+        let mut body = match guest {
+            GuestLink::Tap => serde_json::Map::new(),
+            GuestLink::Veth { .. } => match serde_json::to_value(guest).map_err(encode)? {
+                serde_json::Value::Object(map) => map,
+                _ => serde_json::Map::new(),
+            },
+        };
+        if let Some(mac) = policy.guest_mac {
+            body.insert("guest_mac".into(), mac.to_string().into());
+        }
+        if let Some(egress) = &policy.egress {
+            body.insert(
+                "egress".into(),
+                serde_json::to_value(egress).map_err(encode)?,
+            );
+        }
+        if let Some(limit) = &policy.rate_limit {
+            body.insert(
+                "rate_limit".into(),
+                serde_json::to_value(limit).map_err(encode)?,
+            );
+        }
+        let body = if body.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_vec(&body).map_err(encode)?)
         };
         let reply = self
             .request("PUT", &format!("/v1/slots/{index}"), body.as_deref())
             .await?
             .ok()?;
         Ok((reply.json("slot")?, reply.status == 201))
+    }
+
+    /// `PUT /v1/slots/{n}/egress`: replaces the slot's egress lists.
+    pub async fn set_egress(
+        &self,
+        index: i64,
+        egress: &EgressRules,
+    ) -> Result<SlotView, ClientError> {
+        let body = serde_json::to_vec(egress).map_err(|e| ClientError::Request(e.to_string()))?;
+        self.request("PUT", &format!("/v1/slots/{index}/egress"), Some(&body))
+            .await?
+            .ok()?
+            .json("slot")
+    }
+
+    /// `PUT /v1/slots/{n}/rate_limit` (`Some`) or `DELETE` it (`None`).
+    pub async fn set_rate_limit(
+        &self,
+        index: i64,
+        limit: Option<&RateLimitSpec>,
+    ) -> Result<SlotView, ClientError> {
+        let path = format!("/v1/slots/{index}/rate_limit");
+        let reply = match limit {
+            Some(limit) => {
+                let body =
+                    serde_json::to_vec(limit).map_err(|e| ClientError::Request(e.to_string()))?;
+                self.request("PUT", &path, Some(&body)).await?
+            }
+            None => self.request("DELETE", &path, None).await?,
+        };
+        reply.ok()?.json("slot")
     }
 
     /// `DELETE /v1/slots/{n}`.

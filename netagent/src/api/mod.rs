@@ -1,6 +1,7 @@
 //! The local HTTP/1.1 + JSON API (DESIGN §4). Handlers only parse a request into a
 //! documented [`Action`](crate::controller::Action); the [`Controller`] applies it.
-//! One file per resource: `slots`, `stats`, `metrics`, `health`; `server` runs the
+//! One file per resource: `slots`, `policy` (a slot's egress lists and rate
+//! limit), `stats`, `metrics`, `health`, `verify`; `server` runs the
 //! router on the Unix socket; `client` is the other end, used by the CLI and tests.
 //!
 //! Every error is a 4xx/5xx with `{"error": "..."}` — including the ones axum and
@@ -10,6 +11,7 @@
 pub mod client;
 pub mod health;
 pub mod metrics;
+pub mod policy;
 pub mod server;
 pub mod slots;
 pub mod stats;
@@ -33,8 +35,8 @@ use crate::controller::{Action, Controller, ControllerError, Outcome};
 /// Shared state of every handler.
 pub type AppState = Arc<Controller>;
 
-/// Default largest request body (`api.body_limit`; the only body is a small
-/// slot request).
+/// Default largest request body (`api.body_limit`; the bodies are small slot,
+/// egress and rate-limit requests).
 pub const BODY_LIMIT: usize = 16 * 1024;
 
 /// One route: method and path template, as `docs/openapi.yaml` lists them.
@@ -55,6 +57,15 @@ pub fn routes() -> Vec<(Route, MethodRouter<AppState>)> {
         (r("PUT", "/v1/slots/{n}"), put(slots::create)),
         (r("GET", "/v1/slots/{n}"), get(slots::get)),
         (r("DELETE", "/v1/slots/{n}"), delete(slots::delete)),
+        (r("PUT", "/v1/slots/{n}/egress"), put(policy::put_egress)),
+        (
+            r("PUT", "/v1/slots/{n}/rate_limit"),
+            put(policy::put_rate_limit),
+        ),
+        (
+            r("DELETE", "/v1/slots/{n}/rate_limit"),
+            delete(policy::delete_rate_limit),
+        ),
         (r("GET", "/v1/slots/{n}/stats"), get(stats::get)),
         (r("GET", "/metrics"), get(metrics::get)),
         (r("GET", "/healthz"), get(health::get)),
@@ -251,7 +262,7 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         message: format!(
-            "no such route: {method} {}; the API is /v1/slots, /v1/slots/{{n}}, /v1/slots/{{n}}/stats, /v1/verify, /metrics and /healthz (see docs/openapi.yaml)",
+            "no such route: {method} {}; the API is /v1/slots, /v1/slots/{{n}}, /v1/slots/{{n}}/stats, /v1/slots/{{n}}/egress, /v1/slots/{{n}}/rate_limit, /v1/verify, /metrics and /healthz (see docs/openapi.yaml)",
             uri.path()
         ),
     }
@@ -476,6 +487,94 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn policy_at_create_and_through_the_sub_routes() {
+        let app = app();
+        let body = r#"{"guest_mac":"02:00:00:00:00:0a","egress":{"allow":["10.1.0.0/16"]},"rate_limit":{"bits_per_second":20000000,"burst_bytes":65536}}"#;
+        let (status, slot) = call(&app, "PUT", "/v1/slots/4", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{slot}");
+        assert_eq!(slot["guest_mac"], "02:00:00:00:00:0a");
+        assert_eq!(
+            slot["egress"],
+            serde_json::json!({"allow": ["10.1.0.0/16"], "deny": []})
+        );
+        assert_eq!(slot["rate_limit"]["bits_per_second"], 20_000_000);
+        // The same again, or naming less: 200, unchanged.
+        for again in [body, "", r#"{"guest_mac":"02:00:00:00:00:0a"}"#] {
+            let (status, got) = call(&app, "PUT", "/v1/slots/4", again).await;
+            assert_eq!((status, &got), (StatusCode::OK, &slot), "{again}");
+        }
+        // Naming something else: 409 pointing at the sub-route.
+        for (other, needle) in [
+            (r#"{"egress":{}}"#, "PUT /v1/slots/4/egress"),
+            (
+                r#"{"rate_limit":{"bits_per_second":8000,"burst_bytes":2000}}"#,
+                "PUT /v1/slots/4/rate_limit",
+            ),
+            (r#"{"guest_mac":"02:00:00:00:00:0b"}"#, "delete the slot"),
+        ] {
+            let (status, got) = call(&app, "PUT", "/v1/slots/4", other).await;
+            assert_eq!(status, StatusCode::CONFLICT, "{other}: {got}");
+            assert!(got["error"].as_str().unwrap().contains(needle), "{got}");
+        }
+        let (status, got) = call(
+            &app,
+            "PUT",
+            "/v1/slots/4/egress",
+            r#"{"deny":["198.18.7.0/24"]}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{got}");
+        assert_eq!(
+            got["egress"],
+            serde_json::json!({"allow": [], "deny": ["198.18.7.0/24"]})
+        );
+        let (status, got) = call(&app, "DELETE", "/v1/slots/4/rate_limit", "").await;
+        assert_eq!(status, StatusCode::OK, "{got}");
+        assert_eq!(got["rate_limit"], serde_json::Value::Null);
+        let (status, got) = call(
+            &app,
+            "PUT",
+            "/v1/slots/4/rate_limit",
+            r#"{"bits_per_second":1000000,"burst_bytes":4000}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{got}");
+        assert_eq!(got["rate_limit"]["burst_bytes"], 4000);
+        let (_, shown) = call(&app, "GET", "/v1/slots/4", "").await;
+        assert_eq!(shown, got);
+        // Unknown slot, bad bodies.
+        for (method, path, body, want) in [
+            ("PUT", "/v1/slots/9/egress", "{}", StatusCode::NOT_FOUND),
+            (
+                "DELETE",
+                "/v1/slots/9/rate_limit",
+                "",
+                StatusCode::NOT_FOUND,
+            ),
+            ("PUT", "/v1/slots/4/egress", "", StatusCode::BAD_REQUEST),
+            (
+                "PUT",
+                "/v1/slots/4/egress",
+                r#"{"allow":["10.0.0.1/8"]}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "PUT",
+                "/v1/slots/4/rate_limit",
+                r#"{"bits_per_second":0,"burst_bytes":65536}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            ("PUT", "/v1/slots/0/egress", "{}", StatusCode::BAD_REQUEST),
+        ] {
+            let (status, got) = call(&app, method, path, body).await;
+            assert_eq!(status, want, "{method} {path} {body}: {got}");
+        }
+        // Nothing of the bad requests stuck.
+        let (_, shown) = call(&app, "GET", "/v1/slots/4", "").await;
+        assert_eq!(shown, got);
     }
 
     #[tokio::test]

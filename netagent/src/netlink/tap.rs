@@ -14,6 +14,9 @@ use super::{NetlinkError, Result};
 pub const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// `TUNSETPERSIST`: `_IOW('T', 203, int)`.
 pub const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+/// `TUNSETIFINDEX`: `_IOW('T', 218, unsigned int)`; before `TUNSETIFF`, the
+/// ifindex the new device gets.
+pub const TUNSETIFINDEX: libc::c_ulong = 0x4004_54da;
 /// `IFF_TAP`.
 pub const IFF_TAP: i16 = 0x0002;
 /// `IFF_NO_PI`.
@@ -72,15 +75,35 @@ pub fn set_iff(fd: &impl AsRawFd, name: &str, flags: i16) -> Result<()> {
     Ok(())
 }
 
+/// Asks for ifindex `index` for the device the next `TUNSETIFF` on `fd` creates
+/// (the fd must not be attached to a device yet).
+pub fn set_ifindex(fd: &impl AsRawFd, index: u32) -> Result<()> {
+    let index: libc::c_uint = index;
+    // SAFETY: TUNSETIFINDEX reads one `unsigned int` through the pointer, which is
+    // valid for the duration of the call; `fd` is open.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFINDEX, &index as *const libc::c_uint) };
+    if rc < 0 {
+        return Err(NetlinkError::io(
+            format!("TUNSETIFINDEX {index}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 /// Creates the persistent TAP `name` in the calling thread's namespace, configured
-/// for a VMM that opens it with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`. The device
-/// stays after this returns (until deleted over netlink or with its namespace).
-pub fn create_persistent(name: &str) -> Result<()> {
+/// for a VMM that opens it with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, with ifindex
+/// `index` (`None`: the kernel picks one). The device stays after this returns
+/// (until deleted over netlink or with its namespace).
+pub fn create_persistent(name: &str, index: Option<u32>) -> Result<()> {
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/net/tun")
         .map_err(|e| NetlinkError::io("open /dev/net/tun", e))?;
+    if let Some(index) = index {
+        set_ifindex(&tun, index)?;
+    }
     set_iff(&tun, name, VMM_TAP_FLAGS)?;
     // SAFETY: TUNSETPERSIST takes an integer argument by value; `tun` is open and
     // attached to the device.

@@ -5,7 +5,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
 
-use netagent_common::SLOT_ETH0_IFINDEX;
+use netagent_common::{SLOT_ETH0_IFINDEX, SLOT_TAP_IFINDEX_BASE};
 
 use crate::bpf::SlotDatapath;
 use crate::netlink::{Netlink, NetlinkError, link::Link, netns, sysctl, tap};
@@ -15,6 +15,7 @@ use super::addressing::{
 };
 use super::error::{SlotError, StepError};
 use super::manager::SlotManager;
+use super::policy::SlotPolicy;
 use super::{GuestLink, SlotAddr};
 
 /// Name of the guest end of a veth guest link inside the guest namespace.
@@ -23,6 +24,12 @@ pub const GUEST_VETH_NAME: &str = "eth0";
 /// The host veth of slot N asks for ifindex `HOST_VETH_INDEX_BASE + N` (above
 /// what the kernel hands out by itself on a host with fewer devices).
 const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
+
+/// The ifindex of slot `index`'s `tap0` in its namespace
+/// (`SLOT_TAP_IFINDEX_BASE + index`): `tap_ingress` finds the slot from it.
+pub const fn tap_ifindex(index: u32) -> u32 {
+    SLOT_TAP_IFINDEX_BASE + index
+}
 
 /// The steps of create, in order. With the `fault-injection` feature a test can
 /// make create fail right after any of them has done its work.
@@ -39,9 +46,9 @@ pub enum CreateStep {
     SlotVeth,
     /// `lo` up in the slot namespace.
     Loopback,
-    /// The persistent TAP `tap0` with its MAC, txqueuelen, address, up
-    /// (`GuestLink::Tap`), or the veth `tap0` whose peer is the guest's `eth0`
-    /// (`GuestLink::Veth`).
+    /// The persistent TAP `tap0` with ifindex `SLOT_TAP_IFINDEX_BASE + N`, its MAC,
+    /// txqueuelen, address, up (`GuestLink::Tap`), or the veth `tap0` (same
+    /// ifindex) whose peer is the guest's `eth0` (`GuestLink::Veth`).
     GuestLink,
     /// The guest end of a veth guest link: address, up, default route
     /// (`GuestLink::Veth` only).
@@ -50,7 +57,8 @@ pub enum CreateStep {
     SlotRoute,
     /// Host route `HostIP/32 via vpeer`.
     HostRoute,
-    /// The datapath programs and map entries.
+    /// The datapath programs and map entries, then the slot's guest MAC, egress
+    /// lists and rate limit.
     Datapath,
 }
 
@@ -108,12 +116,13 @@ fn at<E: Into<StepError>>(step: CreateStep) -> impl FnOnce(E) -> Failed {
     move |e| Failed(step, e.into())
 }
 
-/// Creates slot `addr` with guest link `guest`. On failure everything made so far
-/// is removed before the error is returned.
+/// Creates slot `addr` with guest link `guest` and security settings `policy`.
+/// On failure everything made so far is removed before the error is returned.
 pub(super) async fn create(
     mgr: &SlotManager,
     addr: &SlotAddr,
     guest: &GuestLink,
+    policy: &SlotPolicy,
 ) -> Result<(), SlotError> {
     // Resolve the guest namespace before making anything.
     let guest_ns = match guest {
@@ -129,7 +138,7 @@ pub(super) async fn create(
         })?),
     };
     let mut undo = Vec::new();
-    match build(mgr, addr, guest_ns.as_ref(), &mut undo).await {
+    match build(mgr, addr, guest_ns.as_ref(), policy, &mut undo).await {
         Ok(()) => Ok(()),
         Err(Failed(step, source)) => {
             let rollback = rollback(mgr, addr, undo).await;
@@ -171,6 +180,7 @@ async fn build(
     mgr: &SlotManager,
     addr: &SlotAddr,
     guest_ns: Option<&OwnedFd>,
+    policy: &SlotPolicy,
     undo: &mut Vec<Undo>,
 ) -> Result<(), Failed> {
     use CreateStep::*;
@@ -255,21 +265,40 @@ async fn build(
     slot.link_up(lo.index).await.map_err(at(Loopback))?;
     mgr.inject(Loopback).map_err(at(Loopback))?;
 
-    // Guest side: TAP, or a veth into the guest namespace.
+    // Guest side: TAP, or a veth into the guest namespace; either way `tap0` has
+    // the slot's fixed ifindex (the peer in the guest namespace: any index).
+    let tap_index = tap_ifindex(addr.index);
     match guest_ns {
         None => {
-            netns::run_in(ns.as_fd(), || tap::create_persistent(&addr.tap))
-                .and_then(|r| r)
-                .map_err(at(GuestLink))?;
+            netns::run_in(ns.as_fd(), || {
+                tap::create_persistent(&addr.tap, Some(tap_index))
+            })
+            .and_then(|r| r)
+            .map_err(at(GuestLink))?;
         }
         Some(guest_ns) => {
-            slot.veth_add(&addr.tap, GUEST_VETH_NAME, guest_ns.as_fd())
-                .await
-                .map_err(at(GuestLink))?;
+            slot.veth_add_indexed_peer_ns(
+                &addr.tap,
+                tap_index,
+                GUEST_VETH_NAME,
+                0,
+                guest_ns.as_fd(),
+            )
+            .await
+            .map_err(at(GuestLink))?;
         }
     }
     undo.push(Undo::SlotLink(addr.tap.clone()));
     let tap = slot.link_get(&addr.tap).await.map_err(at(GuestLink))?;
+    if tap.index != tap_index {
+        return Err(Failed(
+            GuestLink,
+            StepError::Other(format!(
+                "{} got ifindex {} instead of {tap_index}",
+                addr.tap, tap.index
+            )),
+        ));
+    }
     configure_tap(&slot, &tap).await.map_err(at(GuestLink))?;
     mgr.inject(GuestLink).map_err(at(GuestLink))?;
 
@@ -319,6 +348,9 @@ async fn build(
     };
     mgr.attach_slot(&sd).map_err(at(Datapath))?;
     undo.push(Undo::Datapath(addr.index));
+    // Before the slot is returned to the caller (no VMM has the TAP yet); the
+    // undo above clears these entries too.
+    mgr.write_policy(addr.index, policy).map_err(at(Datapath))?;
     mgr.inject(Datapath).map_err(at(Datapath))?;
     Ok(())
 }

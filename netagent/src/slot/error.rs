@@ -1,6 +1,7 @@
 //! Errors of slot create/delete/start. Each says which step failed and what to do;
-//! `NotFound`, `Conflict` and `InvalidIndex` are the caller's mistakes (the API
-//! maps them to 404, 409 and 400), everything else is the host's.
+//! `NotFound`, `Conflict`, `InvalidIndex` and `InvalidPolicy` are the caller's
+//! mistakes (the API maps them to 404, 409 and 400), everything else is the
+//! host's.
 
 use crate::bpf::BpfError;
 use crate::netlink::NetlinkError;
@@ -17,6 +18,10 @@ pub enum SlotError {
     /// The slot does not exist.
     #[error("slot {0} does not exist: create it first (PUT /v1/slots/{0})")]
     NotFound(i64),
+    /// A guest MAC, egress list or rate limit that cannot be applied (the
+    /// message names the field and the allowed values).
+    #[error("{0}")]
+    InvalidPolicy(String),
     /// The slot exists with a different guest link, or a resource with the slot's
     /// name exists that the agent did not make.
     #[error("{0}")]
@@ -48,6 +53,18 @@ pub enum SlotError {
         index: u32,
         /// One message per failed step.
         failures: Vec<String>,
+    },
+    /// Writing a slot's new guest MAC, egress lists or rate limit into the
+    /// datapath failed; the previous settings were written back.
+    #[error(
+        "changing the policy of slot {index} failed (the previous policy was put back): {source}"
+    )]
+    Policy {
+        /// The slot.
+        index: u32,
+        /// What failed.
+        #[source]
+        source: StepError,
     },
     /// Start-up failed.
     #[error("starting the slot manager failed while trying to {step}: {source}")]

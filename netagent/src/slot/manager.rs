@@ -7,13 +7,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use netagent_common::SlotStats;
 
-use crate::bpf::{Datapath, DatapathConfig, ReapReport, SlotDatapath, TableUsage, Uplink};
+use crate::bpf::{
+    Datapath, DatapathConfig, EgressRules, ReapReport, SlotDatapath, TableUsage, Uplink,
+};
 use crate::config::Config;
 use crate::netlink::{Netlink, netns, sysctl};
 
 use super::create::{self, CreateStep};
 use super::delete::{self, DeleteStep};
 use super::error::{SlotError, StepError};
+use super::local_addrs;
+use super::policy::{PolicyRequest, RateLimitSpec, SlotPolicy, validate_egress};
 use super::{AddressPlan, GuestLink, Slot, SlotAddr};
 
 /// Owns the slots of one agent (one prefix) and the datapath.
@@ -29,6 +33,8 @@ pub struct SlotManager {
     locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
     /// Parts of the masquerade range this agent added to `ip_local_reserved_ports`.
     reserved: Mutex<Vec<sysctl::PortRange>>,
+    /// The task that keeps LOCAL_ADDRS current (see `local_addrs`).
+    addr_monitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     #[cfg(feature = "fault-injection")]
     fail_at: Mutex<Option<CreateStep>>,
     #[cfg(feature = "fault-injection")]
@@ -58,9 +64,11 @@ impl SlotManager {
     /// Starts the manager in the calling thread's network namespace (the agent's
     /// "host" namespace): removes leftovers of a crashed run of the same prefix,
     /// finds the uplink (configured, or the default route's interface) and its
-    /// IPv4 address, loads the datapath and attaches the uplink program, fills
-    /// LOCAL_ADDRS with the namespace's addresses and reserves the masquerade
-    /// ports. Must run inside a tokio runtime.
+    /// IPv4 address, loads the datapath and attaches the uplink program, writes
+    /// the default egress deny list (`egress_default_deny`), fills LOCAL_ADDRS
+    /// with the namespace's addresses (and starts the task that keeps it
+    /// current) and reserves the masquerade ports. Must run inside a tokio
+    /// runtime.
     pub async fn start(cfg: &Config) -> Result<Arc<SlotManager>, SlotError> {
         let plan = AddressPlan::new(&cfg.prefix, cfg.host_base, cfg.vrt_base)
             .map_err(|e| start_err("check the configuration")(StepError::Other(e.to_string())))?;
@@ -97,6 +105,8 @@ impl SlotManager {
         netns::run_in(host_ns.as_fd(), || dp.attach_uplink(&uplink))
             .map_err(|e| start_err("attach the uplink program")(e.into()))?
             .map_err(|e| start_err("attach the uplink program")(e.into()))?;
+        dp.set_default_egress(&cfg.egress_default_deny)
+            .map_err(|e| start_err("write the default egress deny list")(e.into()))?;
         let locals: Vec<_> = host
             .addr_list()
             .await
@@ -104,8 +114,12 @@ impl SlotManager {
             .into_iter()
             .map(|a| a.ip)
             .collect();
-        dp.set_local_addrs(&locals)
-            .map_err(|e| start_err("fill LOCAL_ADDRS")(e.into()))?;
+        dp.set_local_addrs(&local_addrs::host_addrs(
+            &locals,
+            cfg.host_base,
+            cfg.vrt_base,
+        ))
+        .map_err(|e| start_err("fill LOCAL_ADDRS")(e.into()))?;
         let range = sysctl::PortRange {
             min: cfg.nat.port_min,
             max: cfg.nat.port_max,
@@ -114,7 +128,7 @@ impl SlotManager {
             start_err("reserve the masquerade ports (ip_local_reserved_ports)")(e.into())
         })?;
 
-        Ok(Arc::new(SlotManager {
+        let mgr = Arc::new(SlotManager {
             cfg: cfg.clone(),
             plan,
             host_ns,
@@ -124,11 +138,18 @@ impl SlotManager {
             slots: Mutex::new(BTreeMap::new()),
             locks: Mutex::new(HashMap::new()),
             reserved: Mutex::new(reserved),
+            addr_monitor: Mutex::new(None),
             #[cfg(feature = "fault-injection")]
             fail_at: Mutex::new(None),
             #[cfg(feature = "fault-injection")]
             fail_delete: Mutex::new(Vec::new()),
-        }))
+        });
+        let monitor = local_addrs::spawn_monitor(Arc::downgrade(&mgr), mgr.host_ns.as_fd())
+            .map_err(|e| start_err("watch the agent namespace's addresses")(e.into()))?;
+        *lock(&mgr.addr_monitor) = Some(monitor);
+        // An address added between the listing above and the subscription.
+        local_addrs::refresh(&mgr).await?;
+        Ok(mgr)
     }
 
     /// The address plan (prefix and bases).
@@ -170,32 +191,114 @@ impl SlotManager {
         index: i64,
         guest: GuestLink,
     ) -> Result<(SlotAddr, bool), SlotError> {
+        let (slot, created) = self
+            .create_with(index, guest, PolicyRequest::default())
+            .await?;
+        Ok((slot.addr, created))
+    }
+
+    /// Creates slot `index` with the security settings `policy` (applied in the
+    /// Datapath step, so a failure leaves nothing). For a slot that exists, the
+    /// guest link and every setting the request gives must match what it has
+    /// (`Ok((slot, false))`), else `SlotError::Conflict` says which differs and
+    /// how to change it.
+    pub async fn create_with(
+        &self,
+        index: i64,
+        guest: GuestLink,
+        policy: PolicyRequest,
+    ) -> Result<(Slot, bool), SlotError> {
         let addr = self.addr_of(index)?;
+        policy.validate().map_err(SlotError::InvalidPolicy)?;
         let index_lock = self.index_lock(addr.index);
         let _held = index_lock.lock().await;
         if lock(&self.datapath).is_none() {
             return Err(SlotError::ShutDown);
         }
         if let Some(existing) = lock(&self.slots).get(&addr.index) {
-            return if existing.guest == guest {
-                Ok((existing.addr.clone(), false))
-            } else {
-                Err(SlotError::Conflict(format!(
+            if existing.guest != guest {
+                return Err(SlotError::Conflict(format!(
                     "slot {index} exists with guest link {:?}; delete it first to change it to {:?}",
                     existing.guest, guest
-                )))
+                )));
+            }
+            return match policy.mismatch(addr.index, &existing.policy) {
+                None => Ok((existing.clone(), false)),
+                Some(why) => Err(SlotError::Conflict(why)),
             };
         }
-        create::create(self, &addr, &guest).await?;
-        lock(&self.slots).insert(
-            addr.index,
-            Slot {
-                addr: addr.clone(),
-                guest,
-            },
-        );
+        let policy = policy.to_policy();
+        create::create(self, &addr, &guest, &policy).await?;
+        let slot = Slot {
+            addr: addr.clone(),
+            guest,
+            policy,
+        };
+        lock(&self.slots).insert(addr.index, slot.clone());
         tracing::info!(slot = addr.index, ns = %addr.namespace, host_ip = %addr.host_ip, "slot created");
-        Ok((addr, true))
+        Ok((slot, true))
+    }
+
+    /// Replaces slot `index`'s egress lists. On a datapath failure the previous
+    /// lists are put back and the error returned.
+    pub async fn set_egress(&self, index: i64, egress: EgressRules) -> Result<Slot, SlotError> {
+        validate_egress(&egress).map_err(SlotError::InvalidPolicy)?;
+        self.change_policy(index, |p| p.egress = egress).await
+    }
+
+    /// Sets (`Some`) or removes (`None`) slot `index`'s rate limit.
+    pub async fn set_rate_limit(
+        &self,
+        index: i64,
+        limit: Option<RateLimitSpec>,
+    ) -> Result<Slot, SlotError> {
+        if let Some(limit) = &limit {
+            limit.validate().map_err(SlotError::InvalidPolicy)?;
+        }
+        self.change_policy(index, |p| p.rate_limit = limit).await
+    }
+
+    async fn change_policy(
+        &self,
+        index: i64,
+        change: impl FnOnce(&mut SlotPolicy),
+    ) -> Result<Slot, SlotError> {
+        let addr = self.addr_of(index)?;
+        let index_lock = self.index_lock(addr.index);
+        let _held = index_lock.lock().await;
+        let Some(mut slot) = lock(&self.slots).get(&addr.index).cloned() else {
+            return Err(SlotError::NotFound(index));
+        };
+        let old = slot.policy.clone();
+        change(&mut slot.policy);
+        if slot.policy != old {
+            if let Err(e) = self.write_policy(addr.index, &slot.policy) {
+                if let Err(undo) = self.write_policy(addr.index, &old) {
+                    tracing::error!(slot = addr.index, error = %undo, "restoring the previous policy failed");
+                }
+                return Err(SlotError::Policy {
+                    index: addr.index,
+                    source: e,
+                });
+            }
+            lock(&self.slots).insert(addr.index, slot.clone());
+            tracing::info!(slot = addr.index, policy = ?slot.policy, "slot policy changed");
+        }
+        Ok(slot)
+    }
+
+    /// Writes a slot's guest MAC, egress lists and rate limit into the datapath.
+    pub(super) fn write_policy(&self, index: u32, policy: &SlotPolicy) -> Result<(), StepError> {
+        blocking(|| {
+            let mut guard = lock(&self.datapath);
+            let dp = guard
+                .as_mut()
+                .ok_or(StepError::Other("the datapath is shut down".into()))?;
+            dp.set_guest_mac(index, policy.guest_mac.map(|m| m.0))?;
+            dp.set_slot_egress(index, &policy.egress)?;
+            dp.set_rate_limit(index, policy.rate_limit.map(|r| r.limit()))?;
+            Ok(())
+        })
     }
 
     /// Deletes slot `index`: every step is tried, what is already gone counts as
@@ -247,8 +350,12 @@ impl SlotManager {
             .map_err(SlotError::from)
     }
 
-    /// Removes flows idle longer than their timeouts.
+    /// Removes flows idle longer than their timeouts, and refreshes LOCAL_ADDRS
+    /// (repairing what a lost address notification missed).
     pub async fn reap(&self) -> Result<ReapReport, SlotError> {
+        if let Err(e) = local_addrs::refresh(self).await {
+            tracing::warn!(error = %e, "refreshing LOCAL_ADDRS failed");
+        }
         let timeouts = self.cfg.timeouts.clone();
         self.with_datapath(|dp| dp.reap(&timeouts))?
             .map_err(SlotError::from)
@@ -257,6 +364,9 @@ impl SlotManager {
     /// Deletes every slot, detaches the datapath and releases the reserved ports.
     /// Returns every failure together; calling it again retries what failed.
     pub async fn shutdown(&self) -> Result<(), SlotError> {
+        if let Some(monitor) = lock(&self.addr_monitor).take() {
+            monitor.abort();
+        }
         let mut failures = Vec::new();
         let indices: Vec<u32> = lock(&self.slots).keys().copied().collect();
         for index in indices {
@@ -330,6 +440,7 @@ impl SlotManager {
         self.host_ns.as_fd()
     }
 
+    /// The rtnetlink connection to the agent namespace.
     pub(super) fn host(&self) -> &Netlink {
         &self.host
     }
@@ -360,6 +471,14 @@ impl SlotManager {
         };
         netns::run_in(self.host_ns.as_fd(), || dp.detach_slot(index))??;
         Ok(())
+    }
+}
+
+impl Drop for SlotManager {
+    fn drop(&mut self) {
+        if let Some(monitor) = lock(&self.addr_monitor).take() {
+            monitor.abort();
+        }
     }
 }
 

@@ -12,6 +12,13 @@
 //!     /// Idempotent: same index and same guest link -> Ok(created = false).
 //!     /// Same index, different guest link -> SlotError::Conflict.
 //!     pub async fn create(&self, index: i64, guest: GuestLink) -> Result<(SlotAddr, bool), SlotError>;
+//!     /// The same with security settings (guest MAC, egress lists, rate limit),
+//!     /// applied in the Datapath step; for an existing slot, what the request
+//!     /// names must match (else SlotError::Conflict naming the sub-route).
+//!     pub async fn create_with(&self, index: i64, guest: GuestLink, policy: PolicyRequest) -> Result<(Slot, bool), SlotError>;
+//!     /// Replace a slot's egress lists / rate limit (None: unlimited).
+//!     pub async fn set_egress(&self, index: i64, egress: EgressRules) -> Result<Slot, SlotError>;
+//!     pub async fn set_rate_limit(&self, index: i64, limit: Option<RateLimitSpec>) -> Result<Slot, SlotError>;
 //!     /// SlotError::NotFound if unknown. Tries every step, reports all failures.
 //!     pub async fn delete(&self, index: i64) -> Result<(), SlotError>;
 //!     pub fn get(&self, index: i64) -> Result<Slot, SlotError>;
@@ -38,7 +45,9 @@
 //!
 //! Files: `addressing` (names and addresses), `manager` (the manager, start-up and
 //! shutdown), `create` (the steps of create and their rollback), `delete` (delete
-//! that tries every step), `error` (`SlotError`). The agent namespace is the
+//! that tries every step), `policy` (guest MAC, egress lists and rate limit:
+//! types and validation), `local_addrs` (keeps LOCAL_ADDRS equal to the agent
+//! namespace's addresses), `error` (`SlotError`). The agent namespace is the
 //! namespace of the thread that calls `start`; every later kernel call targets a
 //! namespace explicitly (netlink sockets bound to it, or a thread that joined it).
 
@@ -46,21 +55,27 @@ pub mod addressing;
 pub mod create;
 pub mod delete;
 pub mod error;
+pub mod local_addrs;
 pub mod manager;
+pub mod policy;
 
 pub use addressing::{AddressPlan, AddressingError, SlotAddr};
 pub use create::CreateStep;
 pub use delete::DeleteStep;
 pub use error::{SlotError, StepError};
 pub use manager::SlotManager;
+pub use policy::{GuestMac, PolicyRequest, RateLimitSpec, SlotPolicy};
 
-/// A slot the manager holds: its addressing and its guest link.
+/// A slot the manager holds: its addressing, its guest link and its security
+/// settings.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Slot {
     /// Names and addresses.
     pub addr: SlotAddr,
     /// The guest side.
     pub guest: GuestLink,
+    /// Guest MAC, egress lists, rate limit.
+    pub policy: SlotPolicy,
 }
 
 /// What the guest side of a slot is.
