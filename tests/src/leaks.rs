@@ -104,8 +104,9 @@ pub struct Snapshot {
     pub host_routes: BTreeSet<String>,
     /// Links of each watched namespace.
     pub watched_links: BTreeMap<String, BTreeSet<String>>,
-    /// TCX attachments per host-namespace device and direction (`dev/ingress` → ids).
-    pub tcx: BTreeMap<String, Vec<u32>>,
+    /// Program attachments (TCX links and tc filters) per host-namespace device
+    /// and direction (`dev/ingress` → program ids).
+    pub attachments: BTreeMap<String, Vec<u32>>,
     /// System-wide BPF program ids.
     pub bpf_progs: BTreeSet<u32>,
     /// System-wide BPF link ids.
@@ -181,9 +182,9 @@ pub fn snapshot(t: &Target) -> Snapshot {
             Err(e) => s.errors.push(format!("links of {ns}: {e:#}")),
         }
     }
-    match tcx_attachments(&t.host_ns) {
-        Ok(v) => s.tcx = v,
-        Err(e) => s.errors.push(format!("tcx: {e:#}")),
+    match attachments(&t.host_ns) {
+        Ok(v) => s.attachments = v,
+        Err(e) => s.errors.push(format!("program attachments: {e:#}")),
     }
     s.bpf_progs = bpf_ids(BPF_PROG_GET_NEXT_ID);
     s.bpf_links = bpf_ids(BPF_LINK_GET_NEXT_ID);
@@ -228,11 +229,11 @@ impl Snapshot {
                 });
             }
         }
-        for (dev, ids) in &self.tcx {
-            let before = base.tcx.get(dev).map_or(0, Vec::len);
+        for (dev, ids) in &self.attachments {
+            let before = base.attachments.get(dev).map_or(0, Vec::len);
             if ids.len() > before {
                 out.push(Leak {
-                    kind: "tcx attachment",
+                    kind: "program attachment",
                     detail: format!("{dev}: {before} -> {} programs {ids:?}", ids.len()),
                 });
             }
@@ -328,7 +329,7 @@ impl Snapshot {
 
     /// A one-line summary (counts of everything).
     pub fn summary(&self) -> String {
-        let tcx: usize = self.tcx.values().map(Vec::len).sum();
+        let attachments: usize = self.attachments.values().map(Vec::len).sum();
         let agent = self.agent.as_ref().map_or("no agent".to_string(), |a| {
             format!(
                 "agent fds {} {:?} rss {} kB threads {}",
@@ -336,13 +337,13 @@ impl Snapshot {
             )
         });
         format!(
-            "namespaces {} host links {} addrs {} routes {} tcx {} pins {} maps {:?} active slots {} \
+            "namespaces {} host links {} addrs {} routes {} attachments {} pins {} maps {:?} active slots {} \
              bpf progs/links/maps system-wide {}/{}/{}; {agent}",
             self.namespaces.len(),
             self.host_links.len(),
             self.host_addrs.len(),
             self.host_routes.len(),
-            tcx,
+            attachments,
             self.pins.len(),
             self.map_entries,
             self.active_slots.len(),
@@ -621,9 +622,37 @@ fn tcx_query(ifindex: u32, attach_type: u32) -> std::io::Result<Vec<u32>> {
     Ok(ids[..n].to_vec())
 }
 
-/// TCX attachments of every device of namespace `ns` (`dev/ingress` → ids; only
-/// devices with attachments are listed).
-fn tcx_attachments(ns: &str) -> Result<BTreeMap<String, Vec<u32>>> {
+/// Program ids of the tc (cls_bpf) filters on `dev`'s `ingress` or `egress`
+/// hook, in the calling thread's namespace (`tc` runs there: a child gets the
+/// forking thread's namespace).
+fn tc_filter_progs(dev: &str, dir: &str) -> Result<Vec<u32>> {
+    let out = std::process::Command::new("tc")
+        .args(["-j", "filter", "show", "dev", dev, dir])
+        .output()
+        .context("running tc")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        // No clsact qdisc, or the device went away: no filters.
+        if err.contains("Cannot find device") || err.contains("Invalid argument") {
+            return Ok(Vec::new());
+        }
+        bail!("tc filter show dev {dev} {dir}: {err}");
+    }
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let filters: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("tc -j output")?;
+    Ok(filters
+        .iter()
+        .filter_map(|f| f.pointer("/options/prog/id")?.as_u64())
+        .map(|id| id as u32)
+        .collect())
+}
+
+/// Program attachments (TCX links and tc filters) of every device of namespace
+/// `ns` (`dev/ingress` → program ids; only devices with attachments are listed).
+fn attachments(ns: &str) -> Result<BTreeMap<String, Vec<u32>>> {
     let path = format!("/run/netns/{ns}");
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -634,21 +663,22 @@ fn tcx_attachments(ns: &str) -> Result<BTreeMap<String, Vec<u32>>> {
             for iface in nix::net::if_::if_nameindex()?.iter() {
                 let name = iface.name().to_string_lossy().into_owned();
                 for (dir, ty) in [("ingress", BPF_TCX_INGRESS), ("egress", BPF_TCX_EGRESS)] {
-                    match tcx_query(iface.index(), ty) {
-                        Ok(ids) if !ids.is_empty() => {
-                            out.insert(format!("{name}/{dir}"), ids);
-                        }
-                        Ok(_) => {}
+                    let mut ids = match tcx_query(iface.index(), ty) {
+                        Ok(ids) => ids,
                         // The device went away between the listing and the query.
-                        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => continue,
                         Err(e) => bail!("BPF_PROG_QUERY {name}/{dir}: {e}"),
+                    };
+                    ids.extend(tc_filter_progs(&name, dir)?);
+                    if !ids.is_empty() {
+                        out.insert(format!("{name}/{dir}"), ids);
                     }
                 }
             }
             Ok(out)
         })
         .join()
-        .map_err(|_| anyhow::anyhow!("tcx query thread panicked"))?
+        .map_err(|_| anyhow::anyhow!("attachment query thread panicked"))?
     })
 }
 

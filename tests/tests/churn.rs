@@ -575,7 +575,7 @@ struct SlotPresence {
     slots_entry: bool,
     addr_entries: usize,
     veth_entries: usize,
-    veth_tcx: bool,
+    veth_hook: bool,
     guest_eth0: bool,
 }
 
@@ -587,7 +587,7 @@ impl SlotPresence {
             && self.slots_entry
             && self.addr_entries == 2
             && self.veth_entries == 1
-            && self.veth_tcx
+            && self.veth_hook
             && self.guest_eth0
     }
 
@@ -598,7 +598,7 @@ impl SlotPresence {
             && !self.slots_entry
             && self.addr_entries == 0
             && self.veth_entries == 0
-            && !self.veth_tcx
+            && !self.veth_hook
             && !self.guest_eth0
     }
 }
@@ -614,7 +614,7 @@ fn presence(d: &Daemon, target: &Target, guest_ns: &str, index: i64, api: bool) 
         slots_entry: s.active_slots.contains(&(index as u32)),
         addr_entries: s.map_entries.get("ADDR_SLOTS").copied().unwrap_or(0),
         veth_entries: s.map_entries.get("VETH_SLOTS").copied().unwrap_or(0),
-        veth_tcx: s.tcx.contains_key(&format!("{veth}/ingress")),
+        veth_hook: s.attachments.contains_key(&format!("{veth}/ingress")),
         guest_eth0: s
             .watched_links
             .get(guest_ns)
@@ -778,14 +778,15 @@ fn the_leak_check_names_what_a_slot_leaves() -> Result<()> {
         format!("host link: {p}-veth-5"),
         "host address: ".to_string(),
         "host route: ".to_string(),
-        format!("tcx attachment: {p}-veth-5/ingress"),
+        format!("program attachment: {p}-veth-5/ingress"),
         "map entries: ADDR_SLOTS: 0 -> 2".to_string(),
         "map entries: VETH_SLOTS: 0 -> 1".to_string(),
         "SLOTS entry: slot 5 still active".to_string(),
         "metric: netagent_slots: 0 -> 1".to_string(),
         "metric: netagent_program_attachments".to_string(),
-        // Three TCX links; no program (the programs are shared).
-        "agent fd: bpf_link".to_string(),
+        // The slot namespace (its filters are removed there); no program or
+        // link (the programs are shared, filters need no fd).
+        "agent fd: file".to_string(),
     ] {
         ensure!(
             text.iter().any(|t| t.starts_with(&expected)),

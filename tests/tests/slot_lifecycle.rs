@@ -702,13 +702,23 @@ fn loaded_program_ids() -> BTreeSet<u32> {
         .collect()
 }
 
-/// Ids of the programs attached (TCX ingress) to `dev` in namespace `ns`.
-fn tcx_ingress_ids(world: &World, ns: &str, dev: &str) -> Result<Vec<u32>> {
-    let dev = dev.to_string();
-    let (_, infos) = world.in_ns(ns, move || {
-        aya::programs::SchedClassifier::query_tcx(&dev, aya::programs::TcAttachType::Ingress)
-    })??;
-    Ok(infos.iter().map(|i| i.id()).collect())
+/// Ids of the programs attached (tc filters on ingress) to `dev` in namespace
+/// `ns`, with the filters' priority and handle.
+fn filter_ids(ns: &str, dev: &str) -> Result<Vec<(u32, u64, String)>> {
+    let out = std::process::Command::new("tc")
+        .args(["-n", ns, "-j", "filter", "show", "dev", dev, "ingress"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "tc filter show dev {dev} in {ns}");
+    let filters: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    Ok(filters
+        .iter()
+        .filter_map(|f| {
+            let id = f.pointer("/options/prog/id")?.as_u64()? as u32;
+            let pref = f["pref"].as_u64()?;
+            let handle = f.pointer("/options/handle")?.as_str()?.to_string();
+            Some((id, pref, handle))
+        })
+        .collect())
 }
 
 /// Slots cost links and map entries only: creating ten slots loads no program
@@ -741,9 +751,13 @@ fn slots_share_the_programs_loaded_once() -> Result<()> {
         .into_iter()
         .enumerate()
         {
-            let ids = tcx_ingress_ids(&world, ns, dev)?;
-            assert_eq!(ids.len(), 1, "one program on {dev} of slot {index}");
-            per_hook[hook].extend(ids);
+            let filters = filter_ids(ns, dev)?;
+            assert_eq!(filters.len(), 1, "one program on {dev} of slot {index}");
+            let (id, pref, handle) = &filters[0];
+            // Priority and handle let a restarted agent find the filter again.
+            assert_eq!(*pref, u64::from(netagent::bpf::FILTER_PRIORITY), "{dev}");
+            assert_eq!(*handle, format!("{index:#x}"), "handle of {dev}");
+            per_hook[hook].insert(*id);
         }
     }
     for (hook, ids) in ["tap0", "eth0", "host veth"].iter().zip(&per_hook) {

@@ -32,85 +32,16 @@ fn find<'a>(
         .find(|d| d.slot == slot && d.kind == kind && d.object.contains(object))
 }
 
-/// Detaches every TCX program on the ingress of `dev` in namespace `ns` the
-/// way an outsider would: `BPF_LINK_DETACH` of its TCX links (what `bpftool
-/// link detach` does), found with `BPF_PROG_QUERY` inside the namespace (the
-/// same program may serve several interfaces, and ifindices repeat across
-/// namespaces).
-fn detach_tcx(ns: &str, dev: &'static str) -> Result<()> {
-    let links = netagent_tests::daemon::spawn_in_netns(ns, move || {
-        let name = std::ffi::CString::new(dev)?;
-        // SAFETY: `name` is a valid NUL-terminated string for the call.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        ensure!(ifindex != 0, "no {dev}");
-        let mut prog_ids = [0u32; 16];
-        let mut link_ids = [0u32; 16];
-        let mut attr = [0u32; 32];
-        attr[0] = ifindex;
-        attr[1] = BPF_TCX_INGRESS;
-        let p = prog_ids.as_mut_ptr() as u64;
-        (attr[4], attr[5]) = (p as u32, (p >> 32) as u32);
-        attr[6] = 16; // count
-        let l = link_ids.as_mut_ptr() as u64;
-        (attr[10], attr[11]) = (l as u32, (l >> 32) as u32);
-        ensure!(
-            bpf(BPF_PROG_QUERY, &mut attr) == 0,
-            "BPF_PROG_QUERY {dev}: {}",
-            std::io::Error::last_os_error()
-        );
-        Ok(link_ids[..attr[6] as usize].to_vec())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("query thread panicked"))??;
-    ensure!(!links.is_empty(), "no TCX link on {dev} in {ns}");
-    for id in links {
-        bpf_link_detach(&bpf_link_fd(id)?)?;
-    }
-    Ok(())
-}
-
-const BPF_PROG_QUERY: libc::c_long = 16;
-const BPF_TCX_INGRESS: u32 = 46;
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-const BPF_LINK_DETACH: libc::c_long = 34;
-
-/// `bpf(cmd, attr)` with a 128-byte `union bpf_attr`.
-fn bpf(cmd: libc::c_long, attr: &mut [u32; 32]) -> libc::c_long {
-    // SAFETY: `attr` is a writable buffer of the size passed; every command used
-    // here reads and writes only within it (pointers in it point at live buffers).
-    unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    }
-}
-
-fn bpf_link_fd(id: u32) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    let mut attr = [0u32; 32];
-    attr[0] = id;
-    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut attr);
+/// Removes every tc filter from the ingress of `dev` in namespace `ns` the way
+/// an outsider would (`tc filter del`).
+fn detach_filters(ns: &str, dev: &str) -> Result<()> {
+    let out = std::process::Command::new("tc")
+        .args(["-n", ns, "filter", "del", "dev", dev, "ingress"])
+        .output()?;
     ensure!(
-        fd >= 0,
-        "BPF_LINK_GET_FD_BY_ID {id}: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// `BPF_LINK_DETACH`: the link stays, its program is off the hook.
-fn bpf_link_detach(fd: &std::os::fd::OwnedFd) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut attr = [0u32; 32];
-    attr[0] = fd.as_raw_fd() as u32;
-    ensure!(
-        bpf(BPF_LINK_DETACH, &mut attr) == 0,
-        "BPF_LINK_DETACH: {}",
-        std::io::Error::last_os_error()
+        out.status.success(),
+        "tc filter del dev {dev} ingress in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }
@@ -200,8 +131,8 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
         "02:00:00:00:00:44",
     ])?;
     ip(&["-n", &ns4, "link", "set", "tap0", "txqueuelen", "10"])?;
-    //    and its tap_ingress is detached (`bpftool link detach` of its TCX link).
-    detach_tcx(&ns4, "tap0")?;
+    //    and its tap_ingress is detached (`tc filter del`).
+    detach_filters(&ns4, "tap0")?;
     // 5. Orphans: a namespace and a veth of slot 999, a host route of slot 998,
     //    a NAT entry of slot 777.
     ip(&["netns", "add", &format!("{p}-ns-999")])?;

@@ -159,6 +159,9 @@ pub struct Datapath {
     pub(super) cfg: DatapathConfig,
     pub(super) uplink: Option<AttachedUplink>,
     pub(super) slots: HashMap<u32, AttachedSlot>,
+    /// The namespace the datapath was loaded in (the agent's, the host
+    /// namespace): host-side filters are removed there, whichever thread asks.
+    pub(super) home_ns: std::os::fd::OwnedFd,
     /// Declared last: the pins go after everything that uses the maps.
     pub(super) pins: PinDir,
 }
@@ -205,6 +208,7 @@ impl Datapath {
                 .map_err(|e| BpfError::program(name, "type check", e))?;
             p.load().map_err(|e| BpfError::program(name, "load", e))?;
         }
+        let home_ns = super::attach::thread_netns()?;
         let mut maps = Maps::take(&mut ebpf)?;
         let mut global = maps.global()?;
         global.port_min = cfg.port_min;
@@ -218,6 +222,7 @@ impl Datapath {
             cfg: cfg.clone(),
             uplink: None,
             slots: HashMap::new(),
+            home_ns,
             pins,
         })
     }

@@ -51,8 +51,9 @@
 //!     pub host_ip: Ipv4Addr }
 //! ```
 //!
-//! One instance of each program serves every slot; a slot costs three links and
-//! a few map entries. Inside a slot namespace nothing in the packet says which
+//! One instance of each program serves every slot; a slot costs three tc
+//! filters (no fd; found again by priority and handle) and a few map entries.
+//! Inside a slot namespace nothing in the packet says which
 //! slot it is (a tc program's `bpf_get_netns_cookie` reports the skb's *socket*
 //! namespace, and frames from a TAP or veth carry none), so the programs there
 //! do not need to know: `eth0` has the same ifindex (`SLOT_ETH0_IFINDEX`) in
@@ -63,8 +64,9 @@
 //! The maps are pinned in `DatapathConfig::pin_dir` (for inspection and a
 //! restarted agent).
 //!
-//! Files: `load` (object, map sizes, `Datapath`), `attach` (TCX with a clsact
-//! fallback, per-slot links, netns hopping), `maps` (typed map access),
+//! Files: `load` (object, map sizes, `Datapath`), `attach` (per-slot tc
+//! filters, the uplink's TCX link with a clsact fallback, netns hopping), `maps`
+//! (typed map access),
 //! `reap` (flow expiry), `stats` (counters, table usage), `netns_cookie` (running
 //! code inside a slot namespace, `SO_NETNS_COOKIE`), `test_run` (BPF_PROG_TEST_RUN).
 
@@ -82,7 +84,7 @@ mod test_run;
 use std::net::Ipv4Addr;
 use std::os::fd::BorrowedFd;
 
-pub use attach::AttachMode;
+pub use attach::{AttachMode, FILTER_PRIORITY};
 pub use error::BpfError;
 pub use load::{Datapath, DatapathConfig};
 pub use maps::{FlowTable, Maps};
