@@ -406,7 +406,8 @@ impl Datapath {
     }
 
     /// Removes the slot's lookup entries and SLOTS entry (programs then pass its
-    /// packets), its flows, and zeroes its counters.
+    /// packets), its flows, egress rules and bandwidth limit, and zeroes its
+    /// counters.
     fn clear_slot_maps(
         &mut self,
         index: u32,
@@ -427,6 +428,10 @@ impl Datapath {
         note(self.maps.remove_slot_flows(index).map(|_| ()));
         note(self.maps.zero_stats(index));
         note(self.maps.clear_guest_l2(index));
+        // Its egress rules and bandwidth limit (the next slot of this index
+        // starts without them).
+        note(self.maps.remove_slot_policy(index).map(|_| ()));
+        note(self.maps.set_rate(index, &Default::default()));
         into_result(errors)
     }
 
@@ -461,7 +466,8 @@ impl Datapath {
     }
 
     /// Detaches the slot's links and removes every map entry of the slot (slot
-    /// info, lookups, NAT and host-flow entries, counters). Idempotent: an unknown
+    /// info, lookups, NAT and host-flow entries, egress rules, bandwidth limit,
+    /// counters). Idempotent: an unknown
     /// slot still gets its SLOTS entry, flows and counters cleared.
     pub fn detach_slot(&mut self, index: u32) -> Result<(), BpfError> {
         self.check_index(index)?;
