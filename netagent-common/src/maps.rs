@@ -41,6 +41,12 @@ pub const MAP_POLICY: &str = "POLICY";
 /// slot index, enforced by `tap_ingress`.
 pub const MAP_RATE: &str = "RATE";
 
+/// Version of the map layout (the `#[repr(C)]` keys and values below and what
+/// their fields mean). A restarted agent reuses pinned maps only when their
+/// stored layout matches its own (see `netagent::bpf::layout`): bump this with
+/// any change to a key or value struct, even one that keeps its size.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Bounded retries when a random masquerade port collides (Cilium's
 /// `SNAT_COLLISION_RETRIES`).
 pub const NAT_COLLISION_RETRIES: u32 = 32;
