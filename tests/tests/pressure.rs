@@ -808,7 +808,7 @@ fn flows_expire_by_protocol_and_tcp_state() -> Result<()> {
     // connections are left, and they still carry traffic.
     let started = Instant::now();
     let deadline = started + Duration::from_secs(20);
-    let (egress, host_flows) = loop {
+    let (egress, ingress, host_flows) = loop {
         std::thread::sleep(Duration::from_millis(500));
         let [egress, ingress, host_flows] = agent.flows()?;
         let left = egress_flows(&egress);
@@ -816,7 +816,7 @@ fn flows_expire_by_protocol_and_tcp_state() -> Result<()> {
             && ingress.len() == 1
             && host_flows.len() == 1
         {
-            break (egress, host_flows);
+            break (egress, ingress, host_flows);
         }
         ensure!(
             Instant::now() < deadline,
@@ -828,10 +828,20 @@ fn flows_expire_by_protocol_and_tcp_state() -> Result<()> {
         );
     };
     println!(
-        "pressure: closed, reset, opening, UDP and ICMP flows gone {:.1?} after the traffic; established TCP kept",
+        "pressure: closed, reset, opening, UDP and ICMP flows (and the closed host flow) gone within {:.1?} of the first look; established TCP (masquerade and host → HostIP) kept",
         started.elapsed()
     );
-    ensure!(egress[0].1.state & netagent_common::STATE_REPLIED != 0);
+    // The kept flow is the established one (replied, no FIN or RST).
+    let state = egress[0].1.state | ingress[0].1.state;
+    ensure!(
+        state & netagent_common::STATE_REPLIED != 0
+            && state
+                & (netagent_common::STATE_FIN_ORIG
+                    | netagent_common::STATE_FIN_REPLY
+                    | netagent_common::STATE_RST)
+                == 0,
+        "state {state:#x}"
+    );
     ensure!(
         u16::from_be(host_flows[0].0.dport) == 8080 || u16::from_be(host_flows[0].0.sport) == 8080,
         "{:?}",
@@ -901,6 +911,7 @@ fn api_under_load_keeps_answering_and_traffic_flows() -> Result<()> {
     #[derive(Default)]
     struct Tally {
         requests: AtomicU64,
+        churn_cycles: AtomicU64,
         errors: std::sync::Mutex<Vec<String>>,
     }
     let tally = Arc::new(Tally::default());
@@ -987,6 +998,7 @@ fn api_under_load_keeps_answering_and_traffic_flows() -> Result<()> {
                         }
                         tally.requests.fetch_add(1, Ordering::Relaxed);
                     }
+                    tally.churn_cycles.fetch_add(1, Ordering::Relaxed);
                 }
             }));
         }
@@ -1003,9 +1015,10 @@ fn api_under_load_keeps_answering_and_traffic_flows() -> Result<()> {
     let requests = tally.requests.load(Ordering::Relaxed);
     println!(
         "pressure: API under load: {requests} requests in {elapsed:.1?} = {:.0} requests/s \
-         (4 readers, 2 slot churners); guest traffic meanwhile: {udp_n} UDP and {tcp_n} TCP \
+         (4 readers of every route; 2 churners: {} slot create/get/delete cycles); guest traffic meanwhile: {udp_n} UDP and {tcp_n} TCP \
          echoes, {bytes} bytes, none lost",
-        requests as f64 / elapsed.as_secs_f64()
+        requests as f64 / elapsed.as_secs_f64(),
+        tally.churn_cycles.load(Ordering::Relaxed)
     );
     let errors = tally.errors.lock().unwrap();
     ensure!(
