@@ -1,5 +1,7 @@
-//! Address and port rewrites with incremental checksum updates through
-//! `bpf_l3_csum_replace` / `bpf_l4_csum_replace`. The helpers know the skb's
+//! Address and port rewrites: the eBPF side of `netagent_common::packet::rewrite`,
+//! which decides what a rewrite touches (shared with userspace and fuzzed
+//! there). Here `SkbWriter` applies it with `bpf_skb_store_bytes` and the
+//! `bpf_l3_csum_replace` / `bpf_l4_csum_replace` helpers, which know the skb's
 //! checksum state (none, partial for offload, complete) and keep it consistent,
 //! which a hand-rolled update could not.
 
@@ -7,41 +9,54 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use netagent_common::DropReason;
+use netagent_common::{
+    DropReason,
+    packet::{FieldSize, L4Csum, PacketWrite, Wire, rewrite},
+};
 
-use crate::parse::{ICMP_ID_OFF, IP_CSUM_OFF, L4, L4_DPORT_OFF, L4_SPORT_OFF, L4Kind, Quoted};
+use crate::parse::{L4, Quoted};
 
-/// Offset of the TCP checksum inside the TCP header.
-const TCP_CSUM_OFF: usize = 16;
-/// Offset of the UDP checksum inside the UDP header.
-const UDP_CSUM_OFF: usize = 6;
-/// Offset of the ICMP checksum inside the ICMP header.
-const ICMP_CSUM_OFF: usize = 2;
+pub use netagent_common::packet::{
+    PortField,
+    header::{QUOTED_DST, QUOTED_SRC},
+};
 
-/// Where the L4 checksum of this packet sits and the helper flags that go with it.
-/// `pseudo` says whether the checksum covers the IPv4 pseudo-header.
-#[inline(always)]
-fn l4_csum(l4: &L4, l4_off: usize, pseudo: bool) -> Option<(usize, u64)> {
-    let pseudo_flag = if pseudo {
-        u64::from(BPF_F_PSEUDO_HDR)
-    } else {
-        0
-    };
-    match l4.kind {
-        L4Kind::Tcp => Some((l4_off + TCP_CSUM_OFF, pseudo_flag)),
-        // UDP checksum 0 means "no checksum": MARK_MANGLED_0 leaves it 0, and writes
-        // 0xffff where a real checksum would come out as 0.
-        L4Kind::Udp => Some((
-            l4_off + UDP_CSUM_OFF,
-            pseudo_flag | u64::from(BPF_F_MARK_MANGLED_0),
-        )),
-        // ICMP has no pseudo-header: an address change leaves its checksum alone.
-        L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply | L4Kind::IcmpError | L4Kind::IcmpOther
-            if !pseudo =>
-        {
-            Some((l4_off + ICMP_CSUM_OFF, 0))
+/// The packet of a TC program, as the shared rewrites write it.
+struct SkbWriter<'a>(&'a TcContext);
+
+impl PacketWrite for SkbWriter<'_> {
+    #[inline(always)]
+    fn store<T: Wire>(&mut self, off: usize, value: &T) -> Result<(), DropReason> {
+        self.0
+            .store(off, value, 0)
+            .map_err(|_| DropReason::RewriteFailed)
+    }
+
+    #[inline(always)]
+    fn l3_csum_replace4(&mut self, off: usize, from: u32, to: u32) -> Result<(), DropReason> {
+        self.0
+            .l3_csum_replace(off, u64::from(from), u64::from(to), 4)
+            .map_err(|_| DropReason::RewriteFailed)
+    }
+
+    #[inline(always)]
+    fn l4_csum_replace(
+        &mut self,
+        csum: &L4Csum,
+        from: u32,
+        to: u32,
+        size: FieldSize,
+    ) -> Result<(), DropReason> {
+        let mut flags = size as u64;
+        if csum.pseudo {
+            flags |= u64::from(BPF_F_PSEUDO_HDR);
         }
-        _ => None,
+        if csum.mangled_0 {
+            flags |= u64::from(BPF_F_MARK_MANGLED_0);
+        }
+        self.0
+            .l4_csum_replace(csum.off, u64::from(from), u64::from(to), flags)
+            .map_err(|_| DropReason::RewriteFailed)
     }
 }
 
@@ -57,39 +72,7 @@ pub fn ipv4_addr_rewrite(
     old: u32,
     new: u32,
 ) -> Result<(), DropReason> {
-    if let Some((off, flags)) = l4_csum(l4, l4_off, true) {
-        ctx.l4_csum_replace(off, u64::from(old), u64::from(new), flags | 4)
-            .map_err(|_| DropReason::RewriteFailed)?;
-    }
-    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
-        .map_err(|_| DropReason::RewriteFailed)?;
-    ctx.store(addr_off, &new, 0)
-        .map_err(|_| DropReason::RewriteFailed)
-}
-
-/// Which port a rewrite targets.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum PortField {
-    /// TCP/UDP source port or ICMP echo request identifier.
-    Source,
-    /// TCP/UDP destination port or ICMP echo reply identifier.
-    Destination,
-}
-
-/// Where the port `field` of an L4 header of `kind` sits. The echo identifier
-/// is the source "port" of a request and the destination "port" of a reply (as
-/// in `parse::L4`), and nothing else: asking for the other one is an error, so a
-/// rewrite can never patch the identifier with a checksum update computed for
-/// a different value.
-#[inline(always)]
-fn port_field_off(kind: L4Kind, field: PortField) -> Result<usize, DropReason> {
-    match (kind, field) {
-        (L4Kind::Tcp | L4Kind::Udp, PortField::Source) => Ok(L4_SPORT_OFF),
-        (L4Kind::Tcp | L4Kind::Udp, PortField::Destination) => Ok(L4_DPORT_OFF),
-        (L4Kind::IcmpEchoRequest, PortField::Source)
-        | (L4Kind::IcmpEchoReply, PortField::Destination) => Ok(ICMP_ID_OFF),
-        _ => Err(DropReason::UnsupportedProtocol),
-    }
+    rewrite::ipv4_addr_rewrite(&mut SkbWriter(ctx), l4, l4_off, addr_off, old, new)
 }
 
 /// Rewrites a port (or the ICMP echo identifier) from `old` to `new` (network
@@ -103,54 +86,12 @@ pub fn l4_port_rewrite(
     old: u16,
     new: u16,
 ) -> Result<(), DropReason> {
-    if old == new {
-        return Ok(());
-    }
-    let field_off = port_field_off(l4.kind, field)?;
-    if let Some((off, flags)) = l4_csum(l4, l4_off, false) {
-        ctx.l4_csum_replace(off, u64::from(old), u64::from(new), flags | 2)
-            .map_err(|_| DropReason::RewriteFailed)?;
-    }
-    ctx.store(l4_off + field_off, &new, 0)
-        .map_err(|_| DropReason::RewriteFailed)
+    rewrite::l4_port_rewrite(&mut SkbWriter(ctx), l4, l4_off, field, old, new)
 }
 
-/// Folds a 32-bit one's complement sum to 16 bits. Two rounds suffice for the
-/// sums below (at most five 16-bit terms).
-#[inline(always)]
-fn fold(sum: u32) -> u16 {
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
-/// RFC 1624 incremental update `HC' = ~(~HC + ~m + m')` of checksum `check` for a
-/// 32-bit field changing from `from` to `to`. All values as they sit in memory:
-/// one's complement sums do not depend on byte order.
-#[inline(always)]
-pub fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
-    let sum = u32::from(!check)
-        + u32::from(!(from as u16))
-        + u32::from(!((from >> 16) as u16))
-        + u32::from(to as u16)
-        + u32::from((to >> 16) as u16);
-    !fold(sum)
-}
-
-/// Offset of the source address inside an IPv4 header.
-pub const QUOTED_SRC: usize = 12;
-/// Offset of the destination address inside an IPv4 header.
-pub const QUOTED_DST: usize = 16;
-/// Offset of the header checksum inside an IPv4 header.
-const QUOTED_CSUM: usize = 10;
-/// Offset of the ICMP checksum inside the (outer) ICMP header.
-const OUTER_ICMP_CSUM: usize = 2;
-
-/// Rewrites an address of the datagram quoted by an ICMP error (`field` is the
-/// offset of the address in the quoted header, e.g. `QUOTED_SRC`) and its header
-/// checksum with it. The outer ICMP
-/// checksum stays valid as it is: the quoted header's words still add up to the
-/// same sum. Returns the quoted header's new checksum.
+/// Rewrites an address of the datagram quoted by an ICMP error (`field`:
+/// `QUOTED_SRC` or `QUOTED_DST`) and its header checksum `check` with it.
+/// Returns the quoted header's new checksum.
 #[inline(always)]
 pub fn quoted_addr_rewrite(
     ctx: &TcContext,
@@ -160,17 +101,11 @@ pub fn quoted_addr_rewrite(
     old: u32,
     new: u32,
 ) -> Result<u16, DropReason> {
-    let check = csum_replace4(check, old, new);
-    ctx.store(q.ip_off() + field, &new, 0)
-        .map_err(|_| DropReason::RewriteFailed)?;
-    ctx.store(q.ip_off() + QUOTED_CSUM, &check, 0)
-        .map_err(|_| DropReason::RewriteFailed)?;
-    Ok(check)
+    rewrite::quoted_addr_rewrite(&mut SkbWriter(ctx), q, check, field, old, new)
 }
 
 /// Rewrites a port (or echo identifier) of the datagram quoted by an ICMP error,
-/// fixing the outer ICMP checksum at `outer_l4_off + 2`. The quoted L4 checksum
-/// is left alone: the quote is usually cut short, so nobody can verify it.
+/// fixing the outer ICMP checksum at `outer_l4_off + 2`.
 #[inline(always)]
 pub fn quoted_port_rewrite(
     ctx: &TcContext,
@@ -180,17 +115,5 @@ pub fn quoted_port_rewrite(
     old: u16,
     new: u16,
 ) -> Result<(), DropReason> {
-    if old == new {
-        return Ok(());
-    }
-    let field_off = port_field_off(q.kind, field)?;
-    ctx.l4_csum_replace(
-        outer_l4_off + OUTER_ICMP_CSUM,
-        u64::from(old),
-        u64::from(new),
-        2,
-    )
-    .map_err(|_| DropReason::RewriteFailed)?;
-    ctx.store(q.l4_off() + field_off, &new, 0)
-        .map_err(|_| DropReason::RewriteFailed)
+    rewrite::quoted_port_rewrite(&mut SkbWriter(ctx), q, outer_l4_off, field, old, new)
 }
