@@ -553,6 +553,111 @@ fn full_nat_table_drops_new_flows_keeps_established_and_warns() -> Result<()> {
 }
 
 #[test]
+fn full_host_flow_table_drops_new_host_flows_keeps_established() -> Result<()> {
+    // 4 host → guest flows fit; the warning is at 100 %, i.e. only when full.
+    let Some(agent) = Agent::start(
+        "full_host_flow_table_drops_new_host_flows_keeps_established",
+        &[
+            "--nat-table-size",
+            "64",
+            "--nat-host-flow-table-size",
+            "4",
+            "--table-warn-percent",
+            "100",
+            "--timeouts-reap-interval",
+            "1",
+        ],
+    )?
+    else {
+        return Ok(());
+    };
+    let rt = rt();
+    let guest = agent.guest_slot(&rt)?;
+    // A UDP echo service of the guest, reached from the host at HostIP.
+    let service = in_ns(&guest.name, || Ok(UdpSocket::bind((GUEST_IP, 8081))?))?;
+    service.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<()> {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = service.recv_from(&mut buf) {
+                    service.send_to(&buf[..n], from)?;
+                }
+            }
+            Ok(())
+        })
+    };
+    let host_udp = || -> Result<UdpSocket> {
+        let s = in_ns(&agent.world.host_ns, || {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect((HOST_IP, 8081))?;
+            Ok(s)
+        })?;
+        s.set_read_timeout(Some(WAIT))?;
+        Ok(s)
+    };
+    let result = (|| -> Result<()> {
+        let flows: Vec<UdpSocket> = (0..4).map(|_| host_udp()).collect::<Result<_>>()?;
+        for (i, s) in flows.iter().enumerate() {
+            udp_roundtrip(s, &[i as u8; 200]).with_context(|| format!("host flow {i}"))?;
+        }
+        let full = agent.wait_tables(&rt, "host flow table full", |m| {
+            m.get("netagent_table_entries{table=host_flows}") == Some(&4.0)
+        })?;
+        ensure!(
+            full.get("netagent_table_capacity{table=host_flows}") == Some(&4.0)
+                && full.get("netagent_table_pressure{table=host_flows}") == Some(&1.0)
+                && full.get("netagent_table_pressure{table=nat_egress}") == Some(&0.0),
+            "{full:#?}"
+        );
+        agent.wait_log(&[
+            "\"level\":\"WARN\"",
+            "above the warning threshold",
+            "\"table\":\"host_flows\"",
+        ])?;
+        // New host flows are dropped at eth0 and counted against the slot.
+        let before = agent.stats(&rt)?;
+        let new: Vec<UdpSocket> = (0..3).map(|_| host_udp()).collect::<Result<_>>()?;
+        for s in &new {
+            s.send(b"no room")?;
+            s.set_read_timeout(Some(Duration::from_millis(300)))?;
+        }
+        for s in &new {
+            let mut buf = [0u8; 64];
+            ensure!(
+                s.recv(&mut buf).is_err(),
+                "a host flow got through a full table"
+            );
+        }
+        let after = agent.stats(&rt)?;
+        ensure!(
+            after.drops["nat_table_full"] == before.drops["nat_table_full"] + 3,
+            "before {before:?}\nafter {after:?}"
+        );
+        // The established host flows keep passing.
+        for (i, s) in flows.iter().enumerate() {
+            udp_roundtrip(s, &[0xb0 + i as u8; 1000])
+                .with_context(|| format!("established host flow {i} with the table full"))?;
+        }
+        let kept = agent.stats(&rt)?;
+        ensure!(
+            kept.drops["nat_table_full"] == after.drops["nat_table_full"],
+            "{kept:?}"
+        );
+        println!(
+            "pressure: full host-flow table (4): 3 new host → HostIP flows dropped as nat_table_full, \
+             the 4 established ones kept echoing"
+        );
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    result
+}
+
+#[test]
 fn port_exhaustion_toward_one_destination_never_duplicates_a_tuple() -> Result<()> {
     const PORTS: u16 = 8;
     let (min, max) = (40000u16, 40000 + PORTS - 1);
