@@ -240,6 +240,13 @@ impl World {
 
     /// Interfaces of the host namespace whose name starts with the prefix.
     pub fn host_links(&self) -> Vec<String> {
+        // A deleted slot's veth pair goes when the kernel frees its namespace,
+        // after the delete returned.
+        let _ = crate::leaks::wait_for_retired_links(
+            &self.host_ns,
+            &self.prefix,
+            crate::leaks::RETIRED_LINKS_TIMEOUT,
+        );
         let out = in_netns(&self.host_ns, "ip", &["-o", "link", "show"])
             .map(|o| o.stdout)
             .unwrap_or_default();

@@ -155,6 +155,11 @@ pub enum Strictness {
 /// request's own connection is not counted.
 pub fn snapshot(t: &Target) -> Snapshot {
     let mut s = Snapshot::default();
+    // A deleted slot's veth pair goes when the kernel frees its namespace,
+    // after the delete returned: count what is left once that is done.
+    if let Err(e) = wait_for_retired_links(&t.host_ns, &t.prefix, RETIRED_LINKS_TIMEOUT) {
+        s.errors.push(format!("{e:#}"));
+    }
     if let Some(pid) = t.pid {
         match proc_usage(pid) {
             Ok(u) => s.agent = Some(u),
@@ -680,6 +685,30 @@ fn attachments(ns: &str) -> Result<BTreeMap<String, Vec<u32>>> {
         .join()
         .map_err(|_| anyhow::anyhow!("attachment query thread panicked"))?
     })
+}
+
+/// How long the kernel may take to free the namespaces of deleted slots.
+pub const RETIRED_LINKS_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Waits until namespace `ns` holds no host veth retired by a slot delete
+/// (`{prefix}-xNNNNN`, down, waiting for the kernel to free the slot namespace
+/// that takes it along).
+pub fn wait_for_retired_links(ns: &str, prefix: &str, timeout: Duration) -> Result<()> {
+    let retired = format!("{prefix}-x");
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left: Vec<String> = ip_lines(ns, &["link", "show"], link_name)?
+            .into_iter()
+            .filter(|l| l.starts_with(&retired))
+            .collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("retired links still there after {timeout:?}: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 // ---- pins and pinned maps ----

@@ -67,6 +67,12 @@ fn addrs(v: &Value) -> BTreeSet<String> {
 
 fn snapshot(world: &World, guest_ns: Option<&str>) -> Result<Snapshot> {
     let host = world.host_name();
+    // Deleted slots' veth pairs go when the kernel frees their namespaces.
+    netagent_tests::leaks::wait_for_retired_links(
+        &host,
+        world.prefix(),
+        netagent_tests::leaks::RETIRED_LINKS_TIMEOUT,
+    )?;
     Ok(Snapshot {
         namespaces: world.namespaces().into_iter().collect(),
         host_links: names(&world.ip_json(Some(&host), &["link", "show"])?, "ifname"),

@@ -227,6 +227,15 @@ impl Netlink {
         .await
     }
 
+    /// Renames the link (it must be down).
+    pub async fn link_set_name(&self, index: u32, name: &str) -> Result<()> {
+        self.link_set(
+            format!("rename link #{index} to {name}"),
+            LinkUnspec::new_with_index(index).name(name).build(),
+        )
+        .await
+    }
+
     /// Sets the MTU.
     pub async fn link_set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
         self.link_set(

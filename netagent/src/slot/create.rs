@@ -25,6 +25,17 @@ pub const GUEST_VETH_NAME: &str = "eth0";
 /// what the kernel hands out by itself on a host with fewer devices).
 const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
 
+/// How many host ifindexes a create tries for slot N's veth.
+const HOST_VETH_INDEX_TRIES: u32 = 8;
+
+/// The host ifindexes slot `index`'s veth asks for, in order:
+/// `HOST_VETH_INDEX_BASE + index`, then the same plus multiples of 32768 (a
+/// retired veth of the slot keeps its index until the kernel frees its
+/// namespace; see `delete::retire_host_veth`).
+pub(super) fn host_veth_indexes(index: u32) -> impl Iterator<Item = u32> {
+    (0..HOST_VETH_INDEX_TRIES).map(move |k| HOST_VETH_INDEX_BASE + (k << 15) + index)
+}
+
 /// The ifindex of slot `index`'s `tap0` in its namespace
 /// (`SLOT_TAP_IFINDEX_BASE + index`): `tap_ingress` finds the slot from it.
 pub const fn tap_ifindex(index: u32) -> u32 {
@@ -207,29 +218,31 @@ async fn build(
     // made inside the slot namespace instead (any host index there) and the host
     // end moved over, which costs a netns move (an RCU grace period). Until the
     // move succeeded the pair goes away with the namespace.
-    let direct = host
-        .veth_add_indexed_peer_ns(
-            &addr.veth,
-            HOST_VETH_INDEX_BASE + addr.index,
-            VPEER_NAME,
-            SLOT_ETH0_IFINDEX,
-            ns.as_fd(),
-        )
-        .await;
+    let mut direct = Err(NetlinkError::NotFound("no host veth index to try".into()));
+    let mut host_index = 0;
+    for index in host_veth_indexes(addr.index) {
+        host_index = index;
+        direct = host
+            .veth_add_indexed_peer_ns(&addr.veth, index, VPEER_NAME, SLOT_ETH0_IFINDEX, ns.as_fd())
+            .await;
+        match &direct {
+            // The index is held by this slot's veth retired by a delete a
+            // moment ago (or another agent's link): try the next one.
+            Err(e)
+                if e.is_exists()
+                    && host.link_by_name(&addr.veth).await.ok().flatten().is_none() => {}
+            _ => break,
+        }
+    }
     if let Err(e) = direct {
         if e.is_exists() && host.link_by_name(&addr.veth).await.ok().flatten().is_some() {
             // The name is taken: a conflict, reported as such.
             return Err(Failed(Veth, e.into()));
         }
-        slot.veth_add_indexed(
-            &addr.veth,
-            HOST_VETH_INDEX_BASE + addr.index,
-            VPEER_NAME,
-            SLOT_ETH0_IFINDEX,
-        )
-        .await
-        .map_err(at(Veth))?;
-        slot.link_move(HOST_VETH_INDEX_BASE + addr.index, mgr.host_ns(), &addr.veth)
+        slot.veth_add_indexed(&addr.veth, host_index, VPEER_NAME, SLOT_ETH0_IFINDEX)
+            .await
+            .map_err(at(Veth))?;
+        slot.link_move(host_index, mgr.host_ns(), &addr.veth)
             .await
             .map_err(at(Veth))?;
     }

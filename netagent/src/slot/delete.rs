@@ -4,8 +4,9 @@
 
 use std::fmt;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::netlink::{Netlink, netns};
+use crate::netlink::{Netlink, NetlinkError, netns};
 
 use super::manager::SlotManager;
 use super::{GuestLink, SlotAddr};
@@ -18,7 +19,8 @@ pub enum DeleteStep {
     Datapath,
     /// The host route `HostIP/32`.
     HostRoute,
-    /// The host veth (and with it `eth0`).
+    /// The host veth: set down and renamed out of the slot's way
+    /// (`{prefix}-xNNNNN`); it goes with the namespace (see `retire_host_veth`).
     HostVeth,
     /// `tap0` of a veth guest link (and with it the guest's `eth0`).
     GuestLink,
@@ -41,7 +43,7 @@ impl DeleteStep {
         match self {
             DeleteStep::Datapath => "detach the datapath",
             DeleteStep::HostRoute => "delete the host route",
-            DeleteStep::HostVeth => "delete the host veth",
+            DeleteStep::HostVeth => "retire the host veth",
             DeleteStep::GuestLink => "delete tap0 (veth guest link)",
             DeleteStep::Namespace => "delete the namespace",
         }
@@ -54,9 +56,10 @@ impl fmt::Display for DeleteStep {
     }
 }
 
-/// Removes slot `addr`'s datapath entries, host route, veth pair, `tap0` of a veth
-/// guest link (and with it the far end in the guest's namespace) and the
-/// namespace (which takes a TAP with it). Returns one message per step that
+/// Removes slot `addr`'s datapath entries, host route, `tap0` of a veth guest
+/// link (and with it the far end in the guest's namespace) and the namespace,
+/// which takes the veth pair (retired first) and a TAP with it once the kernel
+/// frees it. Returns one message per step that
 /// failed.
 pub(super) async fn delete(mgr: &SlotManager, addr: &SlotAddr, guest: &GuestLink) -> Vec<String> {
     let mut failures = Vec::new();
@@ -88,11 +91,7 @@ async fn run(
             .await
             .map(drop)
             .map_err(|e| e.to_string()),
-        DeleteStep::HostVeth => host
-            .link_del_by_name(&addr.veth)
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string()),
+        DeleteStep::HostVeth => retire_host_veth(mgr, addr).await.map_err(|e| e.to_string()),
         // A veth guest link's far end sits in the guest's namespace: delete `tap0`
         // explicitly so it goes now, not whenever the kernel gets to freeing the
         // slot namespace (a re-create would find the guest's `eth0` still there).
@@ -116,3 +115,38 @@ async fn run(
             .map_err(|e| e.to_string()),
     }
 }
+
+/// Takes the host veth out of the slot's way without deleting it: down (which
+/// also drops its routes) and renamed to `{prefix}-xNNNNN`. Deleting a veth
+/// makes the caller wait for an RCU grace period and a barrier (~20 ms here);
+/// instead the pair goes when the kernel frees the slot namespace (its `eth0`
+/// takes the peer along), after `delete` has returned. The name is free for the
+/// slot's next create at once; its ifindex is not, so create tries others
+/// (`create::host_veth_indexes`).
+async fn retire_host_veth(mgr: &SlotManager, addr: &SlotAddr) -> Result<(), NetlinkError> {
+    let host = mgr.host();
+    let Some(link) = host.link_by_name(&addr.veth).await? else {
+        return Ok(());
+    };
+    host.link_down(link.index).await?;
+    // A name still held by a link retired earlier (e.g. by a previous run of
+    // the agent) is skipped.
+    let mut last = None;
+    for _ in 0..8 {
+        let n = RETIRED.fetch_add(1, Ordering::Relaxed) & 0xf_ffff;
+        let name = format!("{}-x{n:05x}", mgr.plan().prefix());
+        match host.link_set_name(link.index, &name).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_exists() => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    // Every try collided: delete it the slow way.
+    match host.link_del(link.index).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(last.unwrap_or(e)),
+    }
+}
+
+/// Names of retired host veths, unique within a run.
+static RETIRED: AtomicU32 = AtomicU32::new(0);
