@@ -64,7 +64,8 @@ fn every_route_and_every_error() -> Result<()> {
         let r = c.request("GET", "/v1/slots", None).await?;
         ensure!(r.status == 200 && r.text() == "[]", "{} {}", r.status, r.text());
 
-        // Create: 201 with exactly DESIGN §4's slot object (plus guest_link).
+        // Create: 201 with exactly DESIGN §4's slot object (plus guest_link and
+        // the security settings, none by default).
         let r = c.request("PUT", "/v1/slots/1", None).await?;
         ensure!(r.status == 201, "create: {} {}", r.status, r.text());
         ensure!(r.content_type.as_deref() == Some("application/json"));
@@ -73,7 +74,8 @@ fn every_route_and_every_error() -> Result<()> {
         let want = serde_json::json!({"index":1,"namespace":format!("{p}-ns-1"),"veth":format!("{p}-veth-1"),
             "host_ip":"10.11.0.1","veth_ip":"10.12.0.2","vpeer_ip":"10.12.0.3","tap":"tap0",
             "tap_ip":"169.254.0.22","tap_mac":"02:fc:00:00:00:05","guest_ip":"169.254.0.21",
-            "guest_netmask":"255.255.255.252","guest_link":"tap"});
+            "guest_netmask":"255.255.255.252","guest_link":"tap","guest_mac":null,
+            "egress":{"allow":[],"deny":[]},"rate_limit":null});
         ensure!(slot == want, "slot JSON {slot} != {want}");
         ensure!(d.world.slot_namespaces() == vec![format!("{p}-ns-1")]);
 
@@ -379,6 +381,15 @@ fn metrics_parse_and_match_slot_stats_after_traffic() -> Result<()> {
         return Ok(());
     };
     let guest = Netns::add(&format!("{}-g1", d.world.prefix))?;
+    // A quiet guest: IPv6 off before its eth0 exists, so no router
+    // solicitations (dropped and counted as `ipv6`) disturb the exact counts.
+    let guest_fd = netagent::netlink::netns::open(&guest.name)?;
+    for key in [
+        "net.ipv6.conf.all.disable_ipv6",
+        "net.ipv6.conf.default.disable_ipv6",
+    ] {
+        netagent::netlink::sysctl::write_in(std::os::fd::AsFd::as_fd(&guest_fd), key, "1")?;
+    }
     let c = d.client();
     let rt = rt();
     rt.block_on(async {
