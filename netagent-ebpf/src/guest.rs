@@ -1,11 +1,13 @@
 //! The guest's frames at the host veth (`veth_ingress`, source 169.254.0.21,
-//! handed over untouched by `tap_ingress`). The slot is known here, so this is
-//! where they are parsed and counted, the guest's MACs learned, and the source
-//! translated in one rewrite: to HostIP for a reply of a host → guest flow, to
-//! the vpeer address for traffic that stays on the host (both then go up the host
-//! stack), else to the uplink address and a masquerade port, keyed by the slot's
-//! vpeer address (unique per slot, so guests that all use 169.254.0.21 never
-//! share a flow), and out with `bpf_redirect_neigh(uplink)`.
+//! checked and handed over untouched by `tap_ingress`). The slot is known here,
+//! so this is where they are parsed and counted, the guest's MACs learned, the
+//! egress policy applied to what the guest opens (`policy`; replies of
+//! host → guest flows always pass), and the source translated in one rewrite:
+//! to HostIP for a reply of a host → guest flow, to the vpeer address for
+//! traffic that stays on the host (both then go up the host stack), else to the
+//! uplink address and a masquerade port, keyed by the slot's vpeer address
+//! (unique per slot, so guests that all use 169.254.0.21 never share a flow),
+//! and out with `bpf_redirect_neigh(uplink)`.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use netagent_common::{
@@ -17,6 +19,7 @@ use crate::{
     csum, fwd,
     maps::{GUEST_L2, config, global_config},
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind},
+    policy,
     stats::{self, Drop},
     veth::{masquerade, masquerade_icmp_error, stays_on_host},
 };
@@ -26,8 +29,8 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
     let drop = |reason| Drop::new(slot, reason);
     let l4 = parse::l4(ctx, ip).map_err(drop)?;
     learn_guest_l2(ctx, slot);
-    stats::count_packet(slot, Counter::FROM_GUEST_PACKETS, ctx.len());
     let Some(cfg) = config() else {
+        count_from_guest(ctx, slot);
         return Ok(TC_ACT_OK as i32);
     };
     if l4.kind == L4Kind::IcmpError {
@@ -44,14 +47,24 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
         };
         if let Some(flow) = conntrack::host_flow_lookup(&original) {
             conntrack::touch(flow, &l4, Dir::Reply, conntrack::now_ns());
+            count_from_guest(ctx, slot);
             return to_host(ctx, &l4, ip, info, info.host_ip).map_err(drop);
         }
     }
+    // Everything else the guest opens itself.
+    policy::egress_check(cfg, slot, ip.daddr).map_err(drop)?;
+    count_from_guest(ctx, slot);
     let Some(cfg) = global_config().filter(|_| !stays_on_host(cfg, ip.daddr)) else {
         // For the host stack (or no uplink to masquerade to): as the vpeer.
         return to_host(ctx, &l4, ip, info, info.vpeer_ip).map_err(drop);
     };
     masquerade(ctx, ip, &l4, slot, info.vpeer_ip, cfg)
+}
+
+/// Counts a guest frame that passed the checks.
+#[inline(always)]
+fn count_from_guest(ctx: &TcContext, slot: u32) {
+    stats::count_packet(slot, Counter::FROM_GUEST_PACKETS, ctx.len());
 }
 
 /// Source := `new_src`, Ethernet addresses as if the frame came over the veth
@@ -75,7 +88,8 @@ fn to_host(
 /// address; for a masqueraded flow (e.g. "port unreachable" for a late reply)
 /// the uplink address, with the quoted destination port back to the allocated
 /// port, and out on the uplink. Errors about anything else that would leave the
-/// host cannot be translated and are dropped.
+/// host cannot be translated and are dropped. Except for host → guest flows,
+/// the egress policy applies to the error's destination.
 #[inline(always)]
 fn icmp_error(
     ctx: &TcContext,
@@ -94,18 +108,27 @@ fn icmp_error(
     };
     let quote = parse::icmp_error_quote(ctx, ip);
     let uplink = global_config().filter(|_| !stays_on_host(cfg, ip.daddr));
-    if let Ok(q) = &quote
-        && q.daddr == guest
-    {
-        let original = FlowKey {
+    // The original direction of a host → guest flow the quote belongs to.
+    let host_flow = match &quote {
+        Ok(q) if q.daddr == guest => conntrack::host_flow_lookup(&FlowKey {
             saddr: q.saddr,
             daddr: info.host_ip,
             sport: q.sport,
             dport: q.dport,
             proto: q.proto,
             _pad: [0; 3],
-        };
-        let new_src = if conntrack::host_flow_lookup(&original).is_some() {
+        })
+        .is_some(),
+        _ => false,
+    };
+    if !host_flow {
+        policy::egress_check(cfg, slot, ip.daddr).map_err(drop)?;
+    }
+    count_from_guest(ctx, slot);
+    if let Ok(q) = &quote
+        && q.daddr == guest
+    {
+        let new_src = if host_flow {
             info.host_ip
         } else if uplink.is_none() {
             info.vpeer_ip

@@ -9,9 +9,12 @@ mod conntrack;
 mod csum;
 mod fwd;
 mod guest;
+mod l2;
 mod maps;
 mod nat;
 mod parse;
+mod policy;
+mod ratelimit;
 mod slot;
 mod stats;
 mod tap;
@@ -20,10 +23,14 @@ mod veth;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-/// Guest → anywhere, on `tap0` (every slot namespace): to the host veth.
+/// Guest → anywhere, on `tap0` (every slot namespace): the guest's frames
+/// checked, then to the host veth.
 #[classifier]
 pub fn tap_ingress(ctx: TcContext) -> i32 {
-    tap::try_tap_ingress(&ctx)
+    match tap::try_tap_ingress(&ctx) {
+        Ok(verdict) => verdict,
+        Err(d) => stats::drop_packet(d.slot, d.reason),
+    }
 }
 
 /// Guest and slot → world or host, on the host veth (agent namespace).

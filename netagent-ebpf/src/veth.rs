@@ -1,6 +1,7 @@
 //! `veth_ingress` (on the slot's host veth, agent namespace): the slot is the
-//! one of this veth (`VETH_SLOTS[ifindex]`). The guest's frames, handed over
-//! untouched by `tap_ingress`, are translated in `guest`; packets of the slot
+//! one of this veth (`VETH_SLOTS[ifindex]`). The guest's frames, checked and
+//! handed over untouched by `tap_ingress`, get the egress policy and are
+//! translated in `guest`; packets of the slot
 //! namespace's own stack (source vpeer) to the world are masqueraded here. Both
 //! get the uplink address and a port allocated here and leave with
 //! `bpf_redirect_neigh(uplink)`. Everything else (traffic to host addresses, ARP)
@@ -14,14 +15,12 @@ use crate::{
     conntrack::{self, Dir},
     csum::{self, PortField},
     fwd, guest,
-    maps::{LOCAL_ADDRS, VETH_SLOTS, global_config, slot_info},
+    maps::{VETH_SLOTS, global_config, slot_info},
     nat,
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind, Quoted},
+    policy,
     stats::{self, Drop},
 };
-
-/// Mask of a /16, network order.
-const NET16_MASK: u32 = u32::from_ne_bytes([255, 255, 0, 0]);
 
 #[inline(always)]
 pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
@@ -93,15 +92,11 @@ pub fn masquerade(
 }
 
 /// Whether slot traffic to `daddr` stays on the host (the host stack takes it)
-/// instead of being masqueraded: the agent namespace's own addresses, the HostIP
-/// and veth ranges, multicast and broadcast.
+/// instead of being masqueraded: the host's addresses (`policy::is_host_addr`),
+/// multicast and broadcast.
 #[inline(always)]
 pub fn stays_on_host(cfg: &GlobalConfig, daddr: u32) -> bool {
-    let dnet = daddr & NET16_MASK;
-    dnet == cfg.host_base
-        || dnet == cfg.vrt_base
-        || is_multicast_or_broadcast(daddr)
-        || LOCAL_ADDRS.get_ptr(&daddr).is_some()
+    is_multicast_or_broadcast(daddr) || policy::is_host_addr(cfg, daddr)
 }
 
 /// The masquerade address and port of the outgoing flow `key` (source = the

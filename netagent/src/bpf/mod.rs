@@ -80,6 +80,7 @@ mod policy;
 mod reap;
 mod stats;
 mod test_run;
+mod test_run_dev;
 
 use std::net::Ipv4Addr;
 use std::os::fd::BorrowedFd;

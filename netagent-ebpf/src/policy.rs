@@ -1,0 +1,53 @@
+//! Egress policy of guest-initiated traffic (`POLICY`, an LPM trie keyed by
+//! slot and address; slot 0 holds the defaults) and the host's protection:
+//! see `netagent_common::PolicyKey` for the order of evaluation.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use netagent_common::{DropReason, GlobalConfig, POLICY_ALLOW, PolicyKey, PolicyRule};
+
+use crate::maps::{LOCAL_ADDRS, POLICY};
+
+/// Mask of a /16, network order.
+const NET16_MASK: u32 = u32::from_ne_bytes([255, 255, 0, 0]);
+
+/// Whether `daddr` (network order) is an address of the host: the agent
+/// namespace's own (`LOCAL_ADDRS`), or in the HostIP or veth range (every slot's
+/// HostIP, veth and vpeer address).
+#[inline(always)]
+pub fn is_host_addr(cfg: &GlobalConfig, daddr: u32) -> bool {
+    let dnet = daddr & NET16_MASK;
+    dnet == cfg.host_base || dnet == cfg.vrt_base || LOCAL_ADDRS.get_ptr(&daddr).is_some()
+}
+
+/// The longest rule of `slot` (0: the defaults) that covers `daddr`.
+#[inline(always)]
+fn longest_match(slot: u32, daddr: u32) -> Option<&'static PolicyRule> {
+    let k = PolicyKey::lookup(slot, daddr);
+    POLICY.get(Key::new(k.prefixlen, k.data()))
+}
+
+/// Whether `slot`'s guest may open traffic to `daddr` (network order); the
+/// reason to drop it if not.
+#[inline(always)]
+pub fn egress_check(cfg: &GlobalConfig, slot: u32, daddr: u32) -> Result<(), DropReason> {
+    let own = longest_match(slot, daddr);
+    if is_host_addr(cfg, daddr) {
+        // Only an allow rule naming the address itself opens the host.
+        return match own {
+            Some(r) if r.action == POLICY_ALLOW && r.prefix_len == 32 => Ok(()),
+            _ => Err(DropReason::HostDenied),
+        };
+    }
+    if let Some(r) = own {
+        // Anything but an explicit allow denies (fail closed).
+        return if r.action == POLICY_ALLOW {
+            Ok(())
+        } else {
+            Err(DropReason::PolicyDenied)
+        };
+    }
+    match longest_match(0, daddr) {
+        Some(r) if r.action != POLICY_ALLOW => Err(DropReason::PolicyDenied),
+        _ => Ok(()),
+    }
+}
