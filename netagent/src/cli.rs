@@ -35,7 +35,7 @@ const UP_EXAMPLES: &str = "\
 Examples:
   netagent up
   netagent up --config /etc/netagent/netagent.toml --log-format json
-  netagent up --uplink eth0 --prefix wrenn --nat-port-min 20000 --nat-port-max 32767
+  netagent up --uplink eth0 --prefix wrenn --nat-port-min 10000 --nat-port-max 32767
   netagent up --socket-group sandbox --api-tcp 127.0.0.1:7070
 
 Every key of the TOML config file is also a flag (nat.port_min is --nat-port-min);
@@ -203,7 +203,7 @@ pub struct ConfigFlags {
     /// [max_slots] Size of the per-slot arrays; indices must be below it (default 32768).
     #[arg(long, value_name = "N")]
     pub max_slots: Option<u32>,
-    /// [nat.port_min] First masquerade port (default 20000).
+    /// [nat.port_min] First masquerade port (default 10000).
     #[arg(long, value_name = "PORT")]
     pub nat_port_min: Option<u16>,
     /// [nat.port_max] Last masquerade port (default 32767).

@@ -259,7 +259,7 @@ fn exercise(world: &World, agent: &Agent, slot: &SlotAddr, guest_ns: &str) -> Re
         assert_eq!(peer.ip().to_string(), UPLINK_IP.to_string());
         let port = peer.port();
         ensure!(
-            (20000..=32767).contains(&port),
+            (10000..=32767).contains(&port),
             "masquerade port {port} outside the range"
         );
     }

@@ -678,13 +678,11 @@ fn render_limits(o: &mut String, plan: &Plan, r: &Results) {
             items.push(format!(
                 "**New connections.** netagent dropped {exhausted} packets for lack of a free \
                  masquerade port (`nat_ports_exhausted`, slot 1, {} allocations in the run). Every \
-                 new guest flow takes a fresh port from 20000–32767 (12,768 ports) and a closed TCP \
-                 flow keeps it for `tcp_closing` (10 s) plus up to one reap interval (5 s), so more \
-                 than about 850 new connections per second to one destination exhaust the range; \
-                 each dropped SYN costs the one-client loop a 1 s retransmission, which pulls whole \
-                 rounds down. Conntrack's MASQUERADE keeps the guest's own source port instead. \
-                 Ways out: keep the guest's port when it is free, expire closed flows within a \
-                 second or two, or a wider default range.",
+                 new guest flow takes a port of the masquerade range and a closed TCP flow's port \
+                 can be taken again after 1 s idle, so more new connections per second to one \
+                 destination than the range has ports exhaust it; each dropped SYN costs the \
+                 one-client loop a 1 s retransmission, which pulls whole rounds down. Conntrack's \
+                 MASQUERADE keeps the guest's own source port instead.",
                 count("allocations")
             ));
         }
