@@ -6,12 +6,12 @@
 //! which a hand-rolled update could not.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_ENFORCE, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
 use netagent_common::{
     DropReason,
-    packet::{FieldSize, L4Csum, PacketWrite, Wire, rewrite},
+    packet::{CsumZero, FieldSize, L4Csum, PacketWrite, Wire, rewrite},
 };
 
 use crate::parse::{L4, Quoted};
@@ -51,8 +51,12 @@ impl PacketWrite for SkbWriter<'_> {
         if csum.pseudo {
             flags |= u64::from(BPF_F_PSEUDO_HDR);
         }
-        if csum.mangled_0 {
-            flags |= u64::from(BPF_F_MARK_MANGLED_0);
+        match csum.zero {
+            CsumZero::AsComputed => {}
+            CsumZero::UdpNone => flags |= u64::from(BPF_F_MARK_MANGLED_0),
+            CsumZero::NeverZero => {
+                flags |= u64::from(BPF_F_MARK_MANGLED_0) | u64::from(BPF_F_MARK_ENFORCE)
+            }
         }
         self.0
             .l4_csum_replace(csum.off, u64::from(from), u64::from(to), flags)

@@ -47,6 +47,22 @@ pub enum FieldSize {
     Four = 4,
 }
 
+/// What an L4 checksum update does around zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CsumZero {
+    /// TCP: the result is written as computed (the pseudo-header's protocol
+    /// word is never zero, so neither is the sum).
+    AsComputed,
+    /// UDP: a checksum of 0 means "none" and stays 0; a result of 0 is written
+    /// as 0xffff (`BPF_F_MARK_MANGLED_0`).
+    UdpNone,
+    /// ICMP: a result of 0 is written as 0xffff (`BPF_F_MARK_MANGLED_0 |
+    /// BPF_F_MARK_ENFORCE`). Both verify, except when every other word of the
+    /// message is zero (an echo with identifier and sequence 0 and no data):
+    /// then only 0xffff does, and RFC 1624's update yields 0.
+    NeverZero,
+}
+
 /// Where an L4 checksum sits and how an update of it behaves
 /// (`rewrite::l4_csum` decides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,9 +71,8 @@ pub struct L4Csum {
     pub off: usize,
     /// The changed field is part of the IPv4 pseudo-header (`BPF_F_PSEUDO_HDR`).
     pub pseudo: bool,
-    /// UDP: a checksum of 0 means "none" and stays 0; an update that comes out
-    /// as 0 is written as 0xffff (`BPF_F_MARK_MANGLED_0`).
-    pub mangled_0: bool,
+    /// What happens around zero.
+    pub zero: CsumZero,
 }
 
 /// Writes to the packet with the checksum semantics of the kernel helpers.

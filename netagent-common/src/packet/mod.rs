@@ -27,7 +27,7 @@ pub mod check;
 #[cfg(any(test, feature = "check"))]
 pub mod frames;
 
-pub use access::{FieldSize, L4Csum, PacketRead, PacketWrite, Wire};
+pub use access::{CsumZero, FieldSize, L4Csum, PacketRead, PacketWrite, Wire};
 pub use eth::eth_addrs;
 pub use icmp_error::{Quoted, icmp_error_quote};
 pub use ipv4::{Ipv4, ipv4, raw_daddr};

@@ -7,13 +7,14 @@
 //! What follows an address change: the IPv4 header checksum, and the TCP/UDP
 //! checksum (its pseudo-header holds the addresses; a UDP checksum 0 means
 //! "none" and stays 0). ICMP has no pseudo-header. A port (or ICMP echo
-//! identifier) change fixes the L4 checksum. In the datagram quoted by an ICMP
+//! identifier) change fixes the L4 checksum; an ICMP checksum that comes out
+//! as 0 is written as 0xffff (`access::CsumZero`). In the datagram quoted by an ICMP
 //! error, an address change fixes the quoted header checksum, which keeps the
 //! outer ICMP checksum valid as it is; a quoted port change fixes the outer ICMP
 //! checksum (the quoted L4 checksum is left alone: the quote is usually cut
 //! short, so nobody can verify it).
 
-use super::access::{FieldSize, L4Csum, PacketWrite};
+use super::access::{CsumZero, FieldSize, L4Csum, PacketWrite};
 use super::csum::csum_replace4;
 use super::header::{
     ICMP_CSUM_OFF, ICMP_ID_OFF, IP_CSUM_OFF, L4_DPORT_OFF, L4_SPORT_OFF, QUOTED_CSUM, TCP_CSUM_OFF,
@@ -42,14 +43,14 @@ pub fn l4_csum(l4: &L4, l4_off: usize, pseudo: bool) -> Option<L4Csum> {
         L4Kind::Tcp => Some(L4Csum {
             off: l4_off + TCP_CSUM_OFF,
             pseudo,
-            mangled_0: false,
+            zero: CsumZero::AsComputed,
         }),
         // UDP checksum 0 means "no checksum": it stays 0, and 0xffff is written
         // where a real checksum would come out as 0.
         L4Kind::Udp => Some(L4Csum {
             off: l4_off + UDP_CSUM_OFF,
             pseudo,
-            mangled_0: true,
+            zero: CsumZero::UdpNone,
         }),
         // ICMP has no pseudo-header: an address change leaves its checksum alone.
         L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply | L4Kind::IcmpError | L4Kind::IcmpOther
@@ -58,7 +59,7 @@ pub fn l4_csum(l4: &L4, l4_off: usize, pseudo: bool) -> Option<L4Csum> {
             Some(L4Csum {
                 off: l4_off + ICMP_CSUM_OFF,
                 pseudo: false,
-                mangled_0: false,
+                zero: CsumZero::NeverZero,
             })
         }
         _ => None,
@@ -160,7 +161,7 @@ pub fn quoted_port_rewrite<W: PacketWrite + ?Sized>(
     let outer = L4Csum {
         off: outer_l4_off + ICMP_CSUM_OFF,
         pseudo: false,
-        mangled_0: false,
+        zero: CsumZero::NeverZero,
     };
     w.l4_csum_replace(&outer, u32::from(old), u32::from(new), FieldSize::Two)?;
     w.store(q.l4_off() + field_off, &new)
@@ -170,6 +171,7 @@ pub fn quoted_port_rewrite<W: PacketWrite + ?Sized>(
 mod tests {
     use alloc::vec::Vec;
 
+    use super::super::access::CsumZero;
     use super::super::frames::{Datagram, frag_needed, icmp_echo, tcp, udp};
     use super::super::full_csum::{L4Check, ipv4_header_valid, l4_check, quoted_header_valid};
     use super::super::header::{IP_DST_OFF, IP_SRC_OFF, QUOTED_SRC};
@@ -259,6 +261,44 @@ mod tests {
         let r = l4_port_rewrite(&mut f[..], &l, ip.l4_off(), PortField::Destination, 0, 5);
         assert_eq!(r, Err(DropReason::UnsupportedProtocol));
         assert_eq!(f, e, "a refused rewrite writes nothing");
+    }
+
+    /// Found by the `rewrite` fuzz target: an echo reply whose identifier is
+    /// rewritten to 0, with sequence 0 and no data, has only zero words besides
+    /// its checksum. RFC 1624's update (and the kernel's) yields 0x0000 there,
+    /// which a receiver rejects (the sum is +0, not -0); 0xffff is right.
+    #[test]
+    fn icmp_checksum_of_an_all_zero_message_is_ffff() {
+        let e = Datagram::icmp(WAN, UPLINK, icmp_echo(false, 0xc601, 0, &[])).frame();
+        let mut f = e.clone();
+        let ip = ipv4(&f[..]).unwrap().unwrap();
+        let l = l4(&f[..], &ip).unwrap();
+        let csum = l4_csum(&l, ip.l4_off(), false).unwrap();
+        assert_eq!(csum.zero, CsumZero::NeverZero);
+        l4_port_rewrite(
+            &mut f[..],
+            &l,
+            ip.l4_off(),
+            PortField::Destination,
+            l.dport,
+            0,
+        )
+        .unwrap();
+        assert_eq!(&f[34..42], &[0, 0, 0xff, 0xff, 0, 0, 0, 0]);
+        assert_eq!(l4_check(&f, &ip), L4Check::Valid);
+        // A checksum of 0 is a real one for ICMP: it is updated, not skipped.
+        let mut g = Datagram::icmp(WAN, UPLINK, icmp_echo(false, 0xffff, 0, &[])).frame();
+        assert_eq!(&g[36..38], &[0, 0]);
+        l4_port_rewrite(
+            &mut g[..],
+            &l,
+            ip.l4_off(),
+            PortField::Destination,
+            0xffff,
+            0x0100u16.to_be(),
+        )
+        .unwrap();
+        assert_eq!(l4_check(&g, &ip), L4Check::Valid);
     }
 
     #[test]

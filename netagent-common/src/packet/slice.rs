@@ -3,12 +3,12 @@
 //! updates do in software what `bpf_l3_csum_replace` / `bpf_l4_csum_replace` do
 //! on an skb without checksum offload (`CHECKSUM_NONE`, as a test run or a
 //! forwarded packet has): the RFC 1624 update of `csum_replace4` /
-//! `csum_replace2`, and for `mangled_0` a checksum of 0 left alone and a result
-//! of 0 written as 0xffff.
+//! `csum_replace2`, then the `CsumZero` rule (`BPF_F_MARK_MANGLED_0`, with or
+//! without `BPF_F_MARK_ENFORCE`).
 
 use core::mem::size_of;
 
-use super::access::{FieldSize, L4Csum, PacketRead, PacketWrite, Wire};
+use super::access::{CsumZero, FieldSize, L4Csum, PacketRead, PacketWrite, Wire};
 use super::csum::{csum_replace2, csum_replace4};
 use crate::DropReason;
 
@@ -55,14 +55,14 @@ impl PacketWrite for [u8] {
         size: FieldSize,
     ) -> Result<(), DropReason> {
         let check: u16 = self.load(csum.off).ok_or(DropReason::RewriteFailed)?;
-        if csum.mangled_0 && check == 0 {
+        if csum.zero == CsumZero::UdpNone && check == 0 {
             return Ok(());
         }
         let mut new = match size {
             FieldSize::Four => csum_replace4(check, from, to),
             FieldSize::Two => csum_replace2(check, from as u16, to as u16),
         };
-        if csum.mangled_0 && new == 0 {
+        if csum.zero != CsumZero::AsComputed && new == 0 {
             new = CSUM_MANGLED_0;
         }
         self.store(csum.off, &new)
