@@ -867,14 +867,16 @@ fn veth_reuses_the_port_of_a_closed_idle_flow_but_not_of_a_live_one() {
 
     // Closed but only just: not yet (late segments of the old flow may still come).
     // Established and idle: never (only the reaper frees it, by its timeout).
-    for (fwd, rev, seen) in [
-        (closed, closed_reply, now),
-        (STATE_SYN, STATE_REPLIED, now - 100_000_000_000),
+    // (Idle times count from after the load: loading takes a while on a busy
+    // machine.)
+    for (fwd, rev, idle_ns) in [
+        (closed, closed_reply, 0),
+        (STATE_SYN, STATE_REPLIED, 100_000_000_000),
     ] {
         let Some(mut dp) = datapath_with(cfg.clone()) else {
             return;
         };
-        seed_tcp_flow(&mut dp, fwd, rev, seen);
+        seed_tcp_flow(&mut dp, fwd, rev, netagent_now() - idle_ns);
         let out = run(&dp, Program::VethIngress, &syn.build());
         assert_eq!(out.verdict, TC_ACT_SHOT);
         assert_eq!(drops(&dp, DropReason::NatPortsExhausted), 1);
