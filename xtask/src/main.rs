@@ -7,6 +7,7 @@
 mod bench;
 mod build_ebpf;
 mod debian;
+mod fuzz;
 mod guest;
 mod soak;
 mod test;
@@ -36,6 +37,8 @@ enum Command {
     Guest(guest::Options),
     /// Create/delete churn at full scale against a real agent; fails on any leak.
     Soak(soak::Options),
+    /// Run the cargo-fuzz targets of the shared packet code (netagent-common/fuzz).
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(opts) => bench::run(&opts),
         Command::Guest(opts) => guest::run(&opts),
         Command::Soak(opts) => soak::run(&opts),
+        Command::Fuzz(opts) => fuzz::run(&opts),
     }
 }
 

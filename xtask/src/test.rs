@@ -4,10 +4,14 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::{build_ebpf, debian, run_cmd, workspace_root};
+use crate::{build_ebpf, debian, fuzz, run_cmd, workspace_root};
 
 #[derive(clap::Args)]
 pub struct Options {
+    /// Seconds each fuzz target runs after the suites (a smoke run proving the
+    /// targets build and run); 0 skips it. Skipped with a test name filter.
+    #[arg(long, default_value_t = 20)]
+    pub fuzz_seconds: u64,
     /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
     #[arg(last = true)]
     pub args: Vec<String>,
@@ -22,7 +26,7 @@ pub fn run(opts: &Options) -> Result<()> {
         lint(&root)?;
     }
     // --no-fail-fast: one failing suite must not hide the others' results.
-    run_cmd(
+    let suites = run_cmd(
         Command::new("cargo")
             .args([
                 "test",
@@ -33,7 +37,17 @@ pub fn run(opts: &Options) -> Result<()> {
             ])
             .args(&opts.args)
             .current_dir(&root),
-    )
+    );
+    // The fuzz smoke run even when a suite failed: it reports separately.
+    let smoke = if opts.args.is_empty() && opts.fuzz_seconds > 0 {
+        fuzz::run(&fuzz::Options {
+            seconds: opts.fuzz_seconds,
+            target: None,
+        })
+    } else {
+        Ok(())
+    };
+    suites.and(smoke)
 }
 
 /// `cargo fmt --check` and clippy with warnings denied, as the project keeps them.

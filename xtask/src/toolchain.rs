@@ -1,6 +1,7 @@
 //! The eBPF toolchain: a pinned nightly with `rust-src`, and `bpf-linker` built
 //! against that nightly's own libLLVM (no prebuilt binary can be downloaded, and
-//! Debian's LLVM is too old). Both are installed on first use and cached.
+//! Debian's LLVM is too old); and `cargo-fuzz` for the fuzz targets. All are
+//! installed on first use and cached.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,6 +12,8 @@ use crate::{run_cmd, workspace_root};
 
 /// bpf-linker release line known to work with the pinned nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13";
+/// cargo-fuzz release line (builds with the stable toolchain).
+const CARGO_FUZZ_VERSION: &str = "0.13";
 
 /// The nightly named in `netagent-ebpf/rust-toolchain.toml`.
 pub fn pinned_nightly() -> Result<String> {
@@ -119,6 +122,28 @@ pub fn ensure_bpf_linker(nightly: &str) -> Result<PathBuf> {
     )?;
     if !bin.join("bpf-linker").exists() {
         bail!("bpf-linker was built but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Returns the directory holding `cargo-fuzz`, installing it first if needed
+/// (about a minute, once; cached across clones like bpf-linker).
+pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
+    let root = cache_dir().join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    let bin = root.join("bin");
+    if bin.join("cargo-fuzz").exists() {
+        return Ok(bin);
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute, once)");
+    run_cmd(
+        Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked", "--version"])
+            .arg(format!("^{CARGO_FUZZ_VERSION}"))
+            .arg("--root")
+            .arg(&root),
+    )?;
+    if !bin.join("cargo-fuzz").exists() {
+        bail!("cargo-fuzz was installed but {} is missing", bin.display());
     }
     Ok(bin)
 }
