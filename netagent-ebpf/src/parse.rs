@@ -2,7 +2,7 @@
 //! itself lives (shared with userspace and fuzzed there, see its module docs
 //! for every outcome). This file gives it the packet: `Skb` implements
 //! `PacketRead` with direct packet access bounds-checked against `data_end` —
-//! the only place that reads packet bytes — and makes the headers linear first.
+//! the only direct packet reads — and makes the headers linear first.
 //! Parsing copies what the programs need into plain values, so nothing else
 //! holds a packet pointer across a helper call that may move the data.
 
