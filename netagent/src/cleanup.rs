@@ -1,11 +1,15 @@
 //! Removing every resource of a prefix: slot namespaces (`{prefix}-ns-N` in
 //! `/run/netns`), host veths (`{prefix}-veth-N` / `{prefix}-v{N}`) and the routes
-//! through them, and the pins under the instance's bpffs directory.
+//! through them, the slot records (`slot::adopt`), and the pins under the
+//! instance's bpffs directory — the maps, the layout descriptor and the
+//! uplink's pinned TCX link, whose removal detaches it.
 //!
-//! `netagent cleanup` runs this with no daemon; `SlotManager::start` runs the same
-//! removal (without the pins, which the datapath owns) before anything else, so a
-//! crashed run's leftovers never collide with new slots.
+//! `netagent cleanup` runs this with no daemon; `SlotManager::start` runs the
+//! same removal (without the pins, which the datapath owns, and sparing the
+//! slots it adopted) after adopting, so a crashed run's leftovers never collide
+//! with new slots.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
@@ -60,6 +64,12 @@ pub async fn cleanup(prefix: &str, bpffs: &Path) -> Result<CleanupReport, Cleanu
     let host_ns = netns::current()?;
     let host = Netlink::connect_in(host_ns.as_fd())?;
     let mut report = remove_leftovers(prefix, &host).await?;
+    if let Err(e) = crate::slot::adopt::remove_records(prefix) {
+        report.failures.push(format!(
+            "remove the slot records in {}: {e}",
+            crate::slot::adopt::records_dir(prefix).display()
+        ));
+    }
     match remove_pins(bpffs) {
         Ok(n) => report.pins = n,
         Err(e) => report
@@ -76,6 +86,16 @@ pub async fn cleanup(prefix: &str, bpffs: &Path) -> Result<CleanupReport, Cleanu
 /// Removes `prefix`'s namespaces, host veths and their routes, using the host
 /// connection `host`. Failures are listed in the report, not returned.
 pub async fn remove_leftovers(prefix: &str, host: &Netlink) -> Result<CleanupReport, CleanupError> {
+    remove_leftovers_except(prefix, host, &BTreeSet::new()).await
+}
+
+/// Like [`remove_leftovers`], sparing the slots in `keep` (adopted by a
+/// starting agent).
+pub async fn remove_leftovers_except(
+    prefix: &str,
+    host: &Netlink,
+    keep: &BTreeSet<u32>,
+) -> Result<CleanupReport, CleanupError> {
     // Names depend only on the prefix; the bases are irrelevant here.
     let plan = AddressPlan::new(
         prefix,
@@ -88,7 +108,10 @@ pub async fn remove_leftovers(prefix: &str, host: &Netlink) -> Result<CleanupRep
         .link_list()
         .await?
         .into_iter()
-        .filter(|l| plan.index_of_veth(&l.name).is_some())
+        .filter(|l| {
+            plan.index_of_veth(&l.name)
+                .is_some_and(|i| !keep.contains(&i))
+        })
         .collect();
     for route in host.route_list().await? {
         if route
@@ -111,7 +134,10 @@ pub async fn remove_leftovers(prefix: &str, host: &Netlink) -> Result<CleanupRep
     }
 
     for name in netns::list()? {
-        if plan.index_of_namespace(&name).is_none() {
+        if plan
+            .index_of_namespace(&name)
+            .is_none_or(|i| keep.contains(&i))
+        {
             continue;
         }
         // Delete tap0 first: a veth guest link's far end sits in another

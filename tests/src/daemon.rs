@@ -115,7 +115,17 @@ fn locate_or_build() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // Build (or confirm up to date) so the test never runs a stale agent.
     let mut build = Command::new(&cargo);
-    build.args(["build", "--quiet", "-p", "netagent", "--bin", "netagent"]);
+    // With the test hooks (`NETAGENT_CRASH_AT`), as the test crates link it.
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "netagent",
+        "--bin",
+        "netagent",
+        "--features",
+        "fault-injection",
+    ]);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         build.arg("--release");
     }
@@ -270,6 +280,7 @@ impl Drop for World {
         let _ = nix::mount::umount2(&bpf_mount, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_file(format!("/run/netagent/{}.lock", self.prefix));
+        let _ = std::fs::remove_dir_all(format!("/run/netagent/{}.slots", self.prefix));
     }
 }
 
@@ -338,6 +349,16 @@ impl Daemon {
 
     /// Spawns `netagent ARGS` inside the host namespace, stderr to `log`.
     pub fn spawn_in_host(&self, args: &[String], log: &Path) -> Result<Child> {
+        self.spawn_in_host_env(args, log, &[])
+    }
+
+    /// [`Daemon::spawn_in_host`] with extra environment variables.
+    pub fn spawn_in_host_env(
+        &self,
+        args: &[String],
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Child> {
         let bin = netagent_bin()?;
         let stderr = File::create(log)?;
         Command::new("nsenter")
@@ -345,6 +366,7 @@ impl Daemon {
             .arg("--")
             .arg(bin)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -354,10 +376,45 @@ impl Daemon {
 
     /// (Re)starts the agent and waits until it is ready.
     pub fn launch(&mut self, extra: &[String]) -> Result<()> {
+        self.launch_env(extra, &[])
+    }
+
+    /// [`Daemon::launch`] with extra environment variables for the agent (e.g.
+    /// `NETAGENT_CRASH_AT`). The log of the previous run is kept as
+    /// `netagent.log.N`.
+    pub fn launch_env(&mut self, extra: &[String], env: &[(&str, &str)]) -> Result<()> {
+        if self.log.exists() {
+            for n in 1.. {
+                let old = self.log.with_extension(format!("log.{n}"));
+                if !old.exists() {
+                    let _ = std::fs::rename(&self.log, old);
+                    break;
+                }
+            }
+        }
         let mut args = self.up_args();
         args.extend(extra.iter().cloned());
-        self.child = Some(self.spawn_in_host(&args, &self.log.clone())?);
+        self.child = Some(self.spawn_in_host_env(&args, &self.log.clone(), env)?);
         self.wait_ready()
+    }
+
+    /// Waits up to `timeout` for the agent to exit by itself (e.g. an injected
+    /// crash); returns its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                bail!("the agent is not running");
+            };
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_ready(&mut self) -> Result<()> {

@@ -10,21 +10,37 @@
 //! users of a shared interface, and a filter otherwise. Every slot's hooks use
 //! the same four programs, loaded once; those on `tap0` and `eth0` attach
 //! inside the slot namespace (see `netns_cookie::in_netns`).
+//!
+//! **Across a restart** every hook stays attached: the slots' filters need no
+//! holder, and the uplink's TCX link is pinned in the bpffs directory
+//! (`UPLINK_LINK_PIN`; kept a TCX link rather than made a filter because the
+//! uplink is the host's shared interface, where TCX orders netagent among
+//! other users, and because a pinned link goes away by itself when `netagent
+//! cleanup` removes the pins). A restarted agent whose maps were reused
+//! replaces the program on each hook in place — `bpf_link_update` for the
+//! uplink's link, a netlink filter replace (same priority and handle) for a
+//! filter — so the hook is never empty and no packet misses a program
+//! (`adopt_slot`, `attach_uplink`).
 
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 
 use aya::programs::{
     ProgramError, SchedClassifier, TcAttachType,
-    links::Link as _,
-    tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError, TcHandle},
+    links::{FdLink, Link as _, PinnedLink},
+    tc::{
+        self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcError,
+        TcHandle,
+    },
 };
 use std::net::Ipv4Addr;
 
 use netagent_common::{CONFIG_F_UPLINK, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SlotInfo};
 
 use super::netns_cookie::in_netns;
+use super::pins::UPLINK_LINK_PIN;
 use super::test_run::Program;
 use super::{BpfError, Datapath, SlotDatapath, Uplink, ip_to_map};
 
@@ -34,7 +50,7 @@ pub const FILTER_PRIORITY: u16 = 1;
 
 /// The handle of the uplink's filter when it is one (slot filters use the slot
 /// index, which is never 0).
-const UPLINK_FILTER_HANDLE: u32 = 0xffff;
+pub const UPLINK_FILTER_HANDLE: u32 = 0xffff;
 
 /// One attached program: a TCX link (the uplink's, held by its fd) or a netlink
 /// filter (found again by its device, `FILTER_PRIORITY` and handle; nothing to
@@ -43,6 +59,11 @@ pub(super) enum AttachedLink {
     Tcx {
         program: Program,
         id: SchedClassifierLinkId,
+    },
+    /// A TCX link pinned at `path` (the uplink's): attached while the pin exists.
+    PinnedTcx {
+        link: FdLink,
+        path: PathBuf,
     },
     Filter {
         ifindex: u32,
@@ -201,8 +222,141 @@ fn detach(ebpf: &mut aya::Ebpf, link: AttachedLink) -> Result<(), BpfError> {
         AttachedLink::Tcx { program, id } => classifier(ebpf, program)?
             .detach(id)
             .map_err(|e| BpfError::program(program.name(), "detach", e)),
+        AttachedLink::PinnedTcx { link, path } => {
+            // The pin holds the link; with it gone, closing our fd detaches it.
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(BpfError::syscall(format!("unlink {}", path.display()), e)),
+            }
+            drop(link);
+            Ok(())
+        }
         AttachedLink::Filter { ifindex, handle } => detach_filter(ifindex, handle),
     }
+}
+
+/// Replaces the program of netagent's filter with `handle` on ingress of
+/// `ifindex` (calling thread's namespace) by `prog`, in place: a netlink
+/// replace of the same priority and handle, so the hook is never empty. Fails
+/// (ENOENT) when there is no such filter.
+fn replace_filter(
+    ebpf: &mut aya::Ebpf,
+    prog: Program,
+    ifindex: u32,
+    handle: u32,
+) -> Result<AttachedLink, BpfError> {
+    let name = ifname(ifindex)?;
+    let existing = SchedClassifierLink::attached(
+        &name,
+        TcAttachType::Ingress,
+        FILTER_PRIORITY,
+        TcHandle::from(handle),
+        None,
+    )
+    .map_err(|e| BpfError::syscall(format!("finding the filter on {name}"), e))?;
+    let p = classifier(ebpf, prog)?;
+    let id = p
+        .attach_to_link(existing)
+        .map_err(|e| BpfError::program(prog.name(), "replace (filter)", e))?;
+    let link = p
+        .take_link(id)
+        .map_err(|e| BpfError::program(prog.name(), "take link", e))?;
+    std::mem::forget(link);
+    Ok(AttachedLink::Filter { ifindex, handle })
+}
+
+/// Pins a TCX link at `path` (a filter is returned as it is).
+fn pin_tcx(
+    ebpf: &mut aya::Ebpf,
+    link: AttachedLink,
+    path: &Path,
+) -> Result<AttachedLink, BpfError> {
+    let AttachedLink::Tcx { program, id } = link else {
+        return Ok(link);
+    };
+    let p = classifier(ebpf, program)?;
+    let taken = p
+        .take_link(id)
+        .map_err(|e| BpfError::program(program.name(), "take link", e))?;
+    let fd = FdLink::try_from(taken)
+        .map_err(|e| BpfError::syscall("TCX link fd", io::Error::other(e.to_string())))?;
+    let pinned = fd.pin(path).map_err(|e| {
+        BpfError::syscall(
+            format!("pin {}", path.display()),
+            io::Error::other(e.to_string()),
+        )
+    })?;
+    Ok(AttachedLink::PinnedTcx {
+        link: FdLink::from(pinned),
+        path: path.to_owned(),
+    })
+}
+
+/// Replaces the program of a previous run's uplink hook on `ifindex` with
+/// `uplink_ingress`: through the pinned TCX link (`bpf_link_update`) or the
+/// filter with `UPLINK_FILTER_HANDLE`. `None` when there is no such hook.
+fn replace_uplink(
+    ebpf: &mut aya::Ebpf,
+    ifindex: u32,
+    pin: &Path,
+) -> Result<Option<AttachedLink>, BpfError> {
+    let prog = Program::UplinkIngress;
+    if pin.exists() {
+        let old = PinnedLink::from_pin(pin).map_err(|e| {
+            BpfError::syscall(
+                format!("open {}", pin.display()),
+                io::Error::other(e.to_string()),
+            )
+        })?;
+        let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| {
+            BpfError::syscall(
+                format!("{} as a TCX link", pin.display()),
+                io::Error::other(e.to_string()),
+            )
+        })?;
+        let p = classifier(ebpf, prog)?;
+        let id = p
+            .attach_to_link(link)
+            .map_err(|e| BpfError::program(prog.name(), "replace (bpf_link_update)", e))?;
+        let taken = p
+            .take_link(id)
+            .map_err(|e| BpfError::program(prog.name(), "take link", e))?;
+        let fd = FdLink::try_from(taken)
+            .map_err(|e| BpfError::syscall("TCX link fd", io::Error::other(e.to_string())))?;
+        return Ok(Some(AttachedLink::PinnedTcx {
+            link: fd,
+            path: pin.to_owned(),
+        }));
+    }
+    match replace_filter(ebpf, prog, ifindex, UPLINK_FILTER_HANDLE) {
+        Ok(link) => Ok(Some(link)),
+        Err(BpfError::Program { source, .. })
+            if matches!(
+                &*source,
+                ProgramError::TcError(TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::ENOENT)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes a previous run's uplink hook that is not taken over: its link pin
+/// (which detaches it) and a filter of ours on `ifindexes`.
+fn remove_stale_uplink(pin: &Path, ifindexes: &[u32]) -> Result<(), BpfError> {
+    match std::fs::remove_file(pin) {
+        Ok(()) => tracing::info!(pin = %pin.display(), "removed the previous run's uplink link"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(BpfError::syscall(format!("unlink {}", pin.display()), e)),
+    }
+    for &ifindex in ifindexes {
+        if ifindex != 0 {
+            detach_filter(ifindex, UPLINK_FILTER_HANDLE)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes netagent's filter with `handle` from ingress of `ifindex` in the
@@ -251,29 +405,55 @@ fn detach_filter(ifindex: u32, handle: u32) -> Result<(), BpfError> {
 
 impl Datapath {
     /// Attaches `uplink_ingress` to the uplink (in the namespace the datapath was
-    /// loaded in, the agent's) and
-    /// writes CONFIG with the uplink's address and index.
+    /// loaded in, the agent's) and writes CONFIG with the uplink's address and
+    /// index. A TCX link is pinned (`UPLINK_LINK_PIN`) so it outlives the agent.
+    /// With maps reused from a previous run whose uplink was this interface,
+    /// the previous hook's program is replaced in place instead (see the module
+    /// doc; [`Datapath::uplink_adopted`]); a previous hook that cannot be taken
+    /// over is removed first.
     pub fn attach_uplink(&mut self, uplink: &Uplink) -> Result<(), BpfError> {
         if let Some(u) = &self.uplink {
             return Err(BpfError::UplinkAttached(u.uplink.name.clone()));
         }
         let mut global = self.maps.global()?;
+        let previous_ifindex = if global.flags & CONFIG_F_UPLINK != 0 {
+            global.uplink_ifindex
+        } else {
+            0
+        };
+        let same = self.reused && previous_ifindex == uplink.ifindex;
         global.uplink_ip = ip_to_map(uplink.ipv4);
         global.uplink_ifindex = uplink.ifindex;
         global.flags |= CONFIG_F_UPLINK;
         self.maps.write_global(&global)?;
+        let pin = self.pins.map_path(UPLINK_LINK_PIN);
         let (ebpf, mode, ifindex) = (&mut self.ebpf, self.cfg.attach_mode, uplink.ifindex);
         let attached = in_home_ns(&self.home_ns, move || {
-            attach_ingress(
+            if same {
+                match replace_uplink(ebpf, ifindex, &pin) {
+                    Ok(Some(link)) => return Ok((link, true)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot take over the previous run's uplink hook; attaching anew")
+                    }
+                }
+            }
+            remove_stale_uplink(&pin, &[previous_ifindex, ifindex])?;
+            let link = attach_ingress(
                 ebpf,
                 Program::UplinkIngress,
                 ifindex,
                 mode,
                 UPLINK_FILTER_HANDLE,
-            )
+            )?;
+            match pin_tcx(ebpf, link, &pin) {
+                Ok(link) => Ok((link, false)),
+                Err(e) => Err(e),
+            }
         });
         match attached {
-            Ok(link) => {
+            Ok((link, adopted)) => {
+                self.uplink_adopted = adopted;
                 self.uplink = Some(AttachedUplink {
                     uplink: uplink.clone(),
                     link,
@@ -381,6 +561,121 @@ impl Datapath {
                 Err(e)
             }
         }
+    }
+
+    /// Takes over slot `slot` as a previous run left it (maps reused): checks
+    /// that its SLOTS entry is active with the links' ifindexes, MACs and
+    /// addresses, and that ADDR_SLOTS (vpeer_ip, host_ip) and VETH_SLOTS point
+    /// at it; then replaces the program of its three filters in place with
+    /// this datapath's (netlink replace: the hook is never empty), keeping
+    /// every map entry, flow and counter. Fails naming what does not match or
+    /// which filter is missing; the caller then removes the slot.
+    pub fn adopt_slot(&mut self, slot: &SlotDatapath<'_>) -> Result<(), BpfError> {
+        self.check_index(slot.index)?;
+        let n = slot.index;
+        if self.slots.contains_key(&n) {
+            return Err(BpfError::SlotAttached(n));
+        }
+        if !self.reused {
+            return Err(BpfError::Config(format!(
+                "slot {n}: the maps are new (a previous run's were not reused), so its entries are gone"
+            )));
+        }
+        let mut wrong = Vec::new();
+        let info = self.maps.slot(n)?;
+        if info.flags & SLOT_F_ACTIVE == 0 {
+            wrong.push(format!("SLOTS[{n}] is not active"));
+        } else {
+            let mut field = |name: &str, have: String, want: String| {
+                if have != want {
+                    wrong.push(format!("SLOTS[{n}].{name} is {have}, the link has {want}"));
+                }
+            };
+            field(
+                "veth_ifindex",
+                info.veth_ifindex.to_string(),
+                slot.veth_ifindex.to_string(),
+            );
+            field(
+                "eth0_ifindex",
+                info.eth0_ifindex.to_string(),
+                slot.eth0_ifindex.to_string(),
+            );
+            field(
+                "tap_ifindex",
+                info.tap_ifindex.to_string(),
+                slot.tap_ifindex.to_string(),
+            );
+            field(
+                "veth_mac",
+                format!("{:02x?}", info.veth_mac),
+                format!("{:02x?}", slot.veth_mac),
+            );
+            field(
+                "eth0_mac",
+                format!("{:02x?}", info.eth0_mac),
+                format!("{:02x?}", slot.eth0_mac),
+            );
+            field(
+                "vpeer_ip",
+                super::ip_from_map(info.vpeer_ip).to_string(),
+                slot.vpeer_ip.to_string(),
+            );
+            field(
+                "host_ip",
+                super::ip_from_map(info.host_ip).to_string(),
+                slot.host_ip.to_string(),
+            );
+        }
+        let addrs = self.maps.addr_slots()?;
+        for addr in [slot.vpeer_ip, slot.host_ip] {
+            match addrs.iter().find(|(a, _)| *a == addr) {
+                Some((_, i)) if *i == n => {}
+                Some((_, i)) => wrong.push(format!("ADDR_SLOTS[{addr}] is slot {i}")),
+                None => wrong.push(format!("ADDR_SLOTS[{addr}] is missing")),
+            }
+        }
+        match self
+            .maps
+            .veth_slots()?
+            .iter()
+            .find(|(ifi, _)| *ifi == slot.veth_ifindex)
+        {
+            Some((_, i)) if *i == n => {}
+            Some((_, i)) => wrong.push(format!("VETH_SLOTS[{}] is slot {i}", slot.veth_ifindex)),
+            None => wrong.push(format!("VETH_SLOTS[{}] is missing", slot.veth_ifindex)),
+        }
+        if !wrong.is_empty() {
+            return Err(BpfError::Config(format!("slot {n}: {}", wrong.join("; "))));
+        }
+        let (tap_ifindex, eth0_ifindex) = (slot.tap_ifindex, slot.eth0_ifindex);
+        let ebpf = &mut self.ebpf;
+        let ns_links = in_netns(slot.netns, move || {
+            let tap = replace_filter(ebpf, Program::TapIngress, tap_ifindex, n)?;
+            let eth0 = replace_filter(ebpf, Program::SlotIngress, eth0_ifindex, n)?;
+            Ok(vec![tap, eth0])
+        })
+        .map_err(|e| BpfError::Config(format!("slot {n}: tap0/eth0 filter: {e}")))?;
+        let (ebpf, veth_ifindex) = (&mut self.ebpf, slot.veth_ifindex);
+        let host_link = in_home_ns(&self.home_ns, move || {
+            replace_filter(ebpf, Program::VethIngress, veth_ifindex, n)
+        })
+        .map_err(|e| BpfError::Config(format!("slot {n}: host veth filter: {e}")))?;
+        let netns = slot
+            .netns
+            .try_clone_to_owned()
+            .map_err(|e| BpfError::syscall("dup of the slot namespace fd", e))?;
+        self.slots.insert(
+            n,
+            AttachedSlot {
+                netns,
+                ns_links,
+                host_link: Some(host_link),
+                veth_ifindex: slot.veth_ifindex,
+                addrs: [slot.vpeer_ip, slot.host_ip],
+            },
+        );
+        Ok(())
     }
 
     fn write_slot_maps(&mut self, slot: &SlotDatapath<'_>) -> Result<(), BpfError> {

@@ -11,6 +11,7 @@ use netagent_common::{
 };
 
 use super::attach::{AttachMode, AttachedSlot, AttachedUplink};
+use super::layout::{self, LayoutCheck};
 use super::maps::Maps;
 use super::pins::PinDir;
 use super::test_run::Program;
@@ -93,7 +94,7 @@ impl DatapathConfig {
         self
     }
 
-    fn max_entries(&self, map: &str) -> u32 {
+    pub(super) fn max_entries(&self, map: &str) -> u32 {
         match map {
             MAP_SLOTS | MAP_STATS | MAP_VETH_SLOTS | MAP_GUEST_L2 | MAP_RATE => self.max_slots,
             // Two addresses per slot: vpeer_ip and host_ip.
@@ -162,6 +163,14 @@ pub struct Datapath {
     /// The namespace the datapath was loaded in (the agent's, the host
     /// namespace): host-side filters are removed there, whichever thread asks.
     pub(super) home_ns: std::os::fd::OwnedFd,
+    /// Whether the maps were reused from a previous run's pins (layout matched).
+    pub(super) reused: bool,
+    /// Why pins of a previous run were not reused (empty when they were, or
+    /// when there were none).
+    pub(super) layout_mismatch: Vec<String>,
+    /// Whether `attach_uplink` replaced the program on a hook a previous run
+    /// left (instead of attaching anew).
+    pub(super) uplink_adopted: bool,
     /// Declared last: the pins go after everything that uses the maps.
     pub(super) pins: PinDir,
 }
@@ -180,22 +189,45 @@ impl Datapath {
     /// Loads the object, sizes the maps and loads (verifies) all four programs,
     /// once: every slot's links attach these same programs. Nothing is attached
     /// yet.
+    ///
+    /// Maps a previous run pinned in the directory are **reused** (flows,
+    /// policy, counters and slot entries kept) when their layout matches this
+    /// agent's (see `layout`); when it does not, every difference is logged at
+    /// error level and kept in [`Datapath::layout_mismatch`], the old pins are
+    /// removed and the maps start empty. [`Datapath::reused_pins`] tells which.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, BpfError> {
         cfg.validate()?;
         let mut pins = match &cfg.pin_dir {
             Some(dir) => PinDir::at(dir)?,
             None => PinDir::private()?,
         };
-        // Pins of a previous run would be reused as they are (other sizes, old
-        // flows): start from fresh maps.
-        for name in MAP_NAMES {
-            pins.unpin(name)?;
+        let (reused, layout_mismatch) = match layout::check(&pins, cfg) {
+            LayoutCheck::Fresh => (false, Vec::new()),
+            LayoutCheck::Match => (true, Vec::new()),
+            LayoutCheck::Mismatch(diffs) => {
+                tracing::error!(
+                    pin_dir = %pins.path().display(),
+                    differences = %diffs.join("; "),
+                    "the pinned maps of a previous run have another layout: NOT reusing them \
+                     (their flows and slots are dropped; the maps start empty)"
+                );
+                (false, diffs)
+            }
+        };
+        if !reused {
+            for name in MAP_NAMES {
+                pins.unpin(name)?;
+            }
+            pins.unpin(layout::LAYOUT_PIN)?;
         }
         let mut ebpf = cfg
             .loader(&pins)
             .load(OBJECT)
             .map_err(|e| BpfError::Load(Box::new(e)))?;
         pins.claim()?;
+        if !reused {
+            layout::store(&pins, cfg)?;
+        }
         for prog in Program::ALL {
             let name = prog.name();
             let p: &mut SchedClassifier = ebpf
@@ -223,8 +255,28 @@ impl Datapath {
             uplink: None,
             slots: HashMap::new(),
             home_ns,
+            reused,
+            layout_mismatch,
+            uplink_adopted: false,
             pins,
         })
+    }
+
+    /// Whether the maps are a previous run's, reused (their layout matched).
+    pub fn reused_pins(&self) -> bool {
+        self.reused
+    }
+
+    /// Why a previous run's pinned maps were not reused: one line per
+    /// difference, naming the map (empty if they were reused or there were none).
+    pub fn layout_mismatch(&self) -> &[String] {
+        &self.layout_mismatch
+    }
+
+    /// Whether `attach_uplink` found the previous run's uplink hook and replaced
+    /// its program in place.
+    pub fn uplink_adopted(&self) -> bool {
+        self.uplink_adopted
     }
 
     /// The bpffs directory holding the map pins.

@@ -64,14 +64,17 @@
 //! The maps are pinned in `DatapathConfig::pin_dir` (for inspection and a
 //! restarted agent).
 //!
-//! Files: `load` (object, map sizes, `Datapath`), `attach` (per-slot tc
-//! filters, the uplink's TCX link with a clsact fallback, netns hopping), `maps`
+//! Files: `load` (object, map sizes, `Datapath`, reuse of a previous run's
+//! pins), `layout` (the map layout descriptor checked before reuse), `attach`
+//! (per-slot tc filters, the uplink's pinned TCX link with a clsact fallback,
+//! in-place program replacement of a previous run's hooks, netns hopping), `maps`
 //! (typed map access),
 //! `reap` (flow expiry), `stats` (counters, table usage), `netns_cookie` (running
 //! code inside a slot namespace, `SO_NETNS_COOKIE`), `test_run` (BPF_PROG_TEST_RUN).
 
 mod attach;
 mod error;
+pub mod layout;
 mod load;
 mod maps;
 mod netns_cookie;
@@ -85,11 +88,12 @@ mod test_run_dev;
 use std::net::Ipv4Addr;
 use std::os::fd::BorrowedFd;
 
-pub use attach::{AttachMode, FILTER_PRIORITY};
+pub use attach::{AttachMode, FILTER_PRIORITY, UPLINK_FILTER_HANDLE};
 pub use error::BpfError;
 pub use load::{Datapath, DatapathConfig};
 pub use maps::{FlowTable, Maps};
 pub use netns_cookie::{current_netns_cookie, in_netns};
+pub use pins::UPLINK_LINK_PIN;
 pub use policy::{Cidr, CidrError, DEFAULT_EGRESS_DENY, EgressRules, MIN_BURST_BYTES, RateLimit};
 pub use reap::ReapReport;
 pub use stats::TableUsage;

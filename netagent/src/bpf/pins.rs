@@ -1,6 +1,7 @@
 //! The bpffs directory the maps are pinned in (one directory per agent
 //! instance), so the maps outlive a look from outside (`bpftool`, tests) and are
-//! there for a restarted agent.
+//! there for a restarted agent: the maps, the layout descriptor `LAYOUT` (see
+//! `layout`) and the uplink's TCX link (`UPLINK_LINK_PIN`).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,10 @@ use super::BpfError;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where bpffs is conventionally mounted.
 const SYS_FS_BPF: &str = "/sys/fs/bpf";
+
+/// Pin of the uplink's TCX link: it keeps the hook attached while no agent
+/// runs, and a restarted agent replaces its program through it.
+pub const UPLINK_LINK_PIN: &str = "LINK_uplink_ingress";
 
 /// Counter making private pin directories of one process unique.
 static PRIVATE_DIRS: AtomicU32 = AtomicU32::new(0);
@@ -165,6 +170,8 @@ impl Drop for PinDir {
             for name in super::load::MAP_NAMES {
                 let _ = self.unpin(name);
             }
+            let _ = self.unpin(super::layout::LAYOUT_PIN);
+            let _ = self.unpin(UPLINK_LINK_PIN);
         }
         if let Some(mnt) = &self.own_mount {
             let _ = umount2(mnt, MntFlags::MNT_DETACH);

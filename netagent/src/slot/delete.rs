@@ -38,6 +38,17 @@ impl DeleteStep {
         DeleteStep::Namespace,
     ];
 
+    /// Stable snake_case name (`NETAGENT_CRASH_AT=delete:<name>`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DeleteStep::Datapath => "datapath",
+            DeleteStep::HostRoute => "host_route",
+            DeleteStep::HostVeth => "host_veth",
+            DeleteStep::GuestLink => "guest_link",
+            DeleteStep::Namespace => "namespace",
+        }
+    }
+
     /// What the step does, for messages.
     pub const fn description(self) -> &'static str {
         match self {
@@ -71,6 +82,7 @@ pub(super) async fn delete(mgr: &SlotManager, addr: &SlotAddr, guest: &GuestLink
         if let Err(e) = result {
             failures.push(format!("{step}: {e}"));
         }
+        super::manager::crash_point("delete", step.name());
     }
     failures
 }

@@ -1,7 +1,7 @@
 //! `SlotManager`: the agent's slots, their creation and deletion, and the datapath
 //! they share (see the contract in `slot/mod.rs`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -13,6 +13,7 @@ use crate::bpf::{
 use crate::config::Config;
 use crate::netlink::{Netlink, netns, sysctl};
 
+use super::adopt::{self, AdoptReport};
 use super::create::{self, CreateStep};
 use super::delete::{self, DeleteStep};
 use super::error::{SlotError, StepError};
@@ -35,6 +36,8 @@ pub struct SlotManager {
     reserved: Mutex<Vec<sysctl::PortRange>>,
     /// The task that keeps LOCAL_ADDRS current (see `local_addrs`).
     addr_monitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// What start-up did with the previous run's slots.
+    startup: Mutex<Option<AdoptReport>>,
     #[cfg(feature = "fault-injection")]
     fail_at: Mutex<Option<CreateStep>>,
     #[cfg(feature = "fault-injection")]
@@ -62,13 +65,15 @@ fn start_err(step: &'static str) -> impl FnOnce(StepError) -> SlotError {
 
 impl SlotManager {
     /// Starts the manager in the calling thread's network namespace (the agent's
-    /// "host" namespace): removes leftovers of a crashed run of the same prefix,
-    /// finds the uplink (configured, or the default route's interface) and its
-    /// IPv4 address, loads the datapath and attaches the uplink program, writes
-    /// the default egress deny list (`egress_default_deny`), fills LOCAL_ADDRS
-    /// with the namespace's addresses (and starts the task that keeps it
-    /// current) and reserves the masquerade ports. Must run inside a tokio
-    /// runtime.
+    /// "host" namespace): finds the uplink (configured, or the default route's
+    /// interface) and its IPv4 address, loads the datapath (reusing a previous
+    /// run's pinned maps when their layout matches) and attaches the uplink
+    /// program (replacing the previous run's in place), writes the default
+    /// egress deny list (`egress_default_deny`), fills LOCAL_ADDRS with the
+    /// namespace's addresses (and starts the task that keeps it current),
+    /// reserves the masquerade ports, then adopts the previous run's intact
+    /// slots and removes everything else of the prefix (see `adopt`), logging
+    /// a one-line summary. Must run inside a tokio runtime.
     pub async fn start(cfg: &Config) -> Result<Arc<SlotManager>, SlotError> {
         let plan = AddressPlan::new(&cfg.prefix, cfg.host_base, cfg.vrt_base)
             .map_err(|e| start_err("check the configuration")(StepError::Other(e.to_string())))?;
@@ -77,31 +82,12 @@ impl SlotManager {
         let host = Netlink::connect_in(host_ns.as_fd())
             .map_err(|e| start_err("connect to rtnetlink")(e.into()))?;
 
-        let report = crate::cleanup::remove_leftovers(&cfg.prefix, &host)
-            .await
-            .map_err(|e| {
-                start_err("remove leftovers of a previous run")(StepError::Other(e.to_string()))
-            })?;
-        if report.removed_anything() {
-            tracing::warn!(
-                namespaces = report.namespaces.len(),
-                links = report.links.len(),
-                routes = report.routes,
-                "removed leftovers of a previous run of prefix {}",
-                cfg.prefix
-            );
-        }
-        if !report.failures.is_empty() {
-            return Err(start_err("remove leftovers of a previous run")(
-                StepError::Other(report.failures.join("; ")),
-            ));
-        }
-
         let uplink = find_uplink(&host, cfg.uplink.as_deref()).await?;
         tracing::info!(uplink = %uplink.name, ip = %uplink.ipv4, "uplink");
 
         let mut dp = Datapath::load(&DatapathConfig::from_config(cfg))
             .map_err(|e| start_err("load the datapath")(e.into()))?;
+        let (reused, layout_mismatch) = (dp.reused_pins(), dp.layout_mismatch().to_vec());
         netns::run_in(host_ns.as_fd(), || dp.attach_uplink(&uplink))
             .map_err(|e| start_err("attach the uplink program")(e.into()))?
             .map_err(|e| start_err("attach the uplink program")(e.into()))?;
@@ -139,17 +125,78 @@ impl SlotManager {
             locks: Mutex::new(HashMap::new()),
             reserved: Mutex::new(reserved),
             addr_monitor: Mutex::new(None),
+            startup: Mutex::new(None),
             #[cfg(feature = "fault-injection")]
             fail_at: Mutex::new(None),
             #[cfg(feature = "fault-injection")]
             fail_delete: Mutex::new(Vec::new()),
         });
+        // The previous run's slots: adopt the intact, remove the rest, then
+        // whatever else of the prefix is left (namespaces, veths, routes).
+        let adopted = adopt::adopt_previous(&mgr).await;
+        let keep: BTreeSet<u32> = adopted.adopted.iter().copied().collect();
+        let report = crate::cleanup::remove_leftovers_except(&cfg.prefix, &mgr.host, &keep)
+            .await
+            .map_err(|e| {
+                start_err("remove leftovers of a previous run")(StepError::Other(e.to_string()))
+            })?;
+        let removed: Vec<String> = adopted
+            .removed
+            .iter()
+            .map(|(i, why)| format!("slot {i} ({why})"))
+            .collect();
+        let summary = format!(
+            "start-up: maps {}; uplink hook {}; adopted {} slot(s) {:?}; removed {} slot(s) that could not be adopted{}{}; \
+             removed leftovers: {} namespace(s), {} link(s), {} route(s)",
+            if reused {
+                "reused from the previous run".to_string()
+            } else if layout_mismatch.is_empty() {
+                "new".to_string()
+            } else {
+                format!("new (layout mismatch: {})", layout_mismatch.join("; "))
+            },
+            if mgr.with_datapath(|dp| dp.uplink_adopted()).unwrap_or(false) {
+                "taken over (program replaced)"
+            } else {
+                "attached"
+            },
+            adopted.adopted.len(),
+            adopted.adopted,
+            removed.len(),
+            if removed.is_empty() { "" } else { ": " },
+            removed.join(", "),
+            report.namespaces.len(),
+            report.links.len(),
+            report.routes,
+        );
+        if removed.is_empty() && layout_mismatch.is_empty() && !report.removed_anything() {
+            tracing::info!(adopted = adopted.adopted.len(), "{summary}");
+        } else {
+            tracing::warn!(
+                adopted = adopted.adopted.len(),
+                removed = removed.len(),
+                "{summary}"
+            );
+        }
+        let mut failures = adopted.failures.clone();
+        failures.extend(report.failures);
+        if !failures.is_empty() {
+            return Err(start_err("remove leftovers of a previous run")(
+                StepError::Other(failures.join("; ")),
+            ));
+        }
+        *lock(&mgr.startup) = Some(adopted.clone());
         let monitor = local_addrs::spawn_monitor(Arc::downgrade(&mgr), mgr.host_ns.as_fd())
             .map_err(|e| start_err("watch the agent namespace's addresses")(e.into()))?;
         *lock(&mgr.addr_monitor) = Some(monitor);
         // An address added between the listing above and the subscription.
         local_addrs::refresh(&mgr).await?;
         Ok(mgr)
+    }
+
+    /// What start-up did with the previous run's slots (adopted, removed).
+    pub fn startup_report(&self) -> Option<AdoptReport> {
+        lock(&self.startup).clone()
     }
 
     /// The address plan (prefix and bases).
@@ -229,6 +276,19 @@ impl SlotManager {
         }
         let policy = policy.to_policy();
         create::create(self, &addr, &guest, &policy).await?;
+        // Last: the record says the create finished (a restart adopts the slot).
+        if let Err(e) = adopt::write_record(self.plan.prefix(), addr.index, &guest) {
+            let undone = delete::delete(self, &addr, &guest).await;
+            return Err(SlotError::Create {
+                index: addr.index,
+                step: CreateStep::Datapath,
+                source: StepError::Other(format!(
+                    "writing the slot record under {}: {e}",
+                    adopt::records_dir(self.plan.prefix()).display()
+                )),
+                rollback: undone,
+            });
+        }
         let slot = Slot {
             addr: addr.clone(),
             guest,
@@ -311,7 +371,12 @@ impl SlotManager {
         let Some(slot) = lock(&self.slots).get(&addr.index).cloned() else {
             return Err(SlotError::NotFound(index));
         };
-        let failures = delete::delete(self, &addr, &slot.guest).await;
+        // First: without its record a restart never adopts a half-deleted slot.
+        let mut failures = Vec::new();
+        if let Err(e) = adopt::remove_record(self.plan.prefix(), addr.index) {
+            failures.push(format!("remove the slot record: {e}"));
+        }
+        failures.extend(delete::delete(self, &addr, &slot.guest).await);
         if !failures.is_empty() {
             return Err(SlotError::Delete {
                 index: addr.index,
@@ -383,6 +448,11 @@ impl SlotManager {
             // Dropping the datapath closes every remaining program link.
             drop(dp);
         }
+        if failures.is_empty()
+            && let Err(e) = adopt::remove_records(self.plan.prefix())
+        {
+            failures.push(format!("remove the slot records: {e}"));
+        }
         let reserved = std::mem::take(&mut *lock(&self.reserved));
         if !reserved.is_empty()
             && let Err(e) = sysctl::unreserve_ports(self.host_ns.as_fd(), &reserved)
@@ -428,11 +498,30 @@ impl SlotManager {
     }
 
     pub(super) fn inject(&self, _step: CreateStep) -> Result<(), StepError> {
+        crash_point("create", _step.name());
         #[cfg(feature = "fault-injection")]
         if *lock(&self.fail_at) == Some(_step) {
             return Err(StepError::Injected);
         }
         Ok(())
+    }
+
+    /// A previous run's slot taken over (see `adopt`).
+    pub(super) fn insert_adopted(&self, slot: Slot) {
+        lock(&self.slots).insert(slot.addr.index, slot);
+    }
+
+    /// Takes over a previous run's slot in the datapath (checks its map
+    /// entries, replaces its filters' programs).
+    pub(super) fn adopt_slot(&self, slot: &SlotDatapath<'_>) -> Result<(), StepError> {
+        blocking(|| {
+            let mut guard = lock(&self.datapath);
+            let dp = guard
+                .as_mut()
+                .ok_or(StepError::Other("the datapath is shut down".into()))?;
+            netns::run_in(self.host_ns.as_fd(), || dp.adopt_slot(slot))??;
+            Ok(())
+        })
     }
 
     /// The agent (host) namespace.
@@ -479,6 +568,19 @@ impl Drop for SlotManager {
         if let Some(monitor) = lock(&self.addr_monitor).take() {
             monitor.abort();
         }
+    }
+}
+
+/// `fault-injection` feature only: aborts the process (as `kill -9` would: no
+/// destructor, no cleanup) right after step `step` of `op` ("create" or
+/// "delete") when the environment variable `NETAGENT_CRASH_AT` is
+/// `{op}:{step}`. Tests use it to check what a restart makes of every
+/// interrupted state.
+pub(super) fn crash_point(_op: &str, _step: &str) {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("NETAGENT_CRASH_AT").is_ok_and(|v| v == format!("{_op}:{_step}")) {
+        eprintln!("NETAGENT_CRASH_AT={_op}:{_step}: aborting");
+        std::process::abort();
     }
 }
 

@@ -52,6 +52,7 @@
 //! namespace explicitly (netlink sockets bound to it, or a thread that joined it).
 
 pub mod addressing;
+pub mod adopt;
 pub mod create;
 pub mod delete;
 pub mod error;
