@@ -500,6 +500,22 @@ fn spoofing_behind_a_tap_is_dropped_and_counted() -> Result<()> {
     Ok(())
 }
 
+/// Runs `netagent ARGS` and parses its stdout as JSON.
+fn cli_json<T: serde::de::DeserializeOwned>(d: &Daemon, args: &[&str]) -> Result<T> {
+    let out = d.cli(args)?;
+    ensure!(
+        out.status.success(),
+        "netagent {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "netagent {args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 /// Polls `f` until true (at most 10 s).
 fn wait_for(f: impl Fn() -> bool, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -664,7 +680,21 @@ fn egress_defaults_and_per_slot_rules() -> Result<()> {
         allow: vec!["10.200.0.0/16".parse()?],
         deny: vec![],
     };
-    let view = rt.block_on(d.client().set_egress(1, &allow))?;
+    // Through the CLI, which prints the slot as the API returns it.
+    let socket = d.world.socket().display().to_string();
+    let view: SlotView = cli_json(
+        &d,
+        &[
+            "slot",
+            "egress",
+            "1",
+            "--allow",
+            "10.200.0.0/16",
+            "--json",
+            "--socket",
+            &socket,
+        ],
+    )?;
     assert_eq!(view.policy.egress, allow);
     assert_eq!(rt.block_on(d.client().slot(1))?.policy.egress, allow);
     ensure!(
@@ -836,8 +866,13 @@ fn rate_limit_holds_a_flood_to_its_rate() -> Result<()> {
     );
 
     // Without the limit the same flood passes whole.
-    let view = rt.block_on(d.client().set_rate_limit(1, None))?;
+    let socket = d.world.socket().display().to_string();
+    let view: SlotView = cli_json(
+        &d,
+        &["slot", "rate", "1", "--off", "--json", "--socket", &socket],
+    )?;
     assert_eq!(view.policy.rate_limit, None);
+    assert_eq!(rt.block_on(d.client().slot(1))?.policy.rate_limit, None);
     let before = drops(&d, &rt, 1)?;
     let got_before = sink.bytes() / PAYLOAD as u64;
     let (sent, _) = udp_flood(
