@@ -472,7 +472,8 @@ fn a_layout_mismatch_is_reported_and_the_pins_are_not_reused() -> Result<()> {
     let logs = d.logs();
     let line = startup_line(&d);
     ensure!(
-        line.contains("maps new (layout mismatch: descriptor map NAT_EGRESS: stored \"map NAT_EGRESS type=Hash key=20"),
+        line.contains("maps new (layout mismatch: descriptor map NAT_EGRESS: stored ")
+            && line.contains("map NAT_EGRESS type=Hash key=20 value=24"),
         "{line}"
     );
     ensure!(
