@@ -275,9 +275,12 @@ pub struct PolicyRule {
 }
 
 /// Value of `MAP_RATE`: a per-slot policer of the guest's frames, in the
-/// earliest-departure-time style of Cilium's: a frame of `len` bytes takes
-/// `len * 1e9 / rate_bytes_per_sec` ns; `t = max(next_ns, now - burst_ns) +
-/// that`; `t > now` drops it (`RateLimited`), else `next_ns = t`. (The update
+/// earliest-departure-time style of Cilium's, dropping instead of delaying: a
+/// frame passes only if `next_ns <= now`, and then books its transmit time,
+/// `next_ns = max(next_ns, now - burst_ns) + len * 1e9 / rate_bytes_per_sec`.
+/// So after an idle period `burst_ns` worth of frames (plus the one that
+/// overshoots) pass at once, a frame longer than the burst (a GSO frame) is
+/// never dropped for its size alone, and the average rate holds. (The update
 /// is not atomic: CPUs racing may each pass a frame; accepted.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,8 +1,14 @@
-//! The per-slot policer of the guest's frames (`RATE`), earliest-departure-time
-//! style as Cilium's `edt_sched_departure`, but dropping instead of delaying:
-//! each frame "departs" `len / rate` after the previous one, and at most
-//! `burst_ns` of departures may be owed at once. Two CPUs may race on
-//! `next_ns` and both pass a frame: accepted (the error is one frame).
+//! The per-slot policer of the guest's frames (`RATE`), in the
+//! earliest-departure-time style of Cilium's `edt_sched_departure`, but dropping
+//! instead of delaying: every frame that passes books `len / rate` of
+//! transmit time after the frames before it (`next_ns`), and a frame passes
+//! only while the booked time does not reach past now. After an idle period
+//! the booking starts `burst_ns` in the past, so that much passes at once.
+//! The last frame of a burst may overshoot it by its own length: so a frame
+//! larger than the burst (a GSO frame from a TAP with TSO, up to 64 KiB)
+//! still passes once the budget is whole, and the average rate holds either
+//! way. Two CPUs may race on `next_ns` and both pass a frame: accepted (the
+//! error is one frame).
 
 use netagent_common::RateLimit;
 
@@ -11,7 +17,7 @@ use crate::{conntrack::now_ns, maps::RATE};
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// Whether a frame of `len` bytes of `slot`'s guest is within its limit (and,
-/// if so, charges it). A slot without a limit always passes.
+/// if so, books it). A slot without a limit always passes.
 #[inline(always)]
 pub fn within_limit(slot: u32, len: u32) -> bool {
     let Some(limit) = RATE.get_ptr_mut(slot) else {
@@ -25,12 +31,10 @@ pub fn within_limit(slot: u32, len: u32) -> bool {
         return true;
     }
     let now = now_ns();
-    let cost = u64::from(len) * NS_PER_SEC / rate;
-    let start = core::cmp::max(limit.next_ns, now.saturating_sub(limit.burst_ns));
-    let departure = start.saturating_add(cost);
-    if departure > now {
+    if limit.next_ns > now {
         return false;
     }
-    limit.next_ns = departure;
+    let start = core::cmp::max(limit.next_ns, now.saturating_sub(limit.burst_ns));
+    limit.next_ns = start.saturating_add(u64::from(len) * NS_PER_SEC / rate);
     true
 }

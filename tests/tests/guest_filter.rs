@@ -722,8 +722,9 @@ fn bad_rules_are_refused_and_change_nothing() {
 #[test]
 fn rate_limit_passes_a_burst_then_drops() {
     let Some(mut w) = world() else { return };
-    // A 100-byte frame; 10 bytes/s: each frame costs 10 s of budget, so once
-    // the 1514-byte burst (15 frames) is spent nothing passes for 10 s.
+    // A 100-byte frame; 10 bytes/s: each frame books 10 s, so once the
+    // 1514-byte burst is spent (15 frames, and a 16th that overshoots it)
+    // nothing passes for 10 s.
     let frame = PacketBuilder::udp(sock(GUEST, 1), sock(WAN, 2), &[0; 58])
         .macs(GUEST_MAC, TAP_MAC)
         .build();
@@ -735,14 +736,14 @@ fn rate_limit_passes_a_burst_then_drops() {
     w.dp.set_rate_limit(SLOT, Some(limit)).unwrap();
     assert_eq!(w.dp.rate_limit(SLOT).unwrap(), Some(limit));
     let verdicts: Vec<i32> = (0..20).map(|_| w.tap(&frame).verdict).collect();
-    let mut expected = vec![TC_ACT_REDIRECT; 15];
-    expected.extend([TC_ACT_SHOT; 5]);
+    let mut expected = vec![TC_ACT_REDIRECT; 16];
+    expected.extend([TC_ACT_SHOT; 4]);
     assert_eq!(verdicts, expected);
-    assert_eq!(w.drops(DropReason::RateLimited), 5);
+    assert_eq!(w.drops(DropReason::RateLimited), 4);
     // The gateway's traffic and ARP come out of the same budget.
     let arp = arp_request(GUEST_MAC, GUEST, TAP_IP);
     assert_eq!(w.tap(&arp).verdict, TC_ACT_SHOT);
-    assert_eq!(w.drops(DropReason::RateLimited), 6);
+    assert_eq!(w.drops(DropReason::RateLimited), 5);
     w.no_other_drops(DropReason::RateLimited);
     // Slot 9 has no limit.
     let out = w.ns.run(&w.dp, &frame, tap_ifindex(OTHER_SLOT));
@@ -769,6 +770,30 @@ fn rate_limit_passes_a_burst_then_drops() {
         assert!(w.dp.set_rate_limit(SLOT, Some(bad)).is_err());
     }
     assert_eq!(w.dp.rate_limit(SLOT).unwrap(), Some(limit), "unchanged");
+}
+
+#[test]
+fn rate_limit_passes_a_frame_longer_than_the_burst_once_the_budget_is_whole() {
+    let Some(mut w) = world() else { return };
+    // A GSO frame from a TAP with TSO is far longer than a small burst; here
+    // 3000 bytes against 1514. It passes on a whole budget (and books 300 s at
+    // 10 bytes/s), the next one does not.
+    let big = PacketBuilder::udp(sock(GUEST, 1), sock(WAN, 2), &[0; 2958])
+        .macs(GUEST_MAC, TAP_MAC)
+        .build();
+    assert_eq!(big.len(), 3000);
+    w.dp.set_rate_limit(
+        SLOT,
+        Some(RateLimit {
+            rate_bytes_per_sec: 10,
+            burst_bytes: 1514,
+        }),
+    )
+    .unwrap();
+    assert_eq!(w.tap(&big).verdict, TC_ACT_REDIRECT);
+    assert_eq!(w.tap(&big).verdict, TC_ACT_SHOT);
+    assert_eq!(w.tap(&guest_udp(WAN)).verdict, TC_ACT_SHOT);
+    assert_eq!(w.drops(DropReason::RateLimited), 2);
 }
 
 // ----------------------------------------------------------------- counters

@@ -31,8 +31,9 @@ pub const DEFAULT_EGRESS_DENY: [Cidr; 7] = [
     Cidr::new_unchecked(Ipv4Addr::new(240, 0, 0, 0), 4),
 ];
 
-/// Smallest accepted burst: one full Ethernet frame (1500 + 14). Frames longer
-/// than the burst never pass (a TAP with TSO hands over frames up to 64 KiB).
+/// Smallest accepted burst: one full Ethernet frame (1500 + 14). (A frame
+/// longer than the burst, such as a 64 KiB GSO frame from a TAP with TSO,
+/// still passes when the budget is whole: it overshoots the burst once.)
 pub const MIN_BURST_BYTES: u64 = 1514;
 
 const NS_PER_SEC: u128 = 1_000_000_000;
@@ -178,8 +179,8 @@ pub struct EgressRules {
 pub struct RateLimit {
     /// Sustained rate, bytes (Ethernet frame length) per second; at least 1.
     pub rate_bytes_per_sec: u64,
-    /// Bytes that may pass at once after an idle period; at least
-    /// `MIN_BURST_BYTES`. Read back exactly for rates up to 1 GB/s (above, the
+    /// Bytes that may pass at once after an idle period (plus the frame that
+    /// overshoots it); at least `MIN_BURST_BYTES`. Read back exactly for rates up to 1 GB/s (above, the
     /// datapath keeps it to the nanosecond).
     pub burst_bytes: u64,
 }
