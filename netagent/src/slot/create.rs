@@ -359,10 +359,18 @@ async fn build(
         vpeer_ip: addr.vpeer_ip,
         host_ip: addr.host_ip,
     };
-    mgr.attach_slot(&sd).map_err(at(Datapath))?;
+    // The slot's egress rules and rate limit first (keyed by the index; no
+    // program sees the slot yet), so that the guest's first frame meets them;
+    // the undo (detach_slot, idempotent) clears them. The guest MAC lives in
+    // the slot's entry, so it is written after the attach.
     undo.push(Undo::Datapath(addr.index));
-    // Before the slot is returned to the caller (no VMM has the TAP yet); the
-    // undo above clears these entries too.
+    mgr.with_datapath(|dp| {
+        dp.set_slot_egress(addr.index, &policy.egress)?;
+        dp.set_rate_limit(addr.index, policy.rate_limit.map(|r| r.limit()))
+    })
+    .map_err(|e| Failed(Datapath, StepError::Other(e.to_string())))?
+    .map_err(at(Datapath))?;
+    mgr.attach_slot(&sd).map_err(at(Datapath))?;
     mgr.write_policy(addr.index, policy).map_err(at(Datapath))?;
     mgr.inject(Datapath).map_err(at(Datapath))?;
     Ok(())
