@@ -290,6 +290,8 @@ pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
     opts: DaemonOptions,
+    /// A private copy of the binary (see [`Daemon::use_crash_points`]).
+    bin: Option<PathBuf>,
     /// The world it runs in (dropped after the agent stops).
     pub world: World,
 }
@@ -312,6 +314,7 @@ impl Daemon {
             child: None,
             log: world.dir.join("netagent.log"),
             opts,
+            bin: None,
             world,
         };
         daemon.launch(&extra)?;
@@ -359,7 +362,10 @@ impl Daemon {
         log: &Path,
         env: &[(&str, &str)],
     ) -> Result<Child> {
-        let bin = netagent_bin()?;
+        let bin = match &self.bin {
+            Some(bin) => bin.clone(),
+            None => netagent_bin()?,
+        };
         let stderr = File::create(log)?;
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.world.host_ns))
@@ -396,6 +402,25 @@ impl Daemon {
         args.extend(extra.iter().cloned());
         self.child = Some(self.spawn_in_host_env(&args, &self.log.clone(), env)?);
         self.wait_ready()
+    }
+
+    /// From the next launch on, runs a private copy of the binary that honours
+    /// `NETAGENT_CRASH_AT` (built with the `fault-injection` feature; the
+    /// shared `target/.../netagent` may be rebuilt without it by a concurrent
+    /// `cargo build` at any time, so it is checked and copied once).
+    pub fn use_crash_points(&mut self) -> Result<()> {
+        let copy = self.world.dir.join("netagent-crash-points");
+        for _ in 0..5 {
+            let bin = locate_or_build()?;
+            std::fs::copy(&bin, &copy)?;
+            let text = std::fs::read(&copy)?;
+            if text.windows(17).any(|w| w == b"NETAGENT_CRASH_AT") {
+                self.bin = Some(copy);
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        bail!("the netagent binary keeps being built without the fault-injection feature")
     }
 
     /// Waits up to `timeout` for the agent to exit by itself (e.g. an injected

@@ -588,6 +588,7 @@ fn a_crash_after_any_step_of_create_or_delete_leaves_nothing_after_a_restart() -
         return Ok(());
     };
     d.stop()?;
+    d.use_crash_points()?;
     let rt = rt();
     let guest = Netns::add(&format!("{}-g1", d.world.prefix))?;
     let veth = GuestLink::Veth {
