@@ -5,7 +5,8 @@
 //!
 //! ```ignore
 //! pub struct DatapathConfig { pub max_slots: u32, pub nat_table_size: u32,
-//!     pub host_flow_table_size: u32, pub port_min: u16, pub port_max: u16,
+//!     pub host_flow_table_size: u32, pub policy_table_size: u32,
+//!     pub port_min: u16, pub port_max: u16,
 //!     pub host_base: Ipv4Addr, pub vrt_base: Ipv4Addr,
 //!     pub pin_dir: Option<PathBuf>, pub attach_mode: AttachMode }
 //!     // DatapathConfig::from_config(&Config)
@@ -43,6 +44,18 @@
 //!     pub fn unattributed_stats(&self) -> Result<SlotStats, BpfError>;  // STATS[0]
 //!     /// Direct map access for tests and diagnostics.
 //!     pub fn maps(&self) -> &Maps;  pub fn maps_mut(&mut self) -> &mut Maps;
+//!     // Security (policy.rs): the default deny list (slot 0's rules), a slot's
+//!     // own allow/deny CIDRs (replaced as a whole), its bandwidth limit and the
+//!     // MAC its guest must send from; detach_slot clears a slot's.
+//!     pub fn set_default_egress(&mut self, deny: &[Cidr]) -> Result<(), BpfError>;
+//!     pub fn set_slot_egress(&mut self, index: u32, rules: &EgressRules) -> Result<(), BpfError>;
+//!     pub fn slot_egress(&self, index: u32) -> Result<EgressRules, BpfError>;
+//!     pub fn set_rate_limit(&mut self, index: u32, limit: Option<RateLimit>) -> Result<(), BpfError>;
+//!     pub fn rate_limit(&self, index: u32) -> Result<Option<RateLimit>, BpfError>;
+//!     pub fn set_guest_mac(&mut self, index: u32, mac: Option<[u8; 6]>) -> Result<(), BpfError>;
+//!     /// BPF_PROG_TEST_RUN on device `ifindex` of the caller's namespace (tests).
+//!     pub fn test_run_on(&self, prog: Program, frame: &[u8], ifindex: u32)
+//!         -> Result<TestRunOutput, BpfError>;
 //! }
 //! pub struct Uplink { pub ifindex: u32, pub name: String, pub ipv4: Ipv4Addr }
 //! pub struct SlotDatapath<'a> { pub index: u32, pub netns: BorrowedFd<'a>,
@@ -55,12 +68,14 @@
 //! filters (no fd; found again by priority and handle) and a few map entries.
 //! Inside a slot namespace nothing in the packet says which
 //! slot it is (a tc program's `bpf_get_netns_cookie` reports the skb's *socket*
-//! namespace, and frames from a TAP or veth carry none), so the programs there
-//! do not need to know: `eth0` has the same ifindex (`SLOT_ETH0_IFINDEX`) in
-//! every slot namespace, `tap_ingress` hands the guest's frames untouched to the
-//! host veth with `bpf_redirect_peer(SLOT_ETH0_IFINDEX)`, and `veth_ingress`
-//! finds the slot by its ifindex (VETH_SLOTS) and translates them there;
-//! `slot_ingress` finds the slot by the destination address (ADDR_SLOTS).
+//! namespace, and frames from a TAP or veth carry none), so the ifindexes do:
+//! `tap0` of slot N has `SLOT_TAP_IFINDEX_BASE + N`, and `tap_ingress` checks
+//! the guest's frames for that slot (MAC, ARP, IPv4 source, bandwidth) and
+//! hands them untouched to the host veth with
+//! `bpf_redirect_peer(SLOT_ETH0_IFINDEX)` (`eth0` has that ifindex in every
+//! slot namespace); `veth_ingress` finds the slot by its ifindex (VETH_SLOTS),
+//! applies the egress policy and translates them there; `slot_ingress` finds
+//! the slot by the destination address (ADDR_SLOTS).
 //! The maps are pinned in `DatapathConfig::pin_dir` (for inspection and a
 //! restarted agent).
 //!
@@ -70,7 +85,9 @@
 //! in-place program replacement of a previous run's hooks, netns hopping), `maps`
 //! (typed map access),
 //! `reap` (flow expiry), `stats` (counters, table usage), `netns_cookie` (running
-//! code inside a slot namespace, `SO_NETNS_COOKIE`), `test_run` (BPF_PROG_TEST_RUN).
+//! code inside a slot namespace, `SO_NETNS_COOKIE`), `policy` (egress rules,
+//! bandwidth limit, guest MAC), `test_run` (BPF_PROG_TEST_RUN) and
+//! `test_run_dev` (the same with the skb on a given device).
 
 mod attach;
 mod error;
