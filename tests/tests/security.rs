@@ -889,3 +889,112 @@ fn rate_limit_holds_a_flood_to_its_rate() -> Result<()> {
     assert_eq!(received, sent, "without a limit every datagram arrives");
     Ok(())
 }
+
+/// `egress_default_deny` from the command line replaces the default list: with
+/// only 198.18.5.0/24 denied, the private server is reachable and that range is
+/// not (`policy_denied`).
+#[test]
+fn the_configured_default_deny_list_is_the_one_applied() -> Result<()> {
+    let opts = netagent_tests::daemon::DaemonOptions {
+        args: vec!["--egress-default-deny".into(), "198.18.5.0/24".into()],
+        ..Default::default()
+    };
+    let Some(d) = Daemon::start_with("the_configured_default_deny_list_is_the_one_applied", opts)?
+    else {
+        return Ok(());
+    };
+    let rt = rt();
+    let wan = d.world.wan_ns.clone();
+    for addr in [PRIVATE, WAN_OTHER] {
+        add_lo_addr(&wan, addr)?;
+    }
+    let _services: Vec<TcpEcho> = [PRIVATE, WAN_OTHER]
+        .iter()
+        .map(|a| TcpEcho::start(&wan, SocketAddrV4::new(*a, PORT)))
+        .collect::<Result<_>>()?;
+    let g1 = guest_ns(&d, 1)?;
+    veth_slot(&d, &rt, 1, &g1, PolicyRequest::default())?;
+    ensure!(
+        tcp_echo_from(&g1.name, SocketAddrV4::new(PRIVATE, PORT), 1000, TIMEOUT)?,
+        "10/8 is denied although the configured list leaves it out"
+    );
+    let before = drops(&d, &rt, 1)?;
+    ensure!(
+        !tcp_echo_from(
+            &g1.name,
+            SocketAddrV4::new(WAN_OTHER, PORT),
+            10,
+            DENIED_WAIT
+        )?,
+        "the configured deny list is not applied"
+    );
+    let got = drop_delta(&before, &drops(&d, &rt, 1)?);
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["policy_denied"], "{got:?}");
+    Ok(())
+}
+
+/// Through the real daemon: bad settings are a 400 that creates nothing; a
+/// repeated create answers 200 when what it names matches and 409 (naming the
+/// sub-route) when not; the sub-routes answer 404 for an unknown slot; GET
+/// shows what was set.
+#[test]
+fn policy_requests_are_validated_and_idempotent() -> Result<()> {
+    let Some(d) = Daemon::start("policy_requests_are_validated_and_idempotent")? else {
+        return Ok(());
+    };
+    let rt = rt();
+    let c = d.client();
+    rt.block_on(async {
+        for (body, needle) in [
+            (r#"{"egress":{"allow":["10.0.0.1/8"]}}"#, "host bits set"),
+            (r#"{"guest_mac":"01:00:5e:00:00:01"}"#, "unicast"),
+            (
+                r#"{"rate_limit":{"bits_per_second":0,"burst_bytes":65536}}"#,
+                "bits_per_second 0",
+            ),
+            (r#"{"egress":{"deny":[]},"colour":1}"#, "unknown field"),
+        ] {
+            let r = c.request("PUT", "/v1/slots/5", Some(body.as_bytes())).await?;
+            ensure!(r.status == 400, "{body}: {} {}", r.status, r.text());
+            ensure!(r.text().contains(needle), "{body}: {}", r.text());
+        }
+        ensure!(d.world.slot_namespaces().is_empty(), "a bad request made a slot");
+
+        let body = r#"{"guest_mac":"02:00:00:00:00:05","egress":{"allow":["10.1.0.0/16"]},"rate_limit":{"bits_per_second":50000000,"burst_bytes":65536}}"#;
+        let r = c.request("PUT", "/v1/slots/5", Some(body.as_bytes())).await?;
+        ensure!(r.status == 201, "{} {}", r.status, r.text());
+        let created: SlotView = r.json("slot")?;
+        for again in [Some(body), None] {
+            let r = c.request("PUT", "/v1/slots/5", again.map(str::as_bytes)).await?;
+            ensure!(r.status == 200, "{again:?}: {} {}", r.status, r.text());
+            ensure!(r.json::<SlotView>("slot")? == created);
+        }
+        let r = c
+            .request("PUT", "/v1/slots/5", Some(br#"{"egress":{}}"#))
+            .await?;
+        ensure!(
+            r.status == 409 && r.text().contains("PUT /v1/slots/5/egress"),
+            "{} {}",
+            r.status,
+            r.text()
+        );
+        for (method, path) in [
+            ("PUT", "/v1/slots/6/egress"),
+            ("PUT", "/v1/slots/6/rate_limit"),
+            ("DELETE", "/v1/slots/6/rate_limit"),
+        ] {
+            let body: Option<&[u8]> = match (method, path.ends_with("egress")) {
+                ("PUT", true) => Some(b"{}"),
+                ("PUT", false) => Some(br#"{"bits_per_second":1000000,"burst_bytes":4000}"#),
+                _ => None,
+            };
+            let r = c.request(method, path, body).await?;
+            ensure!(r.status == 404, "{method} {path}: {} {}", r.status, r.text());
+        }
+        let shown = c.slot(5).await?;
+        ensure!(shown == created, "GET shows {shown:?}");
+        let limit = shown.policy.rate_limit.context("no rate limit")?;
+        ensure!(limit.bits_per_second == 50_000_000 && limit.burst_bytes == 65_536);
+        Ok(())
+    })
+}
