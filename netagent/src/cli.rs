@@ -241,6 +241,9 @@ pub struct ConfigFlags {
     /// [table_warn_percent] Warn when a NAT or flow table is this full, 1 to 100 (default 80).
     #[arg(long, value_name = "PERCENT")]
     pub table_warn_percent: Option<u8>,
+    /// [netns_pool] Namespaces kept ready for slot creates, 0 to 256 (default 8).
+    #[arg(long, value_name = "N")]
+    pub netns_pool: Option<usize>,
 }
 
 impl ConfigFlags {
@@ -287,6 +290,7 @@ impl ConfigFlags {
             cfg.egress_default_deny = list.0.clone();
         }
         set(&mut cfg.table_warn_percent, &self.table_warn_percent);
+        set(&mut cfg.netns_pool, &self.netns_pool);
     }
 }
 

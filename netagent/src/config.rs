@@ -51,7 +51,13 @@ pub struct Config {
     /// Size of the per-slot arrays: slot indices must be `< max_slots`
     /// (at most 32768, so index 32767 fits).
     pub max_slots: u32,
+    /// Network namespaces kept ready for the next slot creates (made in the
+    /// background; 0: each create makes its own).
+    pub netns_pool: usize,
 }
+
+/// Largest `netns_pool`: each ready namespace costs kernel memory.
+pub const MAX_NETNS_POOL: usize = 256;
 
 /// Size and time limits of API requests.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +149,7 @@ impl Default for Config {
             egress_default_deny: DEFAULT_EGRESS_DENY.to_vec(),
             table_warn_percent: 80,
             max_slots: 32768,
+            netns_pool: 8,
         }
     }
 }
@@ -354,6 +361,12 @@ impl Config {
                 errors.push(format!("{key} must be at least 1"));
             }
         }
+        if self.netns_pool > MAX_NETNS_POOL {
+            errors.push(format!(
+                "netns_pool {} is too large: use 0 to {MAX_NETNS_POOL} (namespaces kept ready)",
+                self.netns_pool
+            ));
+        }
         if !(1..=100).contains(&self.table_warn_percent) {
             errors.push(format!(
                 "table_warn_percent {} is out of range: use 1 to 100 (percent of a table's capacity)",
@@ -563,6 +576,18 @@ mod tests {
             ..Config::default()
         };
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn netns_pool_is_bounded() {
+        assert_eq!(Config::default().netns_pool, 8);
+        assert_eq!(parse("netns_pool = 0\n").unwrap().netns_pool, 0);
+        let cfg = Config {
+            netns_pool: MAX_NETNS_POOL + 1,
+            ..Config::default()
+        };
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("netns_pool 257 is too large"), "{err}");
     }
 
     #[test]

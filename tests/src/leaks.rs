@@ -161,7 +161,7 @@ pub fn snapshot(t: &Target) -> Snapshot {
         s.errors.push(format!("{e:#}"));
     }
     if let Some(pid) = t.pid {
-        match proc_usage(pid) {
+        match settled_proc_usage(pid) {
             Ok(u) => s.agent = Some(u),
             Err(e) => s.errors.push(format!("agent /proc: {e:#}")),
         }
@@ -403,6 +403,22 @@ pub fn ensure_no_leaks(leaks: &[Leak]) -> Result<()> {
 }
 
 // ---- the agent process ----
+
+/// The agent's /proc figures once its fds stopped changing (two reads 50 ms
+/// apart agree, for at most 2 s): its namespace pool refills in the background
+/// right after a create took one, and that is not a leak.
+fn settled_proc_usage(pid: u32) -> Result<ProcUsage> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut last = proc_usage(pid)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = proc_usage(pid)?;
+        if now.fd_kinds == last.fd_kinds || Instant::now() > deadline {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
 
 /// Fds, their kinds, RSS and threads of process `pid`.
 pub fn proc_usage(pid: u32) -> Result<ProcUsage> {

@@ -786,7 +786,7 @@ fn the_leak_check_names_what_a_slot_leaves() -> Result<()> {
         "metric: netagent_program_attachments".to_string(),
         // The slot namespace (its filters are removed there); no program or
         // link (the programs are shared, filters need no fd).
-        "agent fd: file".to_string(),
+        "agent fd: net".to_string(),
     ] {
         ensure!(
             text.iter().any(|t| t.starts_with(&expected)),

@@ -841,3 +841,51 @@ fn measure_serial_create_and_delete_latency() -> Result<()> {
     agent.shutdown()?;
     Ok(())
 }
+
+/// A slot's namespace is alike whether it came from the agent's pool of ready
+/// namespaces or was made by the create itself (`netns_pool = 0`): IPv6 off
+/// for every link, `tap0` with the slot's ifindex, `lo` up. The pool's own
+/// namespaces have no name, so nothing of them shows under /run/netns.
+#[test]
+fn pooled_and_unpooled_slot_namespaces_are_alike() -> Result<()> {
+    let Some(world) = World::new()? else {
+        return Ok(());
+    };
+    for (pool, index) in [(0usize, 1u32), (4, 2)] {
+        let before = world.namespaces();
+        let agent = world.start_agent(|c| c.netns_pool = pool)?;
+        // Give the pool time to fill: its namespaces stay unnamed.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(
+            world.namespaces(),
+            before,
+            "pool {pool}: unnamed namespaces only"
+        );
+        let (slot, _) =
+            agent.run(move |m| async move { m.create(index.into(), GuestLink::Tap).await })??;
+        let sysctls = world.in_ns(&slot.namespace, || {
+            ["all", "default", "lo", "eth0", "tap0"].map(|dev| {
+                std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_else(|e| format!("{dev}: {e}"))
+            })
+        })?;
+        assert_eq!(sysctls, ["1"; 5].map(String::from), "pool {pool}");
+        let tap = world.ip_json(Some(&slot.namespace), &["link", "show", "tap0"])?;
+        assert_eq!(
+            tap[0]["ifindex"],
+            netagent_common::SLOT_TAP_IFINDEX_BASE + index,
+            "pool {pool}"
+        );
+        let lo = world.ip_json(Some(&slot.namespace), &["link", "show", "lo"])?;
+        assert!(
+            lo[0]["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "UP")),
+            "pool {pool}: lo up"
+        );
+        agent.run(move |m| async move { m.delete(index.into()).await })??;
+        agent.shutdown()?;
+    }
+    Ok(())
+}

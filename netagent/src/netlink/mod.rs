@@ -13,6 +13,7 @@
 pub mod addr;
 pub mod link;
 pub mod netns;
+pub mod netns_pool;
 pub mod route;
 pub mod sysctl;
 pub mod tap;
@@ -135,7 +136,9 @@ impl Netlink {
         Self::from_socket(socket)
     }
 
-    fn from_socket(socket: Socket) -> Result<Netlink> {
+    /// Connects through `socket` (a route netlink socket, opened in the
+    /// namespace to talk to). Must be called inside a tokio runtime.
+    pub fn from_socket(socket: Socket) -> Result<Netlink> {
         socket
             .set_non_blocking(true)
             .map_err(|e| NetlinkError::io("make the netlink socket non-blocking", e))?;

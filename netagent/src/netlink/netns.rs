@@ -9,13 +9,14 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
+use rtnetlink::sys::{Socket, protocols::NETLINK_ROUTE};
 
 use super::{NetlinkError, Result};
 
@@ -77,12 +78,7 @@ fn prepare_run_dir() -> Result<()> {
 /// if the name is taken. On failure nothing is left behind.
 pub fn create(name: &str) -> Result<OwnedFd> {
     let op = || format!("create netns {name}");
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(NetlinkError::io(
-            op(),
-            io::Error::from_raw_os_error(libc::EINVAL),
-        ));
-    }
+    check_name(name).map_err(|e| NetlinkError::io(op(), e))?;
     prepare_run_dir()?;
     let path = path_of(name);
     // The mount point: an empty file, created exclusively so two creators of the
@@ -115,6 +111,81 @@ pub fn create(name: &str) -> Result<OwnedFd> {
         let _ = fs::remove_file(&path);
     }
     result
+}
+
+/// A fresh, unnamed network namespace made ready for a slot by one thread:
+/// IPv6 off (`disable_ipv6` for `all` and `default`: no link-local addresses,
+/// router solicitations or DAD on the slot's links), a netlink socket and an
+/// open `/dev/net/tun` inside it (both keep working from any thread: a socket
+/// and a TUN file belong to the namespace they were opened in). It lives as
+/// long as `ns` (or a name given to it with [`name`]).
+#[derive(Debug)]
+pub struct Prepared {
+    /// The namespace.
+    pub ns: OwnedFd,
+    /// A route netlink socket inside it.
+    pub netlink: Socket,
+    /// `/dev/net/tun`, opened inside it: a TAP made through it is made there.
+    pub tun: fs::File,
+}
+
+/// Makes a [`Prepared`] namespace: one throwaway thread `unshare`s, sets the
+/// sysctls and opens the files; the calling thread never changes namespace.
+pub fn prepare() -> Result<Prepared> {
+    let op = "prepare a network namespace";
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<Prepared> {
+            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| NetlinkError::io(op, e))?;
+            super::sysctl::write("net.ipv6.conf.default.disable_ipv6", "1")?;
+            super::sysctl::write("net.ipv6.conf.all.disable_ipv6", "1")?;
+            let netlink = Socket::new(NETLINK_ROUTE)
+                .map_err(|e| NetlinkError::io("open a netlink socket", e))?;
+            let tun = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .map_err(|e| NetlinkError::io("open /dev/net/tun", e))?;
+            let ns = open_path(Path::new("/proc/thread-self/ns/net"))?;
+            Ok(Prepared { ns, netlink, tun })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(NetlinkError::ThreadPanicked(op.into())))
+    })
+}
+
+/// Gives the namespace `ns` the name `name` (a bind mount on
+/// `/run/netns/NAME`, as `ip netns attach` does). Fails with EEXIST if the name
+/// is taken; on failure nothing is left behind.
+pub fn name(ns: BorrowedFd<'_>, name: &str) -> Result<()> {
+    let op = || format!("name netns {name}");
+    check_name(name).map_err(|e| NetlinkError::io(op(), e))?;
+    prepare_run_dir()?;
+    let path = path_of(name);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| NetlinkError::io(op(), e))?;
+    let source = format!("/proc/self/fd/{}", ns.as_raw_fd());
+    if let Err(e) = mount(
+        Some(source.as_str()),
+        &path,
+        Some("none"),
+        MsFlags::MS_BIND,
+        None::<&str>,
+    ) {
+        let _ = fs::remove_file(&path);
+        return Err(NetlinkError::io(op(), e));
+    }
+    Ok(())
+}
+
+/// A namespace name must be a plain file name.
+fn check_name(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
 }
 
 /// Deletes the named namespace: unmounts and removes `/run/netns/NAME`. The kernel

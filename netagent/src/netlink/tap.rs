@@ -101,6 +101,13 @@ pub fn create_persistent(name: &str, index: Option<u32>) -> Result<()> {
         .write(true)
         .open("/dev/net/tun")
         .map_err(|e| NetlinkError::io("open /dev/net/tun", e))?;
+    create_persistent_on(tun, name, index)
+}
+
+/// As [`create_persistent`], through `tun`, a `/dev/net/tun` file opened earlier
+/// (the TAP is made in the namespace `tun` was opened in, whichever thread
+/// calls this). `tun` is closed at the end; the device stays.
+pub fn create_persistent_on(tun: std::fs::File, name: &str, index: Option<u32>) -> Result<()> {
     if let Some(index) = index {
         set_ifindex(&tun, index)?;
     }

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use netagent_common::{SLOT_ETH0_IFINDEX, SLOT_TAP_IFINDEX_BASE};
 
 use crate::bpf::SlotDatapath;
-use crate::netlink::{Netlink, NetlinkError, link::Link, netns, sysctl, tap};
+use crate::netlink::{Netlink, NetlinkError, link::Link, netns, tap};
 
 use super::addressing::{
     GUEST_IP, TAP_IP, TAP_MAC, TAP_PREFIX, TAP_TXQUEUELEN, VETH_PREFIX, VPEER_NAME,
@@ -197,18 +197,18 @@ async fn build(
     use CreateStep::*;
     let host = mgr.host();
 
-    // Namespace.
-    let ns = netns::create(&addr.namespace).map_err(at(Namespace))?;
+    // Namespace: one the pool made ready in the background, else one made
+    // here. Either way it carries IPv4 only (no IPv6 link-local addresses,
+    // router solicitations or DAD on eth0 and tap0: nothing the guest did not
+    // ask for) and comes with a netlink socket and `/dev/net/tun` opened inside.
+    let prepared = match mgr.take_prepared_ns() {
+        Some(p) => p,
+        None => netns::prepare().map_err(at(Namespace))?,
+    };
+    netns::name(prepared.ns.as_fd(), &addr.namespace).map_err(at(Namespace))?;
     undo.push(Undo::Namespace(addr.namespace.clone()));
-    // The slot namespace carries IPv4 only: no IPv6 link-local addresses, router
-    // solicitations or DAD on eth0 and tap0 (nothing the guest did not ask for).
-    netns::run_in(ns.as_fd(), || {
-        sysctl::write("net.ipv6.conf.default.disable_ipv6", "1")?;
-        sysctl::write("net.ipv6.conf.all.disable_ipv6", "1")
-    })
-    .and_then(|r| r)
-    .map_err(at(Namespace))?;
-    let slot = Netlink::connect_in(ns.as_fd()).map_err(at(Namespace))?;
+    let netns::Prepared { ns, netlink, tun } = prepared;
+    let slot = Netlink::from_socket(netlink).map_err(at(Namespace))?;
     mgr.inject(Namespace).map_err(at(Namespace))?;
 
     // Veth pair with both ifindexes explicit (the kernel honours the peer's only
@@ -283,11 +283,7 @@ async fn build(
     let tap_index = tap_ifindex(addr.index);
     match guest_ns {
         None => {
-            netns::run_in(ns.as_fd(), || {
-                tap::create_persistent(&addr.tap, Some(tap_index))
-            })
-            .and_then(|r| r)
-            .map_err(at(GuestLink))?;
+            tap::create_persistent_on(tun, &addr.tap, Some(tap_index)).map_err(at(GuestLink))?;
         }
         Some(guest_ns) => {
             slot.veth_add_indexed_peer_ns(

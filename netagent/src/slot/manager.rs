@@ -11,7 +11,7 @@ use crate::bpf::{
     Datapath, DatapathConfig, EgressRules, ReapReport, SlotDatapath, TableUsage, Uplink,
 };
 use crate::config::Config;
-use crate::netlink::{Netlink, netns, sysctl};
+use crate::netlink::{Netlink, netns, netns_pool::NetnsPool, sysctl};
 
 use super::adopt::{self, AdoptReport};
 use super::create::{self, CreateStep};
@@ -38,6 +38,8 @@ pub struct SlotManager {
     addr_monitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// What start-up did with the previous run's slots.
     startup: Mutex<Option<AdoptReport>>,
+    /// Namespaces made ready for the next creates.
+    netns_pool: NetnsPool,
     #[cfg(feature = "fault-injection")]
     fail_at: Mutex<Option<CreateStep>>,
     #[cfg(feature = "fault-injection")]
@@ -126,6 +128,7 @@ impl SlotManager {
             reserved: Mutex::new(reserved),
             addr_monitor: Mutex::new(None),
             startup: Mutex::new(None),
+            netns_pool: NetnsPool::start(cfg.netns_pool),
             #[cfg(feature = "fault-injection")]
             fail_at: Mutex::new(None),
             #[cfg(feature = "fault-injection")]
@@ -522,6 +525,11 @@ impl SlotManager {
             netns::run_in(self.host_ns.as_fd(), || dp.adopt_slot(slot))??;
             Ok(())
         })
+    }
+
+    /// A namespace made ready in the background, if the pool has one.
+    pub(super) fn take_prepared_ns(&self) -> Option<netns::Prepared> {
+        self.netns_pool.take()
     }
 
     /// The agent (host) namespace.
