@@ -212,6 +212,39 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Inserts `n` established, fresh NAT_EGRESS entries of slot 999 (which does
+    /// not exist) through the pin; returns `n`.
+    fn fill_nat_egress(&self, n: u32) -> Result<u32> {
+        let path = self.world.bpffs().join(MAP_NAT_EGRESS);
+        let mut map = HashMap::<_, FlowKey, NatEntry>::try_from(Map::HashMap(
+            MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?,
+        ))?;
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)?;
+        let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        for i in 0..n {
+            let key = FlowKey {
+                saddr: map_ip(Ipv4Addr::new(10, 99, (i >> 8) as u8, i as u8)),
+                daddr: map_ip(Ipv4Addr::new(198, 19, 0, 1)),
+                sport: 1000u16.to_be(),
+                dport: 443u16.to_be(),
+                proto: IPPROTO_TCP,
+                _pad: [0; 3],
+            };
+            let entry = NatEntry {
+                last_seen_ns: now,
+                addr: map_ip(UPLINK_IP),
+                port: (20000 + (i % 12_000) as u16).to_be(),
+                slot: 999,
+                state: netagent_common::STATE_SYN | netagent_common::STATE_REPLIED,
+                ..NatEntry::default()
+            };
+            map.insert(key, entry, 0)?;
+        }
+        Ok(n)
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let Some(mut child) = self.child.take() else {
@@ -955,14 +988,140 @@ fn flows_expire_by_protocol_and_tcp_state() -> Result<()> {
     Ok(())
 }
 
+/// Other flows in the masquerade table in the later load phases.
+const FILLER_FLOWS: u32 = 60_000;
+
+/// Requests of one load phase; failures go to `errors`.
+#[derive(Default)]
+struct Tally {
+    requests: AtomicU64,
+    churn_cycles: AtomicU64,
+    errors: std::sync::Mutex<Vec<String>>,
+    /// Latencies of the churners' PUT and DELETE.
+    latencies: std::sync::Mutex<BTreeMap<&'static str, Vec<Duration>>>,
+}
+
+impl Tally {
+    fn error(&self, e: String) {
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e);
+    }
+
+    /// "DELETE p50 …, PUT p50 …" of the churners.
+    fn latency_medians(&self) -> String {
+        let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter_mut()
+            .map(|(method, v)| {
+                v.sort();
+                format!("{method} p50 {:.1?}", v[v.len() / 2])
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// `seconds` of API load: 4 readers cycling through every GET route (bodies
+/// checked) and `churners` tasks creating, reading and deleting their own slot.
+/// Returns the tally and the elapsed time.
+fn api_load(
+    agent: &Agent,
+    rt: &tokio::runtime::Runtime,
+    seconds: u64,
+    churners: i64,
+) -> Result<(Arc<Tally>, Duration)> {
+    let tally = Arc::new(Tally::default());
+    let started = Instant::now();
+    let end = started + Duration::from_secs(seconds);
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for reader in 0..4 {
+            let c = agent.client();
+            let tally = tally.clone();
+            tasks.push(tokio::spawn(async move {
+                let routes = [
+                    "/v1/slots",
+                    "/v1/slots/1/stats",
+                    "/metrics",
+                    "/healthz",
+                    "/v1/slots/1",
+                ];
+                let mut i = reader;
+                while Instant::now() < end {
+                    let path = routes[i % routes.len()];
+                    i += 1;
+                    match c.request("GET", path, None).await {
+                        Ok(r) if r.status == 200 => {
+                            let ok = match path {
+                                "/metrics" => {
+                                    r.text().contains("netagent_slot_packets_total{slot=\"1\"")
+                                }
+                                "/v1/slots/1/stats" => {
+                                    r.json::<SlotCounters>("stats").is_ok_and(|s| s.index == 1)
+                                }
+                                "/v1/slots" => r
+                                    .json::<Vec<SlotView>>("slots")
+                                    .is_ok_and(|v| v.iter().any(|s| s.addr.index == 1)),
+                                _ => true,
+                            };
+                            if !ok {
+                                tally.error(format!("GET {path}: wrong body {}", r.text()));
+                            }
+                        }
+                        Ok(r) => tally.error(format!("GET {path}: {} {}", r.status, r.text())),
+                        Err(e) => tally.error(format!("GET {path}: {e}")),
+                    }
+                    tally.requests.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for churner in 0..churners {
+            let c = agent.client();
+            let tally = tally.clone();
+            tasks.push(tokio::spawn(async move {
+                let path = format!("/v1/slots/{}", 10 + churner);
+                while Instant::now() < end {
+                    for (method, want) in [("PUT", 201), ("GET", 200), ("DELETE", 204)] {
+                        let t = Instant::now();
+                        match c.request(method, &path, None).await {
+                            Ok(r) if r.status == want => {
+                                if method != "GET" {
+                                    tally
+                                        .latencies
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .entry(method)
+                                        .or_default()
+                                        .push(t.elapsed());
+                                }
+                            }
+                            Ok(r) => {
+                                tally.error(format!("{method} {path}: {} {}", r.status, r.text()))
+                            }
+                            Err(e) => tally.error(format!("{method} {path}: {e}")),
+                        }
+                        tally.requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tally.churn_cycles.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await?;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok((tally, started.elapsed()))
+}
+
 #[test]
 fn api_under_load_keeps_answering_and_traffic_flows() -> Result<()> {
-    const SECONDS: u64 = 10;
     let Some(agent) = Agent::start(
         "api_under_load_keeps_answering_and_traffic_flows",
         &[
             "--nat-table-size",
-            "4096",
+            "65536",
             "--nat-host-flow-table-size",
             "1024",
         ],
@@ -978,7 +1137,8 @@ fn api_under_load_keeps_answering_and_traffic_flows() -> Result<()> {
     let udp = guest_udp(&guest.name, 9400)?;
     let mut tcp = guest_tcp(&guest.name, WAN, 9401)?;
 
-    // Traffic: a UDP and a TCP echo, each exchange checked, about 200/s each.
+    // Traffic all along: a UDP and a TCP echo through masquerade, each exchange
+    // checked (a lost or late echo fails it).
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
         let stop = stop.clone();
@@ -998,125 +1158,58 @@ fn api_under_load_keeps_answering_and_traffic_flows() -> Result<()> {
         })
     };
 
-    // API load: readers of every route and slot churners, concurrently.
-    #[derive(Default)]
-    struct Tally {
-        requests: AtomicU64,
-        churn_cycles: AtomicU64,
-        errors: std::sync::Mutex<Vec<String>>,
+    // Three phases: readers and 2 slot churners on an idle table; the same with
+    // 60,000 other established flows in the masquerade table (of a slot that
+    // does not exist, fresh, so the reaper keeps them), which scrapes, reaper
+    // passes and slot deletes walk; and readers alone with those flows.
+    let mut phases = Vec::new();
+    phases.push((
+        "idle table, readers + churners",
+        api_load(&agent, &rt, 5, 2),
+    ));
+    let filled = (|| -> Result<()> {
+        agent.fill_nat_egress(FILLER_FLOWS)?;
+        let tables = agent.wait_tables(&rt, "filler flows counted", |m| {
+            m.get("netagent_table_entries{table=nat_egress}") >= Some(&(FILLER_FLOWS as f64 + 2.0))
+        })?;
+        ensure!(
+            tables.get("netagent_table_pressure{table=nat_egress}") == Some(&1.0),
+            "60,000 of 65,536 is above the default 80 %: {tables:#?}"
+        );
+        Ok(())
+    })();
+    if filled.is_ok() {
+        phases.push((
+            "60,000 flows, readers + churners",
+            api_load(&agent, &rt, 5, 2),
+        ));
+        phases.push(("60,000 flows, readers only", api_load(&agent, &rt, 5, 0)));
     }
-    let tally = Arc::new(Tally::default());
-    let started = Instant::now();
-    let end = started + Duration::from_secs(SECONDS);
-    rt.block_on(async {
-        let mut tasks = Vec::new();
-        for reader in 0..4 {
-            let c = agent.client();
-            let tally = tally.clone();
-            tasks.push(tokio::spawn(async move {
-                let routes = [
-                    "/v1/slots",
-                    "/v1/slots/1/stats",
-                    "/metrics",
-                    "/healthz",
-                    "/v1/slots/1",
-                ];
-                let mut i = reader;
-                while Instant::now() < end {
-                    let path = routes[i % routes.len()];
-                    i += 1;
-                    let ok = match c.request("GET", path, None).await {
-                        Ok(r) if r.status == 200 => match path {
-                            "/metrics" => {
-                                r.text().contains("netagent_slot_packets_total{slot=\"1\"")
-                            }
-                            "/v1/slots/1/stats" => {
-                                r.json::<SlotCounters>("stats").is_ok_and(|s| s.index == 1)
-                            }
-                            "/v1/slots" => r
-                                .json::<Vec<SlotView>>("slots")
-                                .is_ok_and(|v| v.iter().any(|s| s.addr.index == 1)),
-                            _ => true,
-                        },
-                        Ok(r) => {
-                            tally.errors.lock().unwrap().push(format!(
-                                "GET {path}: {} {}",
-                                r.status,
-                                r.text()
-                            ));
-                            true
-                        }
-                        Err(e) => {
-                            tally
-                                .errors
-                                .lock()
-                                .unwrap()
-                                .push(format!("GET {path}: {e}"));
-                            true
-                        }
-                    };
-                    if !ok {
-                        tally
-                            .errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("GET {path}: wrong body"));
-                    }
-                    tally.requests.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
-        }
-        for churner in 0..2i64 {
-            let c = agent.client();
-            let tally = tally.clone();
-            tasks.push(tokio::spawn(async move {
-                let index = 10 + churner;
-                let path = format!("/v1/slots/{index}");
-                while Instant::now() < end {
-                    for (method, want) in [("PUT", 201), ("GET", 200), ("DELETE", 204)] {
-                        match c.request(method, &path, None).await {
-                            Ok(r) if r.status == want => {}
-                            Ok(r) => tally.errors.lock().unwrap().push(format!(
-                                "{method} {path}: {} {}",
-                                r.status,
-                                r.text()
-                            )),
-                            Err(e) => tally
-                                .errors
-                                .lock()
-                                .unwrap()
-                                .push(format!("{method} {path}: {e}")),
-                        }
-                        tally.requests.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tally.churn_cycles.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
-        }
-        for t in tasks {
-            t.await?;
-        }
-        anyhow::Ok(())
-    })?;
-    let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let (udp_n, tcp_n, bytes) = traffic
         .join()
         .map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
-    let requests = tally.requests.load(Ordering::Relaxed);
+    filled?;
+    for (name, phase) in phases {
+        let (tally, elapsed) = phase?;
+        let requests = tally.requests.load(Ordering::Relaxed);
+        println!(
+            "pressure: API under load ({name}): {requests} requests in {elapsed:.1?} = {:.0} requests/s, \
+             {} slot create/get/delete cycles ({})",
+            requests as f64 / elapsed.as_secs_f64(),
+            tally.churn_cycles.load(Ordering::Relaxed),
+            tally.latency_medians()
+        );
+        let errors = tally.errors.lock().unwrap_or_else(|p| p.into_inner());
+        ensure!(
+            errors.is_empty(),
+            "{name}: {} failed requests, first: {:?}",
+            errors.len(),
+            &errors[..errors.len().min(5)]
+        );
+    }
     println!(
-        "pressure: API under load: {requests} requests in {elapsed:.1?} = {:.0} requests/s \
-         (4 readers of every route; 2 churners: {} slot create/get/delete cycles); guest traffic meanwhile: {udp_n} UDP and {tcp_n} TCP \
-         echoes, {bytes} bytes, none lost",
-        requests as f64 / elapsed.as_secs_f64(),
-        tally.churn_cycles.load(Ordering::Relaxed)
-    );
-    let errors = tally.errors.lock().unwrap();
-    ensure!(
-        errors.is_empty(),
-        "{} failed requests, first: {:?}",
-        errors.len(),
-        &errors[..errors.len().min(5)]
+        "pressure: guest traffic meanwhile: {udp_n} UDP and {tcp_n} TCP echoes, {bytes} bytes, none lost"
     );
     ensure!(udp_n > 0 && tcp_n > 0);
     let stats = agent.stats(&rt)?;
