@@ -11,7 +11,10 @@ use core::mem;
 use aya_ebpf::programs::TcContext;
 use netagent_common::{
     DropReason,
-    packet::{self, PacketRead, Wire, header::MAX_PARSE_LEN},
+    packet::{
+        self, PacketRead, Wire,
+        header::{ETH_HLEN, ICMP_QUOTED_L4, IPV4_MAX_HLEN, IPV4_MIN_HLEN, MAX_PARSE_LEN, TCP_HLEN},
+    },
 };
 
 pub use netagent_common::packet::{
@@ -43,16 +46,33 @@ impl PacketRead for Skb<'_> {
     }
 }
 
-/// Makes the headers we read linear when the skb's linear part is shorter than both
-/// the packet and `MAX_PARSE_LEN` (a TAP or GSO skb may carry headers in frags).
+/// Makes the first `want` bytes of the packet (or all of it, if shorter)
+/// linear when the skb's linear part is shorter (a TAP or GSO skb may carry
+/// headers in frags). Only what is read is pulled: pulling payload into the
+/// linear part costs a copy per packet, often a new head (a TCP segment's
+/// head has no room after its headers, and TCP keeps a clone of it).
 #[inline(always)]
-fn pull_headers(ctx: &TcContext) {
+fn pull_to(ctx: &TcContext, want: usize) {
     let linear = ctx.data_end().saturating_sub(ctx.data());
-    let want = core::cmp::min(ctx.len() as usize, MAX_PARSE_LEN);
+    let want = core::cmp::min(ctx.len() as usize, want);
     if linear < want {
         // A failed pull leaves the skb as it was; the bounds checks then report
         // the packet as malformed.
         let _ = ctx.pull_data(want as u32);
+    }
+}
+
+/// Makes Ethernet, the IPv4 header (options included) and the 20 bytes of L4
+/// header the programs read linear.
+#[inline(always)]
+fn pull_headers(ctx: &TcContext) {
+    pull_to(ctx, ETH_HLEN + IPV4_MIN_HLEN + TCP_HLEN);
+    // IP options: the IHL says how much more.
+    if let Some(vihl) = Skb(ctx).load::<u8>(ETH_HLEN) {
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if ihl > IPV4_MIN_HLEN {
+            pull_to(ctx, core::cmp::min(ETH_HLEN + ihl + TCP_HLEN, MAX_PARSE_LEN));
+        }
     }
 }
 
@@ -87,5 +107,8 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, DropReason> {
 /// Parses the datagram an ICMP error quotes (`packet::icmp_error_quote`).
 #[inline(always)]
 pub fn icmp_error_quote(ctx: &TcContext, ip: &Ipv4) -> Result<Quoted, DropReason> {
+    // The quote: ICMP header, the quoted IPv4 header (options included) and
+    // the 8 bytes of its L4 header.
+    pull_to(ctx, ip.l4_off() + ICMP_QUOTED_L4 + IPV4_MAX_HLEN + ICMP_QUOTED_L4);
     packet::icmp_error_quote(&Skb(ctx), ip)
 }
