@@ -10,11 +10,13 @@
 //! notifications (`RTMGRP_IPV4_IFADDR`) and refreshes on every change; the
 //! reaper refreshes as well, which repairs anything a lost notification missed.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd};
 use std::sync::Weak;
 
 use futures::StreamExt;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::{RouteNetlinkMessage, address::AddressAttribute};
 use rtnetlink::sys::{Socket, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE};
 
 use crate::netlink::{NetlinkError, netns};
@@ -77,6 +79,28 @@ fn subscribe(ns: BorrowedFd<'_>) -> Result<TokioSocket, NetlinkError> {
     Ok(unsafe { TokioSocket::from_raw_fd(fd) })
 }
 
+/// Whether an address notification may change LOCAL_ADDRS: it names an IPv4
+/// address outside the slots' two /16s (or is not an address message at all).
+fn concerns_host(
+    msg: &NetlinkMessage<RouteNetlinkMessage>,
+    host_base: Ipv4Addr,
+    vrt_base: Ipv4Addr,
+) -> bool {
+    let NetlinkPayload::InnerMessage(
+        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a),
+    ) = &msg.payload
+    else {
+        return true;
+    };
+    let mut v4 = a.attributes.iter().filter_map(|attr| match attr {
+        AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
+            Some(*ip)
+        }
+        _ => None,
+    });
+    v4.any(|ip| !in_slash16(ip, host_base) && !in_slash16(ip, vrt_base))
+}
+
 /// Starts the task that refreshes LOCAL_ADDRS on every address change in the
 /// namespace `ns`; it ends when the manager is dropped (the manager aborts it at
 /// shutdown). Must be called inside a tokio runtime.
@@ -84,13 +108,25 @@ pub fn spawn_monitor(
     mgr: Weak<SlotManager>,
     ns: BorrowedFd<'_>,
 ) -> Result<tokio::task::JoinHandle<()>, NetlinkError> {
+    let (host_base, vrt_base) = match mgr.upgrade() {
+        Some(m) => (m.config().host_base, m.config().vrt_base),
+        None => return Err(NetlinkError::NotFound("the slot manager".into())),
+    };
     let socket = subscribe(ns)?;
     let (conn, _handle, mut changes) = rtnetlink::from_socket(socket);
     Ok(tokio::spawn(async move {
         let conn = tokio::spawn(conn);
-        while changes.next().await.is_some() {
-            // One refresh for a burst of notifications.
-            while changes.try_recv().is_ok() {}
+        while let Some((first, _)) = changes.next().await {
+            // One refresh for a burst of notifications, and none for a burst of
+            // slot veth addresses only (every create adds one, and a refresh
+            // lists every address of the namespace).
+            let mut relevant = concerns_host(&first, host_base, vrt_base);
+            while let Ok((msg, _)) = changes.try_recv() {
+                relevant |= concerns_host(&msg, host_base, vrt_base);
+            }
+            if !relevant {
+                continue;
+            }
             let Some(mgr) = mgr.upgrade() else { break };
             match refresh(&mgr).await {
                 Ok(addrs) => tracing::debug!(?addrs, "agent namespace addresses changed"),
@@ -104,6 +140,24 @@ pub fn spawn_monitor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn new_address(ip: &str) -> NetlinkMessage<RouteNetlinkMessage> {
+        let mut a = rtnetlink::packet_route::address::AddressMessage::default();
+        a.attributes
+            .push(AddressAttribute::Local(IpAddr::V4(ip.parse().unwrap())));
+        NetlinkMessage::from(RouteNetlinkMessage::NewAddress(a))
+    }
+
+    /// A slot's veth address (every create adds one) does not make the monitor
+    /// list every address of the namespace again; any other address does.
+    #[test]
+    fn only_host_addresses_trigger_a_refresh() {
+        let (h, v) = (Ipv4Addr::new(10, 11, 0, 0), Ipv4Addr::new(10, 12, 0, 0));
+        assert!(!concerns_host(&new_address("10.12.0.2"), h, v));
+        assert!(!concerns_host(&new_address("10.11.3.4"), h, v));
+        assert!(concerns_host(&new_address("192.0.2.7"), h, v));
+        assert!(concerns_host(&new_address("10.13.0.1"), h, v));
+    }
 
     #[test]
     fn slot_ranges_are_left_out() {
