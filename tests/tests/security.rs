@@ -998,3 +998,53 @@ fn policy_requests_are_validated_and_idempotent() -> Result<()> {
         Ok(())
     })
 }
+
+/// A TCP stream from a guest limited to 20 Mbit/s never gets more than the
+/// limit plus its burst through (the limiter drops, TCP backs off, every byte
+/// still arrives), and the drops are counted as `rate_limited`.
+#[test]
+fn rate_limit_paces_a_tcp_stream() -> Result<()> {
+    let Some(d) = Daemon::start("rate_limit_paces_a_tcp_stream")? else {
+        return Ok(());
+    };
+    let rt = rt();
+    const LIMIT: u64 = 20_000_000;
+    const BURST: u64 = 256 << 10;
+    const LEN: usize = 8 << 20;
+    let g1 = guest_ns(&d, 1)?;
+    let limited = PolicyRequest {
+        rate_limit: Some(RateLimitSpec {
+            bits_per_second: LIMIT,
+            burst_bytes: BURST,
+        }),
+        ..PolicyRequest::default()
+    };
+    veth_slot(&d, &rt, 1, &g1, limited)?;
+    let _echo = TcpEcho::start(&d.world.wan_ns, SocketAddrV4::new(WAN, PORT))?;
+    let before = drops(&d, &rt, 1)?;
+    let start = Instant::now();
+    ensure!(
+        tcp_echo_from(&g1.name, SocketAddrV4::new(WAN, PORT), LEN, TIMEOUT)?,
+        "the limited guest cannot connect"
+    );
+    let secs = start.elapsed().as_secs_f64();
+    let goodput = (LEN * 8) as f64 / secs;
+    let ceiling = LIMIT as f64 + (BURST * 8) as f64 / secs;
+    let got = drop_delta(&before, &drops(&d, &rt, 1)?);
+    eprintln!(
+        "tcp through a {LIMIT} bit/s limit: {LEN} bytes in {secs:.2} s = {:.2} Mbit/s goodput (ceiling {:.2}); drops {got:?}",
+        goodput / 1e6,
+        ceiling / 1e6
+    );
+    ensure!(
+        goodput <= 1.05 * ceiling,
+        "{:.2} Mbit/s of goodput through a {:.2} Mbit/s limit",
+        goodput / 1e6,
+        ceiling / 1e6
+    );
+    ensure!(
+        got.keys().collect::<Vec<_>>() == ["rate_limited"],
+        "drops {got:?}, want rate_limited only"
+    );
+    Ok(())
+}
