@@ -70,6 +70,13 @@ pub async fn cleanup(prefix: &str, bpffs: &Path) -> Result<CleanupReport, Cleanu
             crate::slot::adopt::records_dir(prefix).display()
         ));
     }
+    match remove_uplink_filters(&host).await {
+        Ok(0) => {}
+        Ok(n) => report
+            .links
+            .push(format!("uplink_ingress filter on {n} interface(s)")),
+        Err(e) => report.failures.push(e),
+    }
     match remove_pins(bpffs) {
         Ok(n) => report.pins = n,
         Err(e) => report
@@ -156,6 +163,60 @@ pub async fn remove_leftovers_except(
         }
     }
     Ok(report)
+}
+
+/// Removes netagent's uplink filter (the clsact fallback on kernels without
+/// TCX: priority `FILTER_PRIORITY`, handle `UPLINK_FILTER_HANDLE`, program
+/// `uplink_ingress`) from every interface of the host namespace; it outlives
+/// the agent like the slots' filters. (A TCX uplink link goes with its pin.)
+/// Returns on how many interfaces one was removed.
+async fn remove_uplink_filters(host: &Netlink) -> Result<usize, String> {
+    use aya::programs::{
+        TcAttachType,
+        links::Link as _,
+        tc::{SchedClassifierLink, TcHandle},
+    };
+    use futures::TryStreamExt;
+    use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+
+    let mut removed = 0;
+    for link in host.link_list().await.map_err(|e| e.to_string())? {
+        let filters: Vec<_> = host
+            .handle()
+            .traffic_filter(link.index as i32)
+            .get()
+            .ingress()
+            .execute()
+            .try_collect()
+            .await
+            .unwrap_or_default();
+        let ours = filters.iter().any(|m| {
+            let handle = u32::from(m.header.handle.major) << 16 | u32::from(m.header.handle.minor);
+            let uplink_prog = m.attributes.iter().any(|a| {
+                matches!(a, TcAttribute::Options(opts) if opts.iter().any(|o| matches!(
+                    o, TcOption::Bpf(TcFilterBpfOption::ProgName(n)) if n == "uplink_ingress"
+                )))
+            });
+            (m.header.info >> 16) as u16 == crate::bpf::FILTER_PRIORITY
+                && handle == crate::bpf::UPLINK_FILTER_HANDLE
+                && uplink_prog
+        });
+        if !ours {
+            continue;
+        }
+        SchedClassifierLink::attached(
+            &link.name,
+            TcAttachType::Ingress,
+            crate::bpf::FILTER_PRIORITY,
+            TcHandle::from(crate::bpf::UPLINK_FILTER_HANDLE),
+            None,
+        )
+        .map_err(|e| format!("find the uplink_ingress filter on {}: {e}", link.name))?
+        .detach()
+        .map_err(|e| format!("remove the uplink_ingress filter from {}: {e}", link.name))?;
+        removed += 1;
+    }
+    Ok(removed)
 }
 
 /// Removes everything under `dir` if it is on a bpf filesystem; returns how many

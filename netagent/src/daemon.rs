@@ -17,12 +17,16 @@
 //! requests finish (at most `api::server::DRAIN_TIMEOUT`), stop the reaper,
 //! remove the socket, then **delete every slot** (namespaces, veths, routes, map
 //! entries and flows), detach the datapath and release the lock (exit status 0
-//! if all of it worked). Slots do not outlive the agent: a host
-//! agent re-creates them after restarting netagent. Deleting is the safe default
-//! while slots cannot be adopted — a slot left behind without an agent would keep
-//! stale NAT state nobody reaps. (A later version adopts intact slots instead, so
-//! a restart loses no traffic.) After `kill -9` nothing is deleted; the next
-//! `netagent up` of the prefix, or `netagent cleanup`, removes the leftovers.
+//! if all of it worked): the host is left as it was before the agent ran.
+//!
+//! **Exit keeping the slots** (SIGUSR1, for an upgrade or a restart): the same
+//! until the socket is removed, then the lock is released and the process exits
+//! (status 0) without deleting or detaching anything: slots keep forwarding,
+//! the maps, the layout descriptor and the uplink's link stay pinned. After
+//! `kill -9` or a crash it is the same. The next `netagent up` of the prefix
+//! reuses the maps (if their layout matches), adopts every intact slot,
+//! replaces the program on every hook in place and removes what is broken
+//! (see `slot::adopt`); `netagent cleanup` removes everything instead.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Read, Seek, Write};
@@ -466,7 +470,7 @@ pub async fn bind_tcp(addr: std::net::SocketAddr) -> Result<TcpListener, DaemonE
         .map_err(|source| DaemonError::BindTcp { addr, source })
 }
 
-/// Resolves on the first SIGINT or SIGTERM with the signal's name.
+/// Resolves on the first SIGINT, SIGTERM or SIGUSR1 with the signal's name.
 fn shutdown_signal() -> Result<impl Future<Output = &'static str>, DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal {
         signal: "SIGTERM",
@@ -476,13 +480,21 @@ fn shutdown_signal() -> Result<impl Future<Output = &'static str>, DaemonError> 
         signal: "SIGINT",
         source,
     })?;
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|source| DaemonError::Signal {
+        signal: "SIGUSR1",
+        source,
+    })?;
     Ok(async move {
         tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
+            _ = usr1.recv() => KEEP_SLOTS_SIGNAL,
         }
     })
 }
+
+/// The signal that makes the agent exit without deleting its slots.
+const KEEP_SLOTS_SIGNAL: &str = "SIGUSR1";
 
 /// Raises the soft open-files limit to the hard limit: every slot holds a few
 /// descriptors (namespace, TCX links), so the usual soft limit of 1024 would cap
@@ -582,6 +594,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tracing::warn!(socket = %config.socket.display(), error = %e, "cannot remove the API socket");
     }
     let slots = controller.metrics().map(|m| m.slots.len()).unwrap_or(0);
+    if *signal_name.lock().unwrap_or_else(|p| p.into_inner()) == KEEP_SLOTS_SIGNAL {
+        tracing::info!(
+            slots,
+            "exiting without deleting the slots ({KEEP_SLOTS_SIGNAL}): they keep forwarding, \
+             and the next `netagent up` adopts them"
+        );
+        drop(lock);
+        // Now, before any destructor runs: dropping the datapath would unpin
+        // the maps and detach the uplink.
+        std::process::exit(0);
+    }
     tracing::info!(slots, "deleting every slot and detaching the datapath");
     let result = controller.shutdown().await;
     drop(lock);
