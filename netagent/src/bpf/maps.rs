@@ -1,6 +1,7 @@
 //! Typed access to the datapath's maps. The maps are taken out of the `Ebpf`
 //! object after loading, so each has one owner here.
 
+use std::os::fd::AsFd;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
@@ -217,6 +218,17 @@ impl Maps {
     /// (the datapath or the reaper deleted them) are skipped.
     pub fn flows(&self, t: FlowTable) -> Result<Vec<(FlowKey, NatEntry)>, BpfError> {
         let map = self.table(t);
+        match super::batch::lookup_all(aya::maps::IterableMap::map(map).fd().as_fd()) {
+            Ok(all) => return Ok(all),
+            Err(e) if super::batch::unsupported(&e) => {}
+            Err(e) => {
+                return Err(BpfError::syscall(
+                    format!("BPF_MAP_LOOKUP_BATCH on {}", t.map_name()),
+                    e,
+                ));
+            }
+        }
+        // A kernel without batch operations: key by key.
         let mut out = Vec::new();
         for key in map.keys() {
             let key = key.map_err(|e| BpfError::map(t.map_name(), "iterate", e))?;
@@ -231,6 +243,19 @@ impl Maps {
 
     /// Number of entries of a flow table.
     pub fn flow_count(&self, t: FlowTable) -> Result<usize, BpfError> {
+        let map = self.table(t);
+        match super::batch::lookup_all::<FlowKey, NatEntry>(
+            aya::maps::IterableMap::map(map).fd().as_fd(),
+        ) {
+            Ok(all) => return Ok(all.len()),
+            Err(e) if super::batch::unsupported(&e) => {}
+            Err(e) => {
+                return Err(BpfError::syscall(
+                    format!("BPF_MAP_LOOKUP_BATCH on {}", t.map_name()),
+                    e,
+                ));
+            }
+        }
         let mut n = 0;
         for key in self.table(t).keys() {
             key.map_err(|e| BpfError::map(t.map_name(), "iterate", e))?;

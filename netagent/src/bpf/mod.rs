@@ -83,13 +83,14 @@
 //! pins), `layout` (the map layout descriptor checked before reuse), `attach`
 //! (per-slot tc filters, the uplink's pinned TCX link with a clsact fallback,
 //! in-place program replacement of a previous run's hooks, netns hopping), `maps`
-//! (typed map access),
+//! (typed map access), `batch` (whole-table reads in a few system calls),
 //! `reap` (flow expiry), `stats` (counters, table usage), `netns_cookie` (running
 //! code inside a slot namespace, `SO_NETNS_COOKIE`), `policy` (egress rules,
 //! bandwidth limit, guest MAC), `test_run` (BPF_PROG_TEST_RUN) and
 //! `test_run_dev` (the same with the skb on a given device).
 
 mod attach;
+mod batch;
 mod error;
 pub mod layout;
 mod load;
