@@ -1,9 +1,9 @@
 //! Typed access to the datapath's maps. The maps are taken out of the `Ebpf`
 //! object after loading, so each has one owner here.
 
-use std::os::fd::AsFd;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
 
 use aya::maps::{
     Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
