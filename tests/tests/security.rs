@@ -86,7 +86,7 @@ fn guest_ns(d: &Daemon, n: u32) -> Result<Netns> {
 }
 
 /// Creates slot `n` as a veth guest link into `guest` with `policy`; the guest's
-/// eth0 gets [`GUEST_MAC`].
+/// eth0 has `policy`'s guest MAC (the agent sets it) or gets [`GUEST_MAC`].
 fn veth_slot(
     d: &Daemon,
     rt: &tokio::runtime::Runtime,
@@ -99,16 +99,35 @@ fn veth_slot(
     };
     let (slot, created) = rt.block_on(d.client().create_slot_with(n, &link, &policy))?;
     ensure!(created);
-    ip(&[
-        "-n",
-        &guest.name,
-        "link",
-        "set",
-        "eth0",
-        "address",
-        &mac_text(GUEST_MAC),
-    ])?;
+    match policy.guest_mac {
+        Some(mac) => ensure!(
+            eth0_mac(&guest.name)? == mac_text(mac.0),
+            "the agent did not give the guest's eth0 its MAC"
+        ),
+        None => ip(&[
+            "-n",
+            &guest.name,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            &mac_text(GUEST_MAC),
+        ])?,
+    }
     Ok(slot)
+}
+
+/// The MAC of `eth0` in namespace `ns`, as `ip` prints it.
+fn eth0_mac(ns: &str) -> Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "-n", ns, "link", "show", "eth0"])
+        .output()?;
+    ensure!(out.status.success(), "ip link show eth0 in {ns}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_string)
+        .context("no address")
 }
 
 fn drops(d: &Daemon, rt: &tokio::runtime::Runtime, n: i64) -> Result<BTreeMap<String, u64>> {

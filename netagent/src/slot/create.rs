@@ -61,8 +61,8 @@ pub enum CreateStep {
     /// txqueuelen, address, up (`GuestLink::Tap`), or the veth `tap0` (same
     /// ifindex) whose peer is the guest's `eth0` (`GuestLink::Veth`).
     GuestLink,
-    /// The guest end of a veth guest link: address, up, default route
-    /// (`GuestLink::Veth` only).
+    /// The guest end of a veth guest link: the slot's guest MAC (if it has
+    /// one), address, up, default route (`GuestLink::Veth` only).
     GuestConfig,
     /// Default route in the slot namespace via the host veth.
     SlotRoute,
@@ -317,6 +317,14 @@ async fn build(
             .link_get(GUEST_VETH_NAME)
             .await
             .map_err(at(GuestConfig))?;
+        // The guest's MAC, when the slot has one: the only source the datapath
+        // lets through.
+        if let Some(mac) = policy.guest_mac {
+            guest
+                .link_set_mac(geth.index, mac.0)
+                .await
+                .map_err(at(GuestConfig))?;
+        }
         guest
             .addr_add(geth.index, GUEST_IP, TAP_PREFIX)
             .await
