@@ -16,7 +16,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
 use aya::programs::{SchedClassifier, TcAttachType};
-use netagent::slot::{CreateStep, DeleteStep, GuestLink};
+use netagent::bpf::EgressRules;
+use netagent::slot::{CreateStep, DeleteStep, GuestLink, GuestMac, PolicyRequest, RateLimitSpec};
 use netagent_common::{FlowKey, MAP_NAT_EGRESS, MAP_SLOTS, NatEntry, SlotInfo};
 use netagent_tests::daemon::{Daemon, Netns, UPLINK, WAN_IP, in_netns, spawn_in_netns};
 use netagent_tests::leaks::{Strictness, Target, settled_leaks, snapshot};
@@ -396,11 +397,27 @@ fn broken_slots_are_removed_and_intact_ones_adopted() -> Result<()> {
     };
     let rt = rt();
     let p = d.world.prefix.clone();
-    rt.block_on(async {
-        for n in [1, 2, 3, 4] {
+    // Slot 4 carries every security setting: they are read back from the maps.
+    let policy = PolicyRequest {
+        guest_mac: Some(GuestMac([0x02, 0, 0, 0, 0, 0x44])),
+        egress: Some(EgressRules {
+            allow: vec!["198.18.0.0/24".parse()?],
+            deny: vec!["198.19.0.0/16".parse()?],
+        }),
+        rate_limit: Some(RateLimitSpec {
+            bits_per_second: 80_000_000,
+            burst_bytes: 65_536,
+        }),
+    };
+    let slot4 = rt.block_on(async {
+        for n in [1, 2, 3] {
             d.client().create_slot(n, &GuestLink::Tap).await?;
         }
-        anyhow::Ok(())
+        let (slot4, _) = d
+            .client()
+            .create_slot_with(4, &GuestLink::Tap, &policy)
+            .await?;
+        anyhow::Ok(slot4)
     })?;
     d.stop_with(nix::sys::signal::Signal::SIGKILL)?;
 
@@ -417,6 +434,11 @@ fn broken_slots_are_removed_and_intact_ones_adopted() -> Result<()> {
         .map(|s| s.addr.index)
         .collect();
     ensure!(listed == vec![1, 4], "adopted {listed:?}");
+    let adopted4 = rt.block_on(d.client().slot(4))?;
+    ensure!(adopted4 == slot4, "{adopted4:?} != {slot4:?}");
+    // The same request again is "exists identically".
+    let (_, created) = rt.block_on(d.client().create_slot_with(4, &GuestLink::Tap, &policy))?;
+    ensure!(!created);
     let line = startup_line(&d);
     ensure!(
         line.contains("adopted 2 slot(s) [1, 4]")
