@@ -59,6 +59,10 @@ pub struct Maps {
     stats: PerCpuArray<MapData, SlotStats>,
     guest_l2: Array<MapData, GuestL2>,
     policy: LpmTrie<MapData, [u32; 2], PolicyRule>,
+    /// POLICY's entries by slot, as written here: only userspace writes
+    /// POLICY, so a slot's rules are found without walking every slot's
+    /// (filled from the map once, when a previous run's pins are reused).
+    policy_index: std::collections::HashMap<u32, std::collections::HashMap<PolicyKey, PolicyRule>>,
     rate: Array<MapData, RateLimit>,
 }
 
@@ -97,7 +101,7 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 
 impl Maps {
     pub(super) fn take(ebpf: &mut aya::Ebpf) -> Result<Maps, BpfError> {
-        Ok(Maps {
+        let mut maps = Maps {
             config: take(ebpf, MAP_CONFIG)?,
             slots: take(ebpf, MAP_SLOTS)?,
             addr_slots: take(ebpf, MAP_ADDR_SLOTS)?,
@@ -109,8 +113,18 @@ impl Maps {
             stats: take(ebpf, MAP_STATS)?,
             guest_l2: take(ebpf, MAP_GUEST_L2)?,
             policy: take(ebpf, MAP_POLICY)?,
+            policy_index: std::collections::HashMap::new(),
             rate: take(ebpf, MAP_RATE)?,
-        })
+        };
+        for entry in maps.policy.iter() {
+            let (key, rule) = entry.map_err(|e| BpfError::map(MAP_POLICY, "iterate", e))?;
+            let key = policy_key(&key);
+            maps.policy_index
+                .entry(key.slot_index())
+                .or_default()
+                .insert(key, rule);
+        }
+        Ok(maps)
     }
 
     /// The global configuration (CONFIG[0]).
@@ -365,28 +379,37 @@ impl Maps {
 
     /// Every POLICY entry of `slot` (0: the defaults).
     pub fn policy_rules(&self, slot: u32) -> Result<Vec<(PolicyKey, PolicyRule)>, BpfError> {
-        let mut out = Vec::new();
-        for entry in self.policy.iter() {
-            let (key, rule) = entry.map_err(|e| BpfError::map(MAP_POLICY, "iterate", e))?;
-            let key = policy_key(&key);
-            if key.slot_index() == slot {
-                out.push((key, rule));
-            }
-        }
-        Ok(out)
+        Ok(self
+            .policy_index
+            .get(&slot)
+            .map(|rules| rules.iter().map(|(k, r)| (*k, *r)).collect())
+            .unwrap_or_default())
     }
 
     /// Inserts or replaces a POLICY entry.
     pub fn insert_policy(&mut self, key: &PolicyKey, rule: &PolicyRule) -> Result<(), BpfError> {
         self.policy
             .insert(&trie_key(key), rule, 0)
-            .map_err(|e| BpfError::map(MAP_POLICY, "update", e))
+            .map_err(|e| BpfError::map(MAP_POLICY, "update", e))?;
+        self.policy_index
+            .entry(key.slot_index())
+            .or_default()
+            .insert(*key, *rule);
+        Ok(())
     }
 
     /// Deletes a POLICY entry (absent is fine).
     pub fn remove_policy(&mut self, key: &PolicyKey) -> Result<(), BpfError> {
         ignore_missing(self.policy.remove(&trie_key(key)))
-            .map_err(|e| BpfError::map(MAP_POLICY, "delete", e))
+            .map_err(|e| BpfError::map(MAP_POLICY, "delete", e))?;
+        let slot = key.slot_index();
+        if let Some(rules) = self.policy_index.get_mut(&slot) {
+            rules.remove(key);
+            if rules.is_empty() {
+                self.policy_index.remove(&slot);
+            }
+        }
+        Ok(())
     }
 
     /// Deletes every POLICY entry of `slot`; returns how many.
