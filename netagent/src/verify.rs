@@ -8,7 +8,7 @@
 //! on eth0, `veth_ingress` on the host veth); `eth0`'s ifindex
 //! (`SLOT_ETH0_IFINDEX`, which the shared `tap_ingress` redirects to); and its
 //! SLOTS, VETH_SLOTS and ADDR_SLOTS entries (ifindices, MACs and addresses must
-//! match the links and the address plan). Then the uplink (`uplink_ingress`
+//! match the links and the address plan); and its slot record (`slot::adopt`). Then the uplink (`uplink_ingress`
 //! attached, CONFIG pointing at it) and everything of the prefix the agent does not know: namespaces, host veths,
 //! routes through them or into the HostIP /16, active SLOTS entries, lookup
 //! entries and flows of unknown slots.
@@ -430,7 +430,13 @@ struct Observed {
     tap: Option<Link>,
 }
 
-async fn check_slot(d: &mut Diffs, host: &NsState, host_nl: &Netlink, slot: &Slot) -> Observed {
+async fn check_slot(
+    d: &mut Diffs,
+    prefix: &str,
+    host: &NsState,
+    host_nl: &Netlink,
+    slot: &Slot,
+) -> Observed {
     let a = &slot.addr;
     let n = a.index;
     let mut seen = Observed::default();
@@ -449,6 +455,16 @@ async fn check_slot(d: &mut Diffs, host: &NsState, host_nl: &Netlink, slot: &Slo
         check_programs(d, Some(n), None, host_nl, veth, hostw, PROG_VETH).await;
     }
     seen.veth = veth.cloned();
+
+    // The record a restart adopts the slot by (see `slot::adopt`).
+    let record = crate::slot::adopt::records_dir(prefix).join(n.to_string());
+    if !record.exists() {
+        d.missing(
+            Some(n),
+            format!("slot record {}", record.display()),
+            "present (written when the create finished)",
+        );
+    }
 
     let ns = match netns::open(&a.namespace) {
         Ok(ns) => ns,
@@ -899,7 +915,7 @@ async fn verify_once(mgr: &SlotManager) -> Result<VerifyReport, VerifyError> {
 
     let mut observed = Vec::with_capacity(slots.len());
     for slot in &slots {
-        observed.push(check_slot(&mut d, &host, &host_nl, slot).await);
+        observed.push(check_slot(&mut d, plan.prefix(), &host, &host_nl, slot).await);
     }
     let known: BTreeMap<u32, &Observed> = slots
         .iter()

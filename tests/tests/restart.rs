@@ -464,6 +464,26 @@ fn broken_slots_are_removed_and_intact_ones_adopted() -> Result<()> {
         anyhow::Ok(())
     })?;
     verify_clean(&d, &rt)?;
+
+    // A slot without its record: verify names it, and a restart does not
+    // adopt it (the record is what says its create finished).
+    let record = netagent::slot::adopt::records_dir(&p).join("4");
+    std::fs::remove_file(&record).with_context(|| format!("{}", record.display()))?;
+    let report = rt.block_on(d.client().verify())?;
+    ensure!(
+        !report.clean && report.render().contains("slot 4: missing slot record"),
+        "{}",
+        report.render()
+    );
+    d.stop_with(nix::sys::signal::Signal::SIGKILL)?;
+    d.launch(&[])?;
+    let line = startup_line(&d);
+    ensure!(
+        line.contains("adopted 2 slot(s) [2, 3]")
+            && line.contains("slot 4 (no record of a finished create"),
+        "{line}"
+    );
+    verify_clean(&d, &rt)?;
     Ok(())
 }
 

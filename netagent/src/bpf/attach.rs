@@ -344,7 +344,8 @@ fn replace_uplink(
 }
 
 /// Removes a previous run's uplink hook that is not taken over: its link pin
-/// (which detaches it) and a filter of ours on `ifindexes`.
+/// (which detaches it) and any filter running `uplink_ingress` on `ifindexes`
+/// (found by program name, so nobody else's filter is touched).
 fn remove_stale_uplink(pin: &Path, ifindexes: &[u32]) -> Result<(), BpfError> {
     match std::fs::remove_file(pin) {
         Ok(()) => tracing::info!(pin = %pin.display(), "removed the previous run's uplink link"),
@@ -352,8 +353,25 @@ fn remove_stale_uplink(pin: &Path, ifindexes: &[u32]) -> Result<(), BpfError> {
         Err(e) => return Err(BpfError::syscall(format!("unlink {}", pin.display()), e)),
     }
     for &ifindex in ifindexes {
-        if ifindex != 0 {
-            detach_filter(ifindex, UPLINK_FILTER_HANDLE)?;
+        if ifindex == 0 {
+            continue;
+        }
+        let Ok(name) = ifname(ifindex) else {
+            continue;
+        };
+        match tc::qdisc_detach_program(&name, TcAttachType::Ingress, Program::UplinkIngress.name())
+        {
+            Ok(()) => tracing::info!(uplink = %name, "removed the previous run's uplink filter"),
+            Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(TcError::NetlinkError(e))
+                if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) => {}
+            Err(e) => {
+                return Err(BpfError::program(
+                    Program::UplinkIngress.name(),
+                    "removing the previous run's filter",
+                    ProgramError::from(e),
+                ));
+            }
         }
     }
     Ok(())

@@ -374,6 +374,14 @@ pub(super) async fn adopt_previous(mgr: &SlotManager) -> AdoptReport {
         }
     };
     for index in indices {
+        if index >= mgr.config().max_slots {
+            // Beyond this agent's maps: removed by name with the other leftovers.
+            let why = format!("index not below max_slots {}", mgr.config().max_slots);
+            tracing::warn!(slot = index, reason = %why, "removing a previous run's slot that cannot be adopted");
+            let _ = remove_record(mgr.plan().prefix(), index);
+            report.removed.push((index, why));
+            continue;
+        }
         match adopt_one(mgr, index).await {
             Ok(slot) => {
                 tracing::info!(slot = index, guest = ?slot.guest, "adopted the previous run's slot");
