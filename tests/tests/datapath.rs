@@ -2144,9 +2144,19 @@ fn maps_are_pinned_and_another_instances_pins_are_left_alone() {
     };
     let first_id = config_id();
     {
-        let _second = Datapath::load(&cfg).expect("second instance on the same directory");
-        let second_id = config_id();
-        assert_ne!(first_id, second_id, "the second instance pinned fresh maps");
+        // Pins are reused by a restarted agent, so a second live datapath on
+        // the directory is refused rather than handed the first one's maps.
+        let err = Datapath::load(&cfg).expect_err("a second live instance on the same directory");
+        assert!(
+            err.to_string()
+                .contains("in use by another running netagent datapath"),
+            "{err}"
+        );
+        assert_eq!(
+            config_id(),
+            first_id,
+            "the first instance's pins are untouched"
+        );
     }
     drop(first);
     assert!(!dir.exists(), "the bpffs mounted for the pins is gone");

@@ -27,6 +27,10 @@ static PRIVATE_DIRS: AtomicU32 = AtomicU32::new(0);
 #[derive(Debug)]
 pub(super) struct PinDir {
     dir: PathBuf,
+    /// An exclusive `flock` on the directory while this datapath lives: pins
+    /// are reused by a restarted agent, so two live datapaths must never share
+    /// a directory (the second would take over the first's maps).
+    lock: Option<nix::fcntl::Flock<std::fs::File>>,
     /// A bpffs this instance mounted itself (unmounted and removed on drop).
     own_mount: Option<PathBuf>,
     /// Kernel id of the CONFIG map this instance pinned: tells our pins from those
@@ -61,11 +65,14 @@ impl PinDir {
             let _ = std::fs::remove_dir(&dir);
             return Err(e);
         }
-        Ok(PinDir {
+        let mut pins = PinDir {
             own_mount: Some(dir.clone()),
             dir,
+            lock: None,
             config_id: None,
-        })
+        };
+        pins.lock()?;
+        Ok(pins)
     }
 
     /// `dir`, made to be on a bpffs: used as is when it already is; under
@@ -73,11 +80,7 @@ impl PinDir {
     /// mounted on `dir` itself.
     pub(super) fn at(dir: &Path) -> Result<PinDir, BpfError> {
         if dir.is_dir() && is_bpffs(dir) {
-            return Ok(PinDir {
-                dir: dir.to_owned(),
-                own_mount: None,
-                config_id: None,
-            });
+            return PinDir::locked(dir, None);
         }
         let sys = Path::new(SYS_FS_BPF);
         if dir.starts_with(sys) && dir != sys {
@@ -85,30 +88,52 @@ impl PinDir {
                 mount_bpffs(sys)?;
             }
             create_dir(dir)?;
-            return Ok(PinDir {
-                dir: dir.to_owned(),
-                own_mount: None,
-                config_id: None,
-            });
+            return PinDir::locked(dir, None);
         }
         if let Some(parent) = dir.parent()
             && parent.is_dir()
             && is_bpffs(parent)
         {
             create_dir(dir)?;
-            return Ok(PinDir {
-                dir: dir.to_owned(),
-                own_mount: None,
-                config_id: None,
-            });
+            return PinDir::locked(dir, None);
         }
         create_dir(dir)?;
         mount_bpffs(dir)?;
-        Ok(PinDir {
+        PinDir::locked(dir, Some(dir.to_owned()))
+    }
+
+    fn locked(dir: &Path, own_mount: Option<PathBuf>) -> Result<PinDir, BpfError> {
+        let mut pins = PinDir {
             dir: dir.to_owned(),
-            own_mount: Some(dir.to_owned()),
+            own_mount,
+            lock: None,
             config_id: None,
-        })
+        };
+        pins.lock()?;
+        Ok(pins)
+    }
+
+    /// Takes the exclusive lock of the directory; fails when another live
+    /// datapath holds it.
+    fn lock(&mut self) -> Result<(), BpfError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let file = std::fs::File::open(&self.dir)
+            .map_err(|e| BpfError::syscall(format!("open {}", self.dir.display()), e))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => {
+                self.lock = Some(lock);
+                Ok(())
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(BpfError::Config(format!(
+                "the pin directory {} is in use by another running netagent datapath; give each \
+                 instance its own bpffs directory",
+                self.dir.display()
+            ))),
+            Err((_, e)) => Err(BpfError::syscall(
+                format!("flock {}", self.dir.display()),
+                e.into(),
+            )),
+        }
     }
 
     /// The directory.
