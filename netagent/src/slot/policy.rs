@@ -110,6 +110,12 @@ pub fn validate_egress(egress: &EgressRules) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether two rule sets are the same, in whatever order the CIDRs are listed.
+pub fn same_rules(a: &EgressRules, b: &EgressRules) -> bool {
+    let set = |v: &[crate::bpf::Cidr]| v.iter().copied().collect::<BTreeSet<_>>();
+    set(&a.allow) == set(&b.allow) && set(&a.deny) == set(&b.deny)
+}
+
 /// A slot's bandwidth limit for traffic from the guest: a sustained rate and
 /// the burst allowed above it. Frames beyond it are dropped (`rate_limited`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,7 +215,7 @@ impl PolicyRequest {
             ));
         }
         if let Some(egress) = &self.egress
-            && *egress != have.egress
+            && !same_rules(egress, &have.egress)
         {
             return Some(format!(
                 "slot {index} exists with other egress rules; change them with PUT /v1/slots/{index}/egress"
@@ -340,6 +346,16 @@ mod tests {
             egress: Some(EgressRules::default()),
             ..PolicyRequest::default()
         };
+        let reordered = PolicyRequest {
+            egress: Some(EgressRules {
+                allow: vec![cidr("192.168.0.0/16"), cidr("10.0.0.0/8")],
+                deny: vec![],
+            }),
+            ..PolicyRequest::default()
+        };
+        let mut have2 = have.clone();
+        have2.egress.allow.push(cidr("192.168.0.0/16"));
+        assert_eq!(reordered.mismatch(1, &have2), None);
         assert!(
             other_egress
                 .mismatch(1, &have)
