@@ -309,9 +309,12 @@ fn daemon_api_vm_stats_and_cleanup() -> Result<()> {
         stats.nat.allocations >= 2,
         "a TCP and an ICMP flow need two allocations: {stats:?}"
     );
+    // The guest kernel's own IPv6 (router solicitations, MLD reports) is the
+    // only thing dropped: at the TAP, counted as such (IPv6 is not carried).
+    let ipv6 = stats.drops.get("ipv6").copied().unwrap_or(0);
     ensure!(
-        stats.nat.failures == 0 && stats.drops_total() == 0,
-        "failures or drops: {stats:?}"
+        stats.nat.failures == 0 && stats.drops_total() == ipv6,
+        "failures or drops other than ipv6: {stats:?}"
     );
     let metrics = rt.block_on(client.metrics())?;
     for (family, dir, want) in [

@@ -317,7 +317,7 @@ fn create_makes_exactly_what_the_design_says() -> Result<()> {
     // The masquerade range is reserved in the host namespace only.
     let reserved =
         world.in_host(|| netagent::netlink::sysctl::read("net.ipv4.ip_local_reserved_ports"))??;
-    assert_eq!(reserved, "20000-32767");
+    assert_eq!(reserved, "10000-32767");
     agent.shutdown()?;
     let reserved =
         world.in_host(|| netagent::netlink::sysctl::read("net.ipv4.ip_local_reserved_ports"))??;
