@@ -234,8 +234,8 @@ pub struct ConfigFlags {
     #[arg(long, value_name = "SECS")]
     pub timeouts_reap_interval: Option<u64>,
     /// [egress_default_deny] CIDRs guests may not reach unless a slot allows them,
-    /// comma-separated; "" for none (default 10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,
-    /// 100.64.0.0/10,169.254.0.0/16,224.0.0.0/4,240.0.0.0/4).
+    /// comma-separated; "" for none (default 0.0.0.0/8,127.0.0.0/8,10.0.0.0/8,
+    /// 172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,169.254.0.0/16,224.0.0.0/4,240.0.0.0/4).
     #[arg(long, value_name = "CIDR,...", value_parser = parse_cidr_list)]
     pub egress_default_deny: Option<CidrList>,
     /// [table_warn_percent] Warn when a NAT or flow table is this full, 1 to 100 (default 80).

@@ -575,6 +575,8 @@ fn host_address_allowed_as_a_slash_32_passes() {
 fn default_deny_ranges_are_policy_denied() {
     let Some(mut w) = world() else { return };
     let denied = [
+        Ipv4Addr::new(0, 1, 2, 3),
+        Ipv4Addr::new(127, 0, 0, 1),
         Ipv4Addr::new(10, 1, 2, 3),
         Ipv4Addr::new(172, 16, 0, 1),
         Ipv4Addr::new(172, 31, 255, 254),

@@ -18,10 +18,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::{BpfError, Datapath, ip_from_map, ip_to_map};
 
 /// The default deny list of guest-initiated traffic (config
-/// `egress_default_deny`): private, shared (CGNAT), link-local (cloud metadata
-/// 169.254.169.254 included), multicast and reserved ranges (the limited
-/// broadcast 255.255.255.255 included).
-pub const DEFAULT_EGRESS_DENY: [Cidr; 7] = [
+/// `egress_default_deny`): "this network", loopback, private, shared (CGNAT),
+/// link-local (cloud metadata 169.254.169.254 included), multicast and
+/// reserved ranges (the limited broadcast 255.255.255.255 included).
+pub const DEFAULT_EGRESS_DENY: [Cidr; 9] = [
+    // "This network" and loopback: never a destination worth leaving the host.
+    Cidr::new_unchecked(Ipv4Addr::new(0, 0, 0, 0), 8),
+    Cidr::new_unchecked(Ipv4Addr::new(127, 0, 0, 0), 8),
     Cidr::new_unchecked(Ipv4Addr::new(10, 0, 0, 0), 8),
     Cidr::new_unchecked(Ipv4Addr::new(172, 16, 0, 0), 12),
     Cidr::new_unchecked(Ipv4Addr::new(192, 168, 0, 0), 16),
