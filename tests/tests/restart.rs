@@ -725,3 +725,54 @@ fn sigusr1_exits_keeping_the_slots_for_an_upgrade_that_loses_nothing() -> Result
     );
     Ok(())
 }
+
+#[test]
+fn cleanup_after_a_kill_removes_every_hook_pin_and_record() -> Result<()> {
+    let test = "cleanup_after_a_kill_removes_every_hook_pin_and_record";
+    let Some(mut d) = Daemon::start(test)? else {
+        return Ok(());
+    };
+    let rt = rt();
+    rt.block_on(d.client().create_slot(1, &GuestLink::Tap))?;
+    d.stop_with(nix::sys::signal::Signal::SIGKILL)?;
+    // Everything outlived the agent: the uplink's hook, the pins, the record.
+    uplink_prog_id(&d.world.host_ns)?;
+    let records = netagent::slot::adopt::records_dir(&d.world.prefix);
+    ensure!(records.join("1").exists());
+    ensure!(
+        d.world
+            .bpffs()
+            .join(netagent::bpf::UPLINK_LINK_PIN)
+            .exists()
+    );
+
+    let (p, bpffs) = (
+        d.world.prefix.clone(),
+        d.world.bpffs().display().to_string(),
+    );
+    let out = d.cli(&["cleanup", "--prefix", &p, "--bpffs", &bpffs])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(d.world.slot_namespaces().is_empty());
+    ensure!(!records.exists(), "the slot records are left");
+    let pins: Vec<_> = std::fs::read_dir(d.world.bpffs())?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    ensure!(pins.is_empty(), "pins left: {pins:?}");
+    let left = spawn_in_netns(&d.world.host_ns, || {
+        let (_, progs) = SchedClassifier::query_tcx(UPLINK, TcAttachType::Ingress)?;
+        Ok(progs.len())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("query thread panicked"))??;
+    ensure!(left == 0, "{left} program(s) still on the uplink");
+    ensure!(
+        filter_prog_id(&d.world.host_ns, UPLINK).is_err(),
+        "a filter is still on the uplink"
+    );
+    Ok(())
+}
