@@ -521,7 +521,7 @@ impl Controller {
 }
 
 /// Starts the real backend: the slot manager (loads and attaches the datapath,
-/// removes leftovers of a crashed run of the prefix).
+/// adopts a previous run's intact slots and removes the rest).
 pub async fn start_backend(
     config: &crate::config::Config,
 ) -> Result<Arc<dyn SlotBackend>, crate::error::DaemonError> {

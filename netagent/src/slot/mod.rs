@@ -7,7 +7,8 @@
 //! impl SlotManager {
 //!     /// Opens the agent (host) namespace, loads and attaches the datapath
 //!     /// (uplink from config or default route), reserves the masquerade ports,
-//!     /// removes leftovers of a crashed run of the same prefix.
+//!     /// adopts the intact slots of a previous run of the prefix and removes
+//!     /// the rest (see `adopt`).
 //!     pub async fn start(cfg: &Config) -> Result<Arc<SlotManager>, SlotError>;
 //!     /// Idempotent: same index and same guest link -> Ok(created = false).
 //!     /// Same index, different guest link -> SlotError::Conflict.
@@ -44,8 +45,9 @@
 //! indices run concurrently.
 //!
 //! Files: `addressing` (names and addresses), `manager` (the manager, start-up and
-//! shutdown), `create` (the steps of create and their rollback), `delete` (delete
-//! that tries every step), `policy` (guest MAC, egress lists and rate limit:
+//! shutdown), `adopt` (taking over a previous run's slots; slot records),
+//! `create` (the steps of create and their rollback), `delete` (delete that
+//! tries every step), `policy` (guest MAC, egress lists and rate limit:
 //! types and validation), `local_addrs` (keeps LOCAL_ADDRS equal to the agent
 //! namespace's addresses), `error` (`SlotError`). The agent namespace is the
 //! namespace of the thread that calls `start`; every later kernel call targets a
