@@ -380,6 +380,8 @@ impl Drop for World {
             }
         }
         let _ = std::fs::remove_dir_all(format!("/run/netagent-test/{}", self.prefix));
+        // Slot records of an agent dropped without shutdown (see `slot::adopt`).
+        let _ = std::fs::remove_dir_all(netagent::slot::adopt::records_dir(&self.prefix));
     }
 }
 
