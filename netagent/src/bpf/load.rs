@@ -262,6 +262,14 @@ impl Datapath {
         })
     }
 
+    /// The short id of this datapath's map layout (FNV-1a of its descriptor).
+    pub fn layout_id(&self) -> String {
+        format!(
+            "{:016x}",
+            layout::layout_hash(&layout::descriptor(&self.cfg))
+        )
+    }
+
     /// Whether the maps are a previous run's, reused (their layout matched).
     pub fn reused_pins(&self) -> bool {
         self.reused

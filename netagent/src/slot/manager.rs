@@ -89,7 +89,11 @@ impl SlotManager {
 
         let mut dp = Datapath::load(&DatapathConfig::from_config(cfg))
             .map_err(|e| start_err("load the datapath")(e.into()))?;
-        let (reused, layout_mismatch) = (dp.reused_pins(), dp.layout_mismatch().to_vec());
+        let (reused, layout_mismatch, layout_id) = (
+            dp.reused_pins(),
+            dp.layout_mismatch().to_vec(),
+            dp.layout_id(),
+        );
         netns::run_in(host_ns.as_fd(), || dp.attach_uplink(&uplink))
             .map_err(|e| start_err("attach the uplink program")(e.into()))?
             .map_err(|e| start_err("attach the uplink program")(e.into()))?;
@@ -149,7 +153,7 @@ impl SlotManager {
             .map(|(i, why)| format!("slot {i} ({why})"))
             .collect();
         let summary = format!(
-            "start-up: maps {}; uplink hook {}; adopted {} slot(s) {:?}; removed {} slot(s) that could not be adopted{}{}; \
+            "start-up: maps {} (layout {layout_id}); uplink hook {}; adopted {} slot(s) {:?}; removed {} slot(s) that could not be adopted{}{}; \
              removed leftovers: {} namespace(s), {} link(s), {} route(s)",
             if reused {
                 "reused from the previous run".to_string()
