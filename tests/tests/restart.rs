@@ -776,3 +776,82 @@ fn cleanup_after_a_kill_removes_every_hook_pin_and_record() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_clsact_uplink_filter_is_taken_over_and_cleaned_up_too() -> Result<()> {
+    let test = "the_clsact_uplink_filter_is_taken_over_and_cleaned_up_too";
+    let Some(mut d) = Daemon::start(test)? else {
+        return Ok(());
+    };
+    d.stop()?;
+    // The fallback of kernels without TCX, forced (fault-injection builds).
+    d.use_crash_points()?;
+    let clsact = [("NETAGENT_ATTACH_MODE", "clsact")];
+    d.launch_env(&[], &clsact)?;
+    let rt = rt();
+    let host = d.world.host_ns.clone();
+    let tcx = spawn_in_netns(&host, || {
+        Ok(SchedClassifier::query_tcx(UPLINK, TcAttachType::Ingress)?
+            .1
+            .len())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("query thread panicked"))??;
+    ensure!(tcx == 0, "a TCX program on the uplink in clsact mode");
+    ensure!(
+        !d.world
+            .bpffs()
+            .join(netagent::bpf::UPLINK_LINK_PIN)
+            .exists()
+    );
+    let before = filter_prog_id(&host, UPLINK)?;
+
+    let guest = Netns::add(&format!("{}-g1", d.world.prefix))?;
+    let veth = GuestLink::Veth {
+        guest_netns: guest.name.clone(),
+    };
+    rt.block_on(d.client().create_slot(1, &veth))?;
+    let udp = UdpStream::start(&guest.name, &d.world.wan_ns, 7103)?;
+    std::thread::sleep(Duration::from_millis(200));
+    d.stop_with(nix::sys::signal::Signal::SIGKILL)?;
+    std::thread::sleep(Duration::from_millis(200));
+    d.launch_env(&[], &clsact)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (sent, at_server, echoed) = udp.finish()?;
+    println!("clsact uplink: UDP {sent} sent, {at_server} at the server, {echoed} echoed back");
+    ensure!(
+        sent > 300 && at_server as u64 == sent && echoed as u64 == sent,
+        "UDP loss across the restart: sent {sent}, at the server {at_server}, echoed {echoed}"
+    );
+    let line = startup_line(&d);
+    ensure!(
+        line.contains("uplink hook taken over") && line.contains("adopted 1 slot(s) [1]"),
+        "{line}"
+    );
+    let after = filter_prog_id(&host, UPLINK)?;
+    ensure!(
+        after != before,
+        "the uplink filter's program was not replaced"
+    );
+    verify_clean(&d, &rt)?;
+
+    // Without an agent, cleanup finds the filter by its program and removes it.
+    d.stop_with(nix::sys::signal::Signal::SIGKILL)?;
+    let (p, bpffs) = (
+        d.world.prefix.clone(),
+        d.world.bpffs().display().to_string(),
+    );
+    let out = d.cli(&["cleanup", "--prefix", &p, "--bpffs", &bpffs])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        filter_prog_id(&host, UPLINK).is_err(),
+        "the uplink filter outlived cleanup: {text}"
+    );
+    ensure!(d.world.slot_namespaces().is_empty());
+    Ok(())
+}

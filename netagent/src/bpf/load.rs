@@ -71,6 +71,17 @@ pub const LOCAL_ADDRS_SIZE: u32 = 256;
 /// Default entries of POLICY (`DatapathConfig::policy_table_size`).
 pub const DEFAULT_POLICY_TABLE_SIZE: u32 = 65_536;
 
+/// `AttachMode::Auto`, or with the `fault-injection` feature (tests) the clsact
+/// fallback when `NETAGENT_ATTACH_MODE=clsact`: the path a kernel without TCX
+/// takes, exercised on one with it.
+fn attach_mode_from_env() -> AttachMode {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("NETAGENT_ATTACH_MODE").is_ok_and(|v| v == "clsact") {
+        return AttachMode::Clsact;
+    }
+    AttachMode::Auto
+}
+
 impl DatapathConfig {
     /// The datapath part of the agent configuration.
     pub fn from_config(cfg: &Config) -> Self {
@@ -84,7 +95,7 @@ impl DatapathConfig {
             host_base: cfg.host_base,
             vrt_base: cfg.vrt_base,
             pin_dir: Some(cfg.bpffs.clone()),
-            attach_mode: AttachMode::Auto,
+            attach_mode: attach_mode_from_env(),
         }
     }
 
