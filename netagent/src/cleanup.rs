@@ -9,14 +9,19 @@
 //! slots it adopted) after adopting, so a crashed run's leftovers never collide
 //! with new slots.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::path::Path;
 
-use crate::netlink::{Netlink, NetlinkError, netns};
+use crate::netlink::{Netlink, NetlinkError, link::KIND_VETH, netns};
 use crate::slot::{AddressPlan, AddressingError, addressing::TAP_NAME};
+
+/// How long cleanup waits for the kernel to free unmounted slot namespaces
+/// (and with them the host veths) before deleting the veths itself (a
+/// namespace a process still runs in lives on after it is unmounted).
+const VETHS_GONE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `statfs` magic of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -120,11 +125,9 @@ pub async fn remove_leftovers_except(
                 .is_some_and(|i| !keep.contains(&i))
         })
         .collect();
+    let veth_indexes: HashSet<u32> = veths.iter().map(|v| v.index).collect();
     for route in host.route_list().await? {
-        if route
-            .oif
-            .is_some_and(|oif| veths.iter().any(|v| v.index == oif))
-        {
+        if route.oif.is_some_and(|oif| veth_indexes.contains(&oif)) {
             match host.route_del(&route).await {
                 Ok(true) => report.routes += 1,
                 Ok(false) => {}
@@ -132,14 +135,10 @@ pub async fn remove_leftovers_except(
             }
         }
     }
-    for veth in &veths {
-        match host.link_del(veth.index).await {
-            Ok(true) => report.links.push(veth.name.clone()),
-            Ok(false) => {}
-            Err(e) => report.failures.push(format!("delete {}: {e}", veth.name)),
-        }
-    }
 
+    // Namespaces first: the kernel frees them in batches after they are
+    // unmounted, and each takes its `eth0` and with it the host veth, where
+    // deleting the veths one by one waits for an RCU grace period each.
     for name in netns::list()? {
         if plan
             .index_of_namespace(&name)
@@ -147,11 +146,13 @@ pub async fn remove_leftovers_except(
         {
             continue;
         }
-        // Delete tap0 first: a veth guest link's far end sits in another
-        // namespace and must go now, not whenever the kernel frees this one.
+        // A veth guest link's far end sits in another namespace and must go
+        // now, not whenever the kernel frees this one (a TAP goes with it).
         if let Ok(ns) = netns::open(&name)
             && let Ok(slot) = Netlink::connect_in(ns.as_fd())
-            && let Err(e) = slot.link_del_by_name(TAP_NAME).await
+            && let Ok(Some(tap)) = slot.link_by_name(TAP_NAME).await
+            && tap.kind.as_deref() == Some(KIND_VETH)
+            && let Err(e) = slot.link_del(tap.index).await
         {
             report
                 .failures
@@ -160,6 +161,34 @@ pub async fn remove_leftovers_except(
         match netns::delete(&name) {
             Ok(_) => report.namespaces.push(name),
             Err(e) => report.failures.push(e.to_string()),
+        }
+    }
+
+    // The host veths (and veths retired by a delete) go with their namespaces;
+    // wait for that, then delete what is left (a veth whose namespace is
+    // held open elsewhere).
+    let retired = format!("{prefix}-x");
+    let ours = |l: &crate::netlink::link::Link| {
+        veth_indexes.contains(&l.index) || l.name.starts_with(&retired)
+    };
+    let deadline = std::time::Instant::now() + VETHS_GONE_TIMEOUT;
+    let left = loop {
+        let left: Vec<_> = host.link_list().await?.into_iter().filter(ours).collect();
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            break left;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for veth in &veths {
+        if !left.iter().any(|l| l.index == veth.index) {
+            report.links.push(veth.name.clone());
+        }
+    }
+    for link in &left {
+        match host.link_del(link.index).await {
+            Ok(true) => report.links.push(link.name.clone()),
+            Ok(false) => {}
+            Err(e) => report.failures.push(format!("delete {}: {e}", link.name)),
         }
     }
     Ok(report)

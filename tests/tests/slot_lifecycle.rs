@@ -86,8 +86,20 @@ fn snapshot(world: &World, guest_ns: Option<&str>) -> Result<Snapshot> {
 }
 
 /// Map entries of any slot: SLOTS entries marked active, ADDR_SLOTS, VETH_SLOTS,
-/// and flows of the slot.
+/// and flows of the slot — once they are gone, or as they are after 2 s (a
+/// delete removes the slot's flows right after it has answered).
 fn map_entries(agent: &Agent, index: u32) -> Result<Vec<String>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let entries = map_entries_now(agent, index)?;
+        if entries.is_empty() || std::time::Instant::now() > deadline {
+            return Ok(entries);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn map_entries_now(agent: &Agent, index: u32) -> Result<Vec<String>> {
     let m = agent.manager();
     let out = m.with_datapath(|dp| -> Result<Vec<String>> {
         let maps = dp.maps();

@@ -96,8 +96,11 @@ async fn run(
     let host = mgr.host();
     match step {
         // Datapath first: from here the programs pass the slot's packets and it
-        // gets no new flows; its NAT and host-flow entries and counters go too.
-        DeleteStep::Datapath => mgr.detach_slot(addr.index).map_err(|e| e.to_string()),
+        // gets no new flows; its counters go too, its NAT and host-flow entries
+        // once the delete has answered (`SlotManager::delete`).
+        DeleteStep::Datapath => mgr
+            .detach_slot_keeping_flows(addr.index)
+            .map_err(|e| e.to_string()),
         DeleteStep::HostRoute => host
             .route_del_dst(addr.host_ip, 32)
             .await
