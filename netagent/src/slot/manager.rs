@@ -563,7 +563,9 @@ impl SlotManager {
         let dp = guard
             .as_mut()
             .ok_or(StepError::Other("the datapath is shut down".into()))?;
-        netns::run_in(self.host_ns.as_fd(), || dp.attach_slot(slot))??;
+        // The datapath resolves the host side in its own namespace (the
+        // agent's), whichever thread calls: no thread to enter it here.
+        dp.attach_slot(slot)?;
         Ok(())
     }
 
@@ -608,7 +610,7 @@ impl SlotManager {
             let Some(dp) = guard.as_mut() else {
                 return Ok(());
             };
-            netns::run_in(self.host_ns.as_fd(), || dp.detach_slot_keeping_flows(index))??;
+            dp.detach_slot_keeping_flows(index)?;
             Ok(())
         })
     }
@@ -622,7 +624,7 @@ impl SlotManager {
         let Some(dp) = guard.as_mut() else {
             return Ok(());
         };
-        netns::run_in(self.host_ns.as_fd(), || dp.detach_slot(index))??;
+        dp.detach_slot(index)?;
         Ok(())
     }
 }
