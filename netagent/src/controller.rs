@@ -330,6 +330,29 @@ impl Controller {
         Ok(())
     }
 
+    /// Runs one change of slot `index` to completion (`run_to_completion`),
+    /// counted as activity on the slot while it runs; refused once the agent
+    /// stops serving.
+    async fn change<T, Fut>(
+        &self,
+        index: i64,
+        f: impl FnOnce(Arc<dyn SlotBackend>) -> Fut,
+    ) -> Result<T, ControllerError>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = Result<T, ControllerError>> + Send + 'static,
+    {
+        self.check_serving()?;
+        let change = f(self.backend.clone());
+        let busy = Busy::start(&self.activity, index);
+        run_to_completion(async move {
+            let result = change.await;
+            drop(busy);
+            result
+        })
+        .await
+    }
+
     fn check_serving(&self) -> Result<(), ControllerError> {
         if self.serving.load(Ordering::Acquire) {
             Ok(())
@@ -351,30 +374,21 @@ impl Controller {
                 self.check_index(index)?;
                 check_guest(&guest)?;
                 policy.validate().map_err(ControllerError::BadRequest)?;
-                self.check_serving()?;
-                let backend = self.backend.clone();
-                let busy = Busy::start(&self.activity, index);
-                let (slot, created) = run_to_completion(async move {
-                    let result = backend.create(index, guest, policy).await;
-                    drop(busy);
-                    result
-                })
-                .await?;
+                let (slot, created) = self
+                    .change(
+                        index,
+                        |b| async move { b.create(index, guest, policy).await },
+                    )
+                    .await?;
                 Ok(Outcome::Slot { slot, created })
             }
             Action::SetEgress { index, egress } => {
                 self.check_index(index)?;
                 crate::slot::policy::validate_egress(&egress)
                     .map_err(ControllerError::BadRequest)?;
-                self.check_serving()?;
-                let backend = self.backend.clone();
-                let busy = Busy::start(&self.activity, index);
-                let slot = run_to_completion(async move {
-                    let result = backend.set_egress(index, egress).await;
-                    drop(busy);
-                    result
-                })
-                .await?;
+                let slot = self
+                    .change(index, |b| async move { b.set_egress(index, egress).await })
+                    .await?;
                 Ok(Outcome::Slot {
                     slot,
                     created: false,
@@ -385,15 +399,12 @@ impl Controller {
                 if let Some(limit) = &limit {
                     limit.validate().map_err(ControllerError::BadRequest)?;
                 }
-                self.check_serving()?;
-                let backend = self.backend.clone();
-                let busy = Busy::start(&self.activity, index);
-                let slot = run_to_completion(async move {
-                    let result = backend.set_rate_limit(index, limit).await;
-                    drop(busy);
-                    result
-                })
-                .await?;
+                let slot = self
+                    .change(
+                        index,
+                        |b| async move { b.set_rate_limit(index, limit).await },
+                    )
+                    .await?;
                 Ok(Outcome::Slot {
                     slot,
                     created: false,
@@ -401,15 +412,8 @@ impl Controller {
             }
             Action::DeleteSlot { index } => {
                 self.check_index(index)?;
-                self.check_serving()?;
-                let backend = self.backend.clone();
-                let busy = Busy::start(&self.activity, index);
-                run_to_completion(async move {
-                    let result = backend.delete(index).await;
-                    drop(busy);
-                    result
-                })
-                .await?;
+                self.change(index, |b| async move { b.delete(index).await })
+                    .await?;
                 Ok(Outcome::Deleted)
             }
             Action::GetSlot { index } => {
