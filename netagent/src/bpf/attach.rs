@@ -794,11 +794,12 @@ impl Datapath {
         self.detach_slot_with(index, Flows::Remove)
     }
 
-    /// `detach_slot` without the walk of the flow tables: the slot's NAT and
-    /// host-flow entries stay until `purge_slot_flows` (the programs already
-    /// pass the packets of an inactive slot untranslated). Removing them walks
-    /// every flow table (~10 ms with 100,000 flows), which slot delete does
-    /// after it has answered.
+    /// `detach_slot` for a slot being deleted: its filters are left to go
+    /// with its devices (removing them costs netlink requests, one in the slot
+    /// namespace), and its NAT and host-flow entries stay until
+    /// `purge_slot_flows` (the programs already pass the packets of an inactive
+    /// slot untranslated). Removing them walks every flow table (~10 ms with
+    /// 100,000 flows), which slot delete does after it has answered.
     pub fn detach_slot_keeping_flows(&mut self, index: u32) -> Result<(), BpfError> {
         self.detach_slot_with(index, Flows::Keep)
     }
@@ -820,7 +821,12 @@ impl Datapath {
                 if let Err(e) = self.maps.set_slot(index, &SlotInfo::default()) {
                     errors.push(e);
                 }
-                if let Err(e) = self.detach_links(attached) {
+                // A slot being deleted keeps its filters: they go with its
+                // devices, which the delete removes next (the programs already
+                // pass the packets of an inactive slot).
+                if flows == Flows::Remove
+                    && let Err(e) = self.detach_links(attached)
+                {
                     errors.push(e);
                 }
                 if let Err(e) = self.clear_slot_maps(index, &addrs, veth, flows) {
