@@ -137,6 +137,13 @@ impl RateLimitSpec {
                 self.bits_per_second
             ));
         }
+        if self.bits_per_second % 8 != 0 {
+            return Err(format!(
+                "rate_limit.bits_per_second {} is not a whole number of bytes per second: use a multiple of 8 (the datapath counts bytes; e.g. {})",
+                self.bits_per_second,
+                self.bits_per_second / 8 * 8
+            ));
+        }
         if !(MIN_BURST_BYTES..=MAX_BURST_BYTES).contains(&self.burst_bytes) {
             return Err(format!(
                 "rate_limit.burst_bytes {} is out of range: use {MIN_BURST_BYTES} (one frame) to {MAX_BURST_BYTES}; 65536 or more lets a guest with TSO send full-size segments",
@@ -310,6 +317,7 @@ mod tests {
         assert_eq!(spec.limit().burst_bytes, 65_536);
         for (bits, burst, needle) in [
             (0, 65_536, "bits_per_second 0"),
+            (20_000_001, 65_536, "not a whole number of bytes"),
             (MAX_RATE_BITS + 1, 65_536, "bits_per_second"),
             (1_000_000, 0, "burst_bytes 0"),
             (1_000_000, 1_000, "burst_bytes 1000"),
