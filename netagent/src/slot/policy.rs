@@ -137,7 +137,7 @@ impl RateLimitSpec {
                 self.bits_per_second
             ));
         }
-        if self.bits_per_second % 8 != 0 {
+        if !self.bits_per_second.is_multiple_of(8) {
             return Err(format!(
                 "rate_limit.bits_per_second {} is not a whole number of bytes per second: use a multiple of 8 (the datapath counts bytes; e.g. {})",
                 self.bits_per_second,
