@@ -86,8 +86,8 @@
 //! (typed map access), `batch` (whole-table reads in a few system calls),
 //! `reap` (flow expiry), `stats` (counters, table usage), `netns_cookie` (running
 //! code inside a slot namespace, `SO_NETNS_COOKIE`), `policy` (egress rules,
-//! bandwidth limit, guest MAC), `test_run` (BPF_PROG_TEST_RUN) and
-//! `test_run_dev` (the same with the skb on a given device).
+//! bandwidth limit, guest MAC) and `test_run` (BPF_PROG_TEST_RUN, also with the
+//! skb on a given device).
 
 mod attach;
 mod batch;
@@ -101,7 +101,6 @@ mod policy;
 mod reap;
 mod stats;
 mod test_run;
-mod test_run_dev;
 
 use std::net::Ipv4Addr;
 use std::os::fd::BorrowedFd;

@@ -78,14 +78,51 @@ impl Datapath {
         frame: &[u8],
         repeat: u32,
     ) -> Result<(TestRunOutput, Duration), BpfError> {
-        run(&self.ebpf, prog, frame, repeat)
+        run(&self.ebpf, prog, frame, None, repeat)
+    }
+
+    /// Runs `prog` once on `frame` as if it arrived on device `ifindex` of the
+    /// calling thread's namespace (`ENODEV` if there is none): for programs
+    /// that find their slot from the ifindex, like `tap_ingress`. Run it inside
+    /// a throwaway namespace that holds such a device (`in_netns`).
+    pub fn test_run_on(
+        &self,
+        prog: Program,
+        frame: &[u8],
+        ifindex: u32,
+    ) -> Result<TestRunOutput, BpfError> {
+        self.test_run_on_repeat(prog, frame, ifindex, 1)
+            .map(|(out, _)| out)
+    }
+
+    /// The same `repeat` times (on the same skb: see `test_run_repeat`'s
+    /// caveat); also returns the mean kernel time of one run.
+    pub fn test_run_on_repeat(
+        &self,
+        prog: Program,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(TestRunOutput, Duration), BpfError> {
+        let mut ctx = [0u8; SKB_CTX_LEN];
+        ctx[SKB_IFINDEX_OFF..].copy_from_slice(&ifindex.to_ne_bytes());
+        run(&self.ebpf, prog, frame, Some(&ctx), repeat)
     }
 }
 
+/// Offset of `ifindex` in `struct __sk_buff`.
+const SKB_IFINDEX_OFF: usize = 40;
+/// `struct __sk_buff` up to and including `ifindex`: the kernel zero-fills
+/// the rest of the context.
+const SKB_CTX_LEN: usize = SKB_IFINDEX_OFF + 4;
+
+/// One BPF_PROG_TEST_RUN of `prog` on `frame`, with the `__sk_buff` context
+/// `ctx` if given.
 fn run(
     ebpf: &aya::Ebpf,
     prog: Program,
     frame: &[u8],
+    ctx: Option<&[u8]>,
     repeat: u32,
 ) -> Result<(TestRunOutput, Duration), BpfError> {
     let name = prog.name();
@@ -102,6 +139,7 @@ fn run(
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: ctx,
             repeat: repeat.max(1),
             ..TestRunOptions::default()
         })
