@@ -6,7 +6,8 @@
 //! Layout: `slot` (addressing, create/delete with rollback) builds on `netlink`
 //! (netns, link, addr, route, tap, sysctl) and `bpf` (load, attach, maps); `api`
 //! parses requests into actions that `controller` applies; `daemon` runs it all;
-//! `stats` and `pressure` shape counters and table occupancy.
+//! `stats` and `pressure` shape counters and table occupancy; `memory` gives
+//! the heap back after bursts of slot changes.
 
 pub mod api;
 pub mod bpf;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod error;
+pub mod memory;
 pub mod netlink;
 pub mod pressure;
 pub mod slot;

@@ -8,8 +8,11 @@
 //! restarted agent can find and replace it. The uplink's hook is a TCX link
 //! where the kernel has TCX (6.6+), which orders itself politely among other
 //! users of a shared interface, and a filter otherwise. Every slot's hooks use
-//! the same four programs, loaded once; those on `tap0` and `eth0` attach
-//! inside the slot namespace (see `netns_cookie::in_netns`).
+//! the same four programs, loaded once. A create adds them with plain netlink
+//! requests on sockets that are already in the right namespace
+//! (`netlink::tc`: the pooled slot namespace comes with one, the manager keeps
+//! one in the agent namespace), so attaching costs six requests and no thread
+//! or socket of its own.
 //!
 //! **Across a restart** every hook stays attached: the slots' filters need no
 //! holder, and the uplink's TCX link is pinned in the bpffs directory
@@ -43,6 +46,7 @@ use super::netns_cookie::in_netns;
 use super::pins::UPLINK_LINK_PIN;
 use super::test_run::Program;
 use super::{BpfError, Datapath, SlotDatapath, Uplink, ip_to_map};
+use crate::netlink::tc::{BpfFilter, TcSocket};
 
 /// The tc priority of every netagent filter (lower runs first; 1 = before any
 /// filter added with the kernel's default priority).
@@ -194,6 +198,30 @@ fn attach_ingress(
         .take_link(id)
         .map_err(|e| BpfError::program(prog.name(), "take link", e))?;
     std::mem::forget(link);
+    Ok(AttachedLink::Filter { ifindex, handle })
+}
+
+/// Adds `prog` as slot `handle`'s filter on the ingress of `ifindex` (in the
+/// namespace of `tc`), with the clsact qdisc it needs.
+fn add_filter(
+    ebpf: &mut aya::Ebpf,
+    tc: &mut TcSocket,
+    prog: Program,
+    ifindex: u32,
+    handle: u32,
+) -> Result<AttachedLink, BpfError> {
+    let p = classifier(ebpf, prog)?;
+    let fd = p
+        .fd()
+        .map_err(|e| BpfError::program(prog.name(), "program fd", e))?;
+    tc.add_clsact(ifindex)?;
+    tc.add_ingress_filter(&BpfFilter {
+        ifindex,
+        priority: FILTER_PRIORITY,
+        handle,
+        prog: fd.as_fd(),
+        name: prog.name(),
+    })?;
     Ok(AttachedLink::Filter { ifindex, handle })
 }
 
@@ -512,6 +540,20 @@ impl Datapath {
     /// zeroes the slot's counters. `eth0` must have ifindex `SLOT_ETH0_IFINDEX`.
     /// All-or-nothing: on failure whatever was attached or written is undone.
     pub fn attach_slot(&mut self, slot: &SlotDatapath<'_>) -> Result<(), BpfError> {
+        let mut slot_tc = in_netns(slot.netns, || TcSocket::open().map_err(BpfError::from))?;
+        let mut host_tc = in_home_ns(&self.home_ns, || TcSocket::open().map_err(BpfError::from))?;
+        self.attach_slot_with(slot, &mut slot_tc, &mut host_tc)
+    }
+
+    /// [`Datapath::attach_slot`] through tc sockets the caller opened: `slot_tc`
+    /// in the slot namespace, `host_tc` in the datapath's own. No thread enters
+    /// a namespace and no socket is opened: this is what a create uses.
+    pub fn attach_slot_with(
+        &mut self,
+        slot: &SlotDatapath<'_>,
+        slot_tc: &mut TcSocket,
+        host_tc: &mut TcSocket,
+    ) -> Result<(), BpfError> {
         self.check_index(slot.index)?;
         if self.slots.contains_key(&slot.index) {
             return Err(BpfError::SlotAttached(slot.index));
@@ -522,53 +564,37 @@ impl Datapath {
                 ifindex: slot.eth0_ifindex,
             });
         }
-        let (tap_ifindex, eth0_ifindex) = (slot.tap_ifindex, slot.eth0_ifindex);
-        let ebpf = &mut self.ebpf;
-        let (mode, handle) = (AttachMode::Clsact, slot.index);
-        let ns_links = in_netns(slot.netns, move || {
-            let tap = attach_ingress(ebpf, Program::TapIngress, tap_ifindex, mode, handle)?;
-            match attach_ingress(ebpf, Program::SlotIngress, eth0_ifindex, mode, handle) {
-                Ok(eth0) => Ok(vec![tap, eth0]),
-                Err(e) => {
-                    let _ = detach(ebpf, tap);
-                    Err(e)
-                }
-            }
-        })?;
-        let netns = match slot.netns.try_clone_to_owned() {
-            Ok(fd) => fd,
-            Err(e) => {
-                let _ = in_netns(slot.netns, move || {
-                    ns_links
-                        .into_iter()
-                        .try_for_each(|l| detach(&mut self.ebpf, l))
-                });
-                return Err(BpfError::syscall("dup of the slot namespace fd", e));
-            }
-        };
+        let netns = slot
+            .netns
+            .try_clone_to_owned()
+            .map_err(|e| BpfError::syscall("dup of the slot namespace fd", e))?;
         let mut attached = AttachedSlot {
             netns,
-            ns_links,
+            ns_links: Vec::with_capacity(2),
             host_link: None,
             veth_ifindex: slot.veth_ifindex,
             addrs: [slot.vpeer_ip, slot.host_ip],
         };
-        let (veth_ifindex, index) = (slot.veth_ifindex, slot.index);
-        let ebpf = &mut self.ebpf;
-        let result = in_home_ns(&self.home_ns, move || {
-            attach_ingress(
-                ebpf,
+        let index = slot.index;
+        let mut attach = || -> Result<(), BpfError> {
+            for (prog, ifindex) in [
+                (Program::TapIngress, slot.tap_ifindex),
+                (Program::SlotIngress, slot.eth0_ifindex),
+            ] {
+                attached
+                    .ns_links
+                    .push(add_filter(&mut self.ebpf, slot_tc, prog, ifindex, index)?);
+            }
+            attached.host_link = Some(add_filter(
+                &mut self.ebpf,
+                host_tc,
                 Program::VethIngress,
-                veth_ifindex,
-                AttachMode::Clsact,
+                slot.veth_ifindex,
                 index,
-            )
-        })
-        .and_then(|link| {
-            attached.host_link = Some(link);
+            )?);
             self.write_slot_maps(slot)
-        });
-        match result {
+        };
+        match attach() {
             Ok(()) => {
                 self.slots.insert(slot.index, attached);
                 Ok(())

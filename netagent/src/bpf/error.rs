@@ -29,6 +29,9 @@ pub enum BpfError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    /// A tc request (qdisc or filter) failed.
+    #[error(transparent)]
+    Tc(Box<crate::netlink::NetlinkError>),
     /// A map operation failed.
     #[error("{call} on map {map} failed: {source}")]
     Map {
@@ -109,5 +112,11 @@ impl BpfError {
             call: call.into(),
             source,
         }
+    }
+}
+
+impl From<crate::netlink::NetlinkError> for BpfError {
+    fn from(e: crate::netlink::NetlinkError) -> BpfError {
+        BpfError::Tc(Box::new(e))
     }
 }

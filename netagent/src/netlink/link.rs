@@ -69,6 +69,17 @@ impl Link {
     }
 }
 
+/// One end of a veth pair to create.
+#[derive(Debug, Clone, Copy)]
+pub struct VethEnd<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its ifindex.
+    pub index: u32,
+    /// Its MAC address.
+    pub mac: [u8; 6],
+}
+
 impl Netlink {
     /// Creates a veth pair: `name` in this connection's namespace and `peer` placed
     /// directly into the namespace `peer_ns` (both down).
@@ -137,6 +148,39 @@ impl Netlink {
         self.handle.link().add(msg).execute().await.map_err(|e| {
             NetlinkError::netlink(
                 format!("create veth pair {name} (#{index}) / {peer} (#{peer_index})"),
+                e,
+            )
+        })
+    }
+
+    /// Creates a veth pair with the ifindexes and MACs given, `this` up: `this`
+    /// in this connection's namespace, `peer` placed directly into the
+    /// namespace `peer_ns`. The peer stays down (a veth cannot open until the
+    /// pair is linked, which the kernel does after configuring the peer).
+    pub async fn veth_add_up(
+        &self,
+        this: &VethEnd<'_>,
+        peer: &VethEnd<'_>,
+        peer_ns: BorrowedFd<'_>,
+    ) -> Result<()> {
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::default()
+            .name(peer.name)
+            .index(peer.index)
+            .address(peer.mac.to_vec())
+            .setns_by_fd(peer_ns.as_raw_fd())
+            .build();
+        let msg = LinkVeth::new(this.name, peer.name)
+            .index(this.index)
+            .address(this.mac.to_vec())
+            .up()
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle.link().add(msg).execute().await.map_err(|e| {
+            NetlinkError::netlink(
+                format!(
+                    "create veth pair {} (#{}) / {} (#{})",
+                    this.name, this.index, peer.name, peer.index
+                ),
                 e,
             )
         })
@@ -254,6 +298,28 @@ impl Netlink {
             ),
             LinkUnspec::new_with_index(index)
                 .address(mac.to_vec())
+                .build(),
+        )
+        .await
+    }
+
+    /// Sets the MAC address and the transmit queue length and sets the link
+    /// up, in one request.
+    pub async fn link_set_mac_txqueuelen_up(
+        &self,
+        index: u32,
+        mac: [u8; 6],
+        len: u32,
+    ) -> Result<()> {
+        self.link_set(
+            format!(
+                "set mac {}, txqueuelen {len} and up on link #{index}",
+                crate::slot::addressing::format_mac(&mac)
+            ),
+            LinkUnspec::new_with_index(index)
+                .address(mac.to_vec())
+                .txqueuelen(len)
+                .up()
                 .build(),
         )
         .await

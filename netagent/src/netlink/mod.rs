@@ -3,7 +3,8 @@
 //!
 //! One module per object, mirroring rtnetlink: `netns` (named namespaces and running
 //! code inside one), `link`, `addr`, `route` (verbs on [`Netlink`], a connection bound
-//! to one namespace), `tap` (persistent TAP devices) and `sysctl`.
+//! to one namespace), `tap` (persistent TAP devices), `tc` (clsact and BPF filters on a blocking
+//! socket) and `sysctl`.
 //!
 //! A netlink socket talks to the namespace it was created in, whatever thread later
 //! uses it. [`Netlink::connect_in`] therefore creates the socket on a short-lived
@@ -17,6 +18,7 @@ pub mod netns_pool;
 pub mod route;
 pub mod sysctl;
 pub mod tap;
+pub mod tc;
 
 use std::io;
 use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd};

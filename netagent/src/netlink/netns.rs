@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -115,8 +115,8 @@ pub fn create(name: &str) -> Result<OwnedFd> {
 
 /// A fresh, unnamed network namespace made ready for a slot by one thread:
 /// IPv6 off (`disable_ipv6` for `all` and `default`: no link-local addresses,
-/// router solicitations or DAD on the slot's links), a netlink socket and an
-/// open `/dev/net/tun` inside it (both keep working from any thread: a socket
+/// router solicitations or DAD on the slot's links), `lo` up, two netlink
+/// sockets and an open `/dev/net/tun` inside it (both keep working from any thread: a socket
 /// and a TUN file belong to the namespace they were opened in). It lives as
 /// long as `ns` (or a name given to it with [`name`]).
 #[derive(Debug)]
@@ -125,12 +125,14 @@ pub struct Prepared {
     pub ns: OwnedFd,
     /// A route netlink socket inside it.
     pub netlink: Socket,
+    /// A second one, for tc requests (blocking, see `tc`).
+    pub tc: Socket,
     /// `/dev/net/tun`, opened inside it: a TAP made through it is made there.
     pub tun: fs::File,
 }
 
 /// Makes a [`Prepared`] namespace: one throwaway thread `unshare`s, sets the
-/// sysctls and opens the files; the calling thread never changes namespace.
+/// sysctls, sets `lo` up and opens the files; the calling thread never changes namespace.
 pub fn prepare() -> Result<Prepared> {
     let op = "prepare a network namespace";
     std::thread::scope(|s| {
@@ -138,19 +140,56 @@ pub fn prepare() -> Result<Prepared> {
             unshare(CloneFlags::CLONE_NEWNET).map_err(|e| NetlinkError::io(op, e))?;
             super::sysctl::write("net.ipv6.conf.default.disable_ipv6", "1")?;
             super::sysctl::write("net.ipv6.conf.all.disable_ipv6", "1")?;
+            loopback_up()?;
             let netlink = Socket::new(NETLINK_ROUTE)
                 .map_err(|e| NetlinkError::io("open a netlink socket", e))?;
+            let tc = Socket::new(NETLINK_ROUTE)
+                .map_err(|e| NetlinkError::io("open a netlink socket for tc", e))?;
             let tun = fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open("/dev/net/tun")
                 .map_err(|e| NetlinkError::io("open /dev/net/tun", e))?;
             let ns = open_path(Path::new("/proc/thread-self/ns/net"))?;
-            Ok(Prepared { ns, netlink, tun })
+            Ok(Prepared {
+                ns,
+                netlink,
+                tc,
+                tun,
+            })
         })
         .join()
         .unwrap_or_else(|_| Err(NetlinkError::ThreadPanicked(op.into())))
     })
+}
+
+/// Sets `lo` of the calling thread's namespace up (`SIOCSIFFLAGS`).
+fn loopback_up() -> Result<()> {
+    let op = "set lo up";
+    // SAFETY: plain socket(2); the result is checked and owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(NetlinkError::io(op, io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a socket we just opened and nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero `ifreq` is a valid value (name empty, flags 0).
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes `ifru_flags` of the
+    // `ifreq` we own, which outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(NetlinkError::io(op, io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel filled `ifru_flags` above; both are plain integers.
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads the `ifreq` we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(NetlinkError::io(op, io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Gives the namespace `ns` the name `name` (a bind mount on

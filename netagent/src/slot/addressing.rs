@@ -23,6 +23,16 @@ pub const TAP_PREFIX: u8 = 30;
 pub const TAP_MAC: [u8; 6] = [0x02, 0xfc, 0x00, 0x00, 0x00, 0x05];
 /// TAP transmit queue length.
 pub const TAP_TXQUEUELEN: u32 = 5000;
+/// MAC of slot `index`'s host veth: locally administered, `02:6e:61:00:` and
+/// the index (a veth pair is its own link, so only the two ends must differ).
+pub const fn host_veth_mac(index: u32) -> [u8; 6] {
+    [0x02, 0x6e, 0x61, 0x00, (index >> 8) as u8, index as u8]
+}
+/// MAC of slot `index`'s `eth0` (the host veth's peer): `02:6e:61:01:` and the
+/// index.
+pub const fn eth0_mac(index: u32) -> [u8; 6] {
+    [0x02, 0x6e, 0x61, 0x01, (index >> 8) as u8, index as u8]
+}
 /// The guest's address.
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);
 /// The guest's netmask.

@@ -8,10 +8,11 @@ use std::os::fd::{AsFd, OwnedFd};
 use netagent_common::{SLOT_ETH0_IFINDEX, SLOT_TAP_IFINDEX_BASE};
 
 use crate::bpf::SlotDatapath;
-use crate::netlink::{Netlink, NetlinkError, link::Link, netns, tap};
+use crate::netlink::{Netlink, NetlinkError, link::VethEnd, netns, tap, tc::TcSocket};
 
 use super::addressing::{
-    GUEST_IP, TAP_IP, TAP_MAC, TAP_PREFIX, TAP_TXQUEUELEN, VETH_PREFIX, VPEER_NAME,
+    GUEST_IP, TAP_IP, TAP_MAC, TAP_PREFIX, TAP_TXQUEUELEN, VETH_PREFIX, VPEER_NAME, eth0_mac,
+    host_veth_mac,
 };
 use super::error::{SlotError, StepError};
 use super::manager::SlotManager;
@@ -46,19 +47,17 @@ pub const fn tap_ifindex(index: u32) -> u32 {
 /// make create fail right after any of them has done its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CreateStep {
-    /// The named namespace `{prefix}-ns-N`.
+    /// The named namespace `{prefix}-ns-N` (IPv4 only, `lo` up).
     Namespace,
-    /// The veth pair: host end `{prefix}-veth-N`, slot end `eth0` with ifindex
-    /// `SLOT_ETH0_IFINDEX`.
+    /// The veth pair, both ends up: host end `{prefix}-veth-N`, slot end `eth0`
+    /// with ifindex `SLOT_ETH0_IFINDEX`.
     Veth,
-    /// Host veth address (veth_ip/31) and link up.
+    /// Host veth address (veth_ip/31).
     HostVeth,
-    /// `eth0` address (vpeer_ip/31) and link up.
+    /// `eth0` address (vpeer_ip/31).
     SlotVeth,
-    /// `lo` up in the slot namespace.
-    Loopback,
     /// The persistent TAP `tap0` with ifindex `SLOT_TAP_IFINDEX_BASE + N`, its MAC,
-    /// txqueuelen, address, up (`GuestLink::Tap`), or the veth `tap0` (same
+    /// txqueuelen, up, address (`GuestLink::Tap`), or the veth `tap0` (same
     /// ifindex) whose peer is the guest's `eth0` (`GuestLink::Veth`).
     GuestLink,
     /// The guest end of a veth guest link: the slot's guest MAC (if it has
@@ -75,12 +74,11 @@ pub enum CreateStep {
 
 impl CreateStep {
     /// Every step, in order (`GuestConfig` runs for veth guest links only).
-    pub const ALL: [CreateStep; 10] = [
+    pub const ALL: [CreateStep; 9] = [
         CreateStep::Namespace,
         CreateStep::Veth,
         CreateStep::HostVeth,
         CreateStep::SlotVeth,
-        CreateStep::Loopback,
         CreateStep::GuestLink,
         CreateStep::GuestConfig,
         CreateStep::SlotRoute,
@@ -95,7 +93,6 @@ impl CreateStep {
             CreateStep::Veth => "veth",
             CreateStep::HostVeth => "host_veth",
             CreateStep::SlotVeth => "slot_veth",
-            CreateStep::Loopback => "loopback",
             CreateStep::GuestLink => "guest_link",
             CreateStep::GuestConfig => "guest_config",
             CreateStep::SlotRoute => "slot_route",
@@ -207,24 +204,41 @@ async fn build(
     };
     netns::name(prepared.ns.as_fd(), &addr.namespace).map_err(at(Namespace))?;
     undo.push(Undo::Namespace(addr.namespace.clone()));
-    let netns::Prepared { ns, netlink, tun } = prepared;
+    let netns::Prepared {
+        ns,
+        netlink,
+        tc,
+        tun,
+    } = prepared;
+    let mut slot_tc = TcSocket::from_socket(tc).map_err(at(Namespace))?;
     let slot = Netlink::from_socket(netlink).map_err(at(Namespace))?;
     mgr.inject(Namespace).map_err(at(Namespace))?;
 
     // Veth pair with both ifindexes explicit (the kernel honours the peer's only
-    // then): `eth0` gets SLOT_ETH0_IFINDEX, which the shared `tap_ingress`
-    // redirects to. The host end asks for an index derived from the slot index;
-    // if that one is taken in the agent namespace (another agent), the pair is
-    // made inside the slot namespace instead (any host index there) and the host
-    // end moved over, which costs a netns move (an RCU grace period). Until the
-    // move succeeded the pair goes away with the namespace.
+    // then, and fails rather than pick another): `eth0` gets SLOT_ETH0_IFINDEX,
+    // which the shared `tap_ingress` redirects to. Both ends get their MACs and
+    // the host end comes up in the same request. The host end asks for an index derived
+    // from the slot index; if that one is taken in the agent namespace (another
+    // agent), the pair is made inside the slot namespace instead (any host
+    // index there) and the host end moved over, which costs a netns move (an RCU
+    // grace period). Until the move succeeded the pair goes away with the
+    // namespace.
+    let veth_mac = host_veth_mac(addr.index);
+    let eth0 = VethEnd {
+        name: VPEER_NAME,
+        index: SLOT_ETH0_IFINDEX,
+        mac: eth0_mac(addr.index),
+    };
     let mut direct = Err(NetlinkError::NotFound("no host veth index to try".into()));
-    let mut host_index = 0;
+    let mut veth_index = 0;
     for index in host_veth_indexes(addr.index) {
-        host_index = index;
-        direct = host
-            .veth_add_indexed_peer_ns(&addr.veth, index, VPEER_NAME, SLOT_ETH0_IFINDEX, ns.as_fd())
-            .await;
+        veth_index = index;
+        let this = VethEnd {
+            name: &addr.veth,
+            index,
+            mac: veth_mac,
+        };
+        direct = host.veth_add_up(&this, &eth0, ns.as_fd()).await;
         match &direct {
             // The index is held by this slot's veth retired by a delete a
             // moment ago (or another agent's link): try the next one.
@@ -235,51 +249,50 @@ async fn build(
         }
     }
     if let Err(e) = direct {
-        if e.is_exists() && host.link_by_name(&addr.veth).await.ok().flatten().is_some() {
-            // The name is taken: a conflict, reported as such.
+        if !e.is_exists() || host.link_by_name(&addr.veth).await.ok().flatten().is_some() {
+            // A failure, or the name is taken: a conflict, reported as such.
             return Err(Failed(Veth, e.into()));
         }
-        slot.veth_add_indexed(&addr.veth, host_index, VPEER_NAME, SLOT_ETH0_IFINDEX)
+        slot.veth_add_indexed(&addr.veth, veth_index, VPEER_NAME, SLOT_ETH0_IFINDEX)
             .await
             .map_err(at(Veth))?;
-        slot.link_move(host_index, mgr.host_ns(), &addr.veth)
+        slot.link_move(veth_index, mgr.host_ns(), &addr.veth)
             .await
             .map_err(at(Veth))?;
+        undo.push(Undo::HostLink(addr.veth.clone()));
+        // The move keeps the index only where it is free.
+        veth_index = host.link_get(&addr.veth).await.map_err(at(Veth))?.index;
+        host.link_set_mac(veth_index, veth_mac)
+            .await
+            .map_err(at(Veth))?;
+        host.link_up(veth_index).await.map_err(at(Veth))?;
+        slot.link_set_mac(eth0.index, eth0.mac)
+            .await
+            .map_err(at(Veth))?;
+        slot.link_up(eth0.index).await.map_err(at(Veth))?;
+    } else {
+        undo.push(Undo::HostLink(addr.veth.clone()));
+        // A veth cannot open before its peer is linked to it, which happens
+        // after the peer's own settings: the peer comes up here.
+        slot.link_up(eth0.index).await.map_err(at(Veth))?;
     }
-    undo.push(Undo::HostLink(addr.veth.clone()));
     mgr.inject(Veth).map_err(at(Veth))?;
 
     // Host end.
-    let veth = host.link_get(&addr.veth).await.map_err(at(HostVeth))?;
-    host.addr_add(veth.index, addr.veth_ip, VETH_PREFIX)
+    host.addr_add(veth_index, addr.veth_ip, VETH_PREFIX)
         .await
         .map_err(at(HostVeth))?;
-    host.link_up(veth.index).await.map_err(at(HostVeth))?;
     mgr.inject(HostVeth).map_err(at(HostVeth))?;
 
-    // Slot end.
-    let eth0 = slot.link_get(VPEER_NAME).await.map_err(at(SlotVeth))?;
-    if eth0.index != SLOT_ETH0_IFINDEX {
-        return Err(Failed(
-            SlotVeth,
-            StepError::Other(format!(
-                "{VPEER_NAME} got ifindex {} instead of {SLOT_ETH0_IFINDEX}",
-                eth0.index
-            )),
-        ));
-    }
+    // Slot end (`lo` came up with the namespace).
     slot.addr_add(eth0.index, addr.vpeer_ip, VETH_PREFIX)
         .await
         .map_err(at(SlotVeth))?;
-    slot.link_up(eth0.index).await.map_err(at(SlotVeth))?;
     mgr.inject(SlotVeth).map_err(at(SlotVeth))?;
 
-    let lo = slot.link_get("lo").await.map_err(at(Loopback))?;
-    slot.link_up(lo.index).await.map_err(at(Loopback))?;
-    mgr.inject(Loopback).map_err(at(Loopback))?;
-
     // Guest side: TAP, or a veth into the guest namespace; either way `tap0` has
-    // the slot's fixed ifindex (the peer in the guest namespace: any index).
+    // the slot's fixed ifindex (the kernel fails rather than pick another; the
+    // peer in the guest namespace: any index).
     let tap_index = tap_ifindex(addr.index);
     match guest_ns {
         None => {
@@ -298,17 +311,9 @@ async fn build(
         }
     }
     undo.push(Undo::SlotLink(addr.tap.clone()));
-    let tap = slot.link_get(&addr.tap).await.map_err(at(GuestLink))?;
-    if tap.index != tap_index {
-        return Err(Failed(
-            GuestLink,
-            StepError::Other(format!(
-                "{} got ifindex {} instead of {tap_index}",
-                addr.tap, tap.index
-            )),
-        ));
-    }
-    configure_tap(&slot, &tap).await.map_err(at(GuestLink))?;
+    configure_tap(&slot, tap_index)
+        .await
+        .map_err(at(GuestLink))?;
     mgr.inject(GuestLink).map_err(at(GuestLink))?;
 
     if let Some(guest_ns) = guest_ns {
@@ -355,11 +360,11 @@ async fn build(
     let sd = SlotDatapath {
         index: addr.index,
         netns: ns.as_fd(),
-        veth_ifindex: veth.index,
-        veth_mac: veth.mac6(),
+        veth_ifindex: veth_index,
+        veth_mac,
         eth0_ifindex: eth0.index,
-        eth0_mac: eth0.mac6(),
-        tap_ifindex: tap.index,
+        eth0_mac: eth0.mac,
+        tap_ifindex: tap_index,
         vpeer_ip: addr.vpeer_ip,
         host_ip: addr.host_ip,
     };
@@ -374,18 +379,18 @@ async fn build(
     })
     .map_err(|e| Failed(Datapath, StepError::Other(e.to_string())))?
     .map_err(at(Datapath))?;
-    mgr.attach_slot(&sd).map_err(at(Datapath))?;
+    mgr.attach_slot(&sd, &mut slot_tc).map_err(at(Datapath))?;
     mgr.write_policy(addr.index, policy).map_err(at(Datapath))?;
     mgr.inject(Datapath).map_err(at(Datapath))?;
     Ok(())
 }
 
-/// MAC, txqueuelen, address and up on the slot's `tap0` (TAP or veth).
-async fn configure_tap(slot: &Netlink, tap: &Link) -> Result<(), NetlinkError> {
-    slot.link_set_mac(tap.index, TAP_MAC).await?;
-    slot.link_set_txqueuelen(tap.index, TAP_TXQUEUELEN).await?;
-    slot.addr_add(tap.index, TAP_IP, TAP_PREFIX).await?;
-    slot.link_up(tap.index).await
+/// MAC, txqueuelen and up (one request), then the address, on the slot's
+/// `tap0` (TAP or veth).
+async fn configure_tap(slot: &Netlink, index: u32) -> Result<(), NetlinkError> {
+    slot.link_set_mac_txqueuelen_up(index, TAP_MAC, TAP_TXQUEUELEN)
+        .await?;
+    slot.addr_add(index, TAP_IP, TAP_PREFIX).await
 }
 
 /// Undoes in reverse order; returns what could not be undone.

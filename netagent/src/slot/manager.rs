@@ -11,7 +11,8 @@ use crate::bpf::{
     Datapath, DatapathConfig, EgressRules, ReapReport, SlotDatapath, TableUsage, Uplink,
 };
 use crate::config::Config;
-use crate::netlink::{Netlink, netns, netns_pool::NetnsPool, sysctl};
+use crate::memory::Trimmer;
+use crate::netlink::{Netlink, netns, netns_pool::NetnsPool, sysctl, tc::TcSocket};
 
 use super::adopt::{self, AdoptReport};
 use super::create::{self, CreateStep};
@@ -28,6 +29,8 @@ pub struct SlotManager {
     /// The agent (host) namespace: the namespace of the thread that called `start`.
     host_ns: OwnedFd,
     host: Netlink,
+    /// A tc socket in the agent namespace, for the slots' host veth filters.
+    host_tc: Mutex<TcSocket>,
     uplink: Uplink,
     datapath: Mutex<Option<Datapath>>,
     slots: Mutex<BTreeMap<u32, Slot>>,
@@ -40,6 +43,8 @@ pub struct SlotManager {
     startup: Mutex<Option<AdoptReport>>,
     /// Namespaces made ready for the next creates.
     netns_pool: NetnsPool,
+    /// Trims the heap once creates and deletes pause.
+    trimmer: Trimmer,
     /// The manager itself, for work that outlives a request (the flow purge
     /// after a delete).
     me: std::sync::OnceLock<std::sync::Weak<SlotManager>>,
@@ -86,6 +91,7 @@ impl SlotManager {
             netns::current().map_err(|e| start_err("open the agent namespace")(e.into()))?;
         let host = Netlink::connect_in(host_ns.as_fd())
             .map_err(|e| start_err("connect to rtnetlink")(e.into()))?;
+        let host_tc = TcSocket::open().map_err(|e| start_err("open a tc socket")(e.into()))?;
 
         let uplink = find_uplink(&host, cfg.uplink.as_deref()).await?;
         tracing::info!(uplink = %uplink.name, ip = %uplink.ipv4, "uplink");
@@ -128,6 +134,7 @@ impl SlotManager {
             plan,
             host_ns,
             host,
+            host_tc: Mutex::new(host_tc),
             uplink,
             datapath: Mutex::new(Some(dp)),
             slots: Mutex::new(BTreeMap::new()),
@@ -136,6 +143,7 @@ impl SlotManager {
             addr_monitor: Mutex::new(None),
             startup: Mutex::new(None),
             netns_pool: NetnsPool::start(cfg.netns_pool),
+            trimmer: Trimmer::spawn(),
             me: std::sync::OnceLock::new(),
             #[cfg(feature = "fault-injection")]
             fail_at: Mutex::new(None),
@@ -269,6 +277,7 @@ impl SlotManager {
     ) -> Result<(Slot, bool), SlotError> {
         let addr = self.addr_of(index)?;
         policy.validate().map_err(SlotError::InvalidPolicy)?;
+        let _trim = self.trimmer.poke_when_done();
         let index_lock = self.index_lock(addr.index);
         let _held = index_lock.lock().await;
         if lock(&self.datapath).is_none() {
@@ -378,6 +387,7 @@ impl SlotManager {
     /// the delete can be retried). `SlotError::NotFound` if the slot is unknown.
     pub async fn delete(&self, index: i64) -> Result<(), SlotError> {
         let addr = self.addr_of(index)?;
+        let _trim = self.trimmer.poke_when_done();
         let index_lock = self.index_lock(addr.index);
         let held = index_lock.lock_owned().await;
         let Some(slot) = lock(&self.slots).get(&addr.index).cloned() else {
@@ -554,19 +564,21 @@ impl SlotManager {
     }
 
     /// Attaches a slot's programs; interface indices resolve in the host namespace.
-    pub(super) fn attach_slot(&self, slot: &SlotDatapath<'_>) -> Result<(), StepError> {
-        blocking(|| self.attach_slot_now(slot))
-    }
-
-    fn attach_slot_now(&self, slot: &SlotDatapath<'_>) -> Result<(), StepError> {
-        let mut guard = lock(&self.datapath);
-        let dp = guard
-            .as_mut()
-            .ok_or(StepError::Other("the datapath is shut down".into()))?;
-        // The datapath resolves the host side in its own namespace (the
-        // agent's), whichever thread calls: no thread to enter it here.
-        dp.attach_slot(slot)?;
-        Ok(())
+    /// `slot_tc` is a tc socket in the slot's namespace; the host veth's
+    /// filter goes through the manager's own tc socket in the agent namespace.
+    pub(super) fn attach_slot(
+        &self,
+        slot: &SlotDatapath<'_>,
+        slot_tc: &mut TcSocket,
+    ) -> Result<(), StepError> {
+        blocking(|| {
+            let mut guard = lock(&self.datapath);
+            let dp = guard
+                .as_mut()
+                .ok_or(StepError::Other("the datapath is shut down".into()))?;
+            dp.attach_slot_with(slot, slot_tc, &mut lock(&self.host_tc))?;
+            Ok(())
+        })
     }
 
     /// Detaches a slot's programs and clears its map entries (idempotent).
