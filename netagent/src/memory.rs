@@ -10,6 +10,7 @@
 //! the free pages of every arena back to the kernel.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -22,6 +23,7 @@ pub const QUIET: Duration = Duration::from_millis(200);
 #[derive(Debug)]
 pub struct Trimmer {
     notify: Arc<Notify>,
+    trims: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -29,22 +31,33 @@ impl Trimmer {
     /// Starts the trimming task on the current tokio runtime.
     pub fn spawn() -> Trimmer {
         let notify = Arc::new(Notify::new());
-        let pokes = notify.clone();
+        let trims = Arc::new(AtomicU64::new(0));
+        let (pokes, done) = (notify.clone(), trims.clone());
         let task = tokio::spawn(async move {
             loop {
                 pokes.notified().await;
                 // Wait for a quiet spell: every poke meanwhile restarts it.
                 while tokio::time::timeout(QUIET, pokes.notified()).await.is_ok() {}
                 let _ = tokio::task::spawn_blocking(trim).await;
+                done.fetch_add(1, Ordering::Relaxed);
             }
         });
-        Trimmer { notify, task }
+        Trimmer {
+            notify,
+            trims,
+            task,
+        }
     }
 
     /// Says that a burst of allocations may have ended (a slot was created or
     /// deleted).
     pub fn poke(&self) {
         self.notify.notify_one();
+    }
+
+    /// How many times the heap was trimmed.
+    pub fn trims(&self) -> u64 {
+        self.trims.load(Ordering::Relaxed)
     }
 
     /// A guard that pokes when it goes, however the work it covers ends.
@@ -82,5 +95,27 @@ fn trim() {
             took_us = t.elapsed().as_micros() as u64,
             "heap trimmed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn trims_once_per_quiet_spell_after_pokes() {
+        let t = Trimmer::spawn();
+        tokio::time::sleep(QUIET * 2).await;
+        assert_eq!(t.trims(), 0, "no poke, no trim");
+        // A burst: pokes closer together than QUIET postpone the trim.
+        for _ in 0..6 {
+            drop(t.poke_when_done());
+            tokio::time::sleep(QUIET / 4).await;
+        }
+        assert_eq!(t.trims(), 0, "still busy");
+        tokio::time::sleep(QUIET * 3).await;
+        assert_eq!(t.trims(), 1, "one trim once the burst is over");
+        tokio::time::sleep(QUIET * 2).await;
+        assert_eq!(t.trims(), 1, "nothing new, no trim");
     }
 }

@@ -226,6 +226,9 @@ fn create_makes_exactly_what_the_design_says() -> Result<()> {
         let veth = link(&links, &slot.veth)?;
         assert_eq!(inet(veth), vec![format!("{veth_ip}/31")]);
         ensure!(is_up(veth));
+        // The pair's MACs are the slot's, given at creation (02:6e:61:00|01:index).
+        let (hi, lo) = (index >> 8, index & 0xff);
+        assert_eq!(veth["address"], format!("02:6e:61:00:{hi:02x}:{lo:02x}"));
         let routes = world.ip_json(Some(&host), &["route", "show", host_ip])?;
         let r = &routes[0];
         assert_eq!(r["gateway"], vpeer_ip, "{routes}");
@@ -244,6 +247,7 @@ fn create_makes_exactly_what_the_design_says() -> Result<()> {
         );
         let eth0 = link(&links, "eth0")?;
         assert_eq!(inet(eth0), vec![format!("{vpeer_ip}/31")]);
+        assert_eq!(eth0["address"], format!("02:6e:61:01:{hi:02x}:{lo:02x}"));
         assert_eq!(
             eth0["ifindex"],
             netagent_common::SLOT_ETH0_IFINDEX,
