@@ -185,8 +185,9 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatEntry {
-    /// `bpf_ktime_get_boot_ns` of the last packet (refreshed at most every
-    /// `FLOW_TOUCH_INTERVAL_NS`).
+    /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`, jiffy resolution)
+    /// of the last packet (refreshed at most every `FLOW_TOUCH_INTERVAL_NS`);
+    /// userspace compares it with `CLOCK_MONOTONIC`.
     pub last_seen_ns: u64,
     /// Translated address, network order.
     pub addr: u32,

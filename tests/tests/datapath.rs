@@ -1651,8 +1651,10 @@ fn slot_index_out_of_range_is_an_error() {
     assert!(dp.slot_stats(1000).is_err());
 }
 
+/// Now on `CLOCK_MONOTONIC`, the clock of the flows' `last_seen_ns` (the
+/// datapath's coarse reading of it lags by at most a tick).
 fn netagent_now() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 

@@ -38,7 +38,7 @@
 //!     /// The same `repeat` times; also returns the mean kernel time of one run.
 //!     pub fn test_run_repeat(&self, prog: Program, frame: &[u8], repeat: u32)
 //!         -> Result<(TestRunOutput, Duration), BpfError>;
-//!     /// `reap` at a given CLOCK_BOOTTIME instant (tests).
+//!     /// `reap` at a given CLOCK_MONOTONIC instant (tests).
 //!     pub fn reap_at(&mut self, timeouts: &Timeouts, now_ns: u64) -> Result<ReapReport, BpfError>;
 //!     pub fn uplink(&self) -> Option<&Uplink>;  pub fn attached_slots(&self) -> Vec<u32>;
 //!     pub fn unattributed_stats(&self) -> Result<SlotStats, BpfError>;  // STATS[0]
