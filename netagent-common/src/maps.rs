@@ -8,7 +8,8 @@ pub const MAP_SLOTS: &str = "SLOTS";
 /// host_ip of every slot): `slot_ingress`, one instance on every slot's `eth0`,
 /// finds its slot by the packet's destination.
 pub const MAP_ADDR_SLOTS: &str = "ADDR_SLOTS";
-/// Host-side veth ifindex → slot index, `HashMap<u32, u32>`.
+/// Host-side veth ifindex → slot index, `HashMap<u32, u32>`: consulted only
+/// for a veth whose ifindex does not name its slot (`HOST_VETH_INDEX_BASE`).
 pub const MAP_VETH_SLOTS: &str = "VETH_SLOTS";
 /// Masquerade, original direction: `HashMap<FlowKey, NatEntry>`, keyed by the flow
 /// as it leaves the slot (source = vpeer IP); the value holds the uplink address
@@ -65,6 +66,15 @@ pub const SLOT_ETH0_IFINDEX: u32 = 4096;
 /// the one shared `tap_ingress` finds its slot from its ifindex (and checks it
 /// against `SlotInfo::tap_ifindex`). A TAP of no live slot drops everything.
 pub const SLOT_TAP_IFINDEX_BASE: u32 = 1 << 20;
+
+/// The host veth of slot N asks for ifindex `HOST_VETH_INDEX_BASE + (k << 15) + N`
+/// (k = 0, then 1, 2, … while a retired veth of the slot still holds the
+/// index), above what the kernel hands out by itself on a host with fewer
+/// devices. `veth_ingress` finds its slot from that without a hash lookup:
+/// `(ifindex - HOST_VETH_INDEX_BASE) & 0x7fff`, accepted when that slot is live
+/// and its `SlotInfo::veth_ifindex` is this ifindex; a veth that got another
+/// index is found in `MAP_VETH_SLOTS`.
+pub const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
 
 /// A masquerade port whose TCP flow is closed (RST, or FIN both ways) and idle this
 /// long may be taken by a new flow to the same destination before the reaper frees

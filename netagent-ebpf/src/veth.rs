@@ -1,5 +1,7 @@
 //! `veth_ingress` (on the slot's host veth, agent namespace): the slot is the
-//! one of this veth (`VETH_SLOTS[ifindex]`). The guest's frames, checked and
+//! one of this veth, read off its ifindex (`HOST_VETH_INDEX_BASE + (k << 15) +
+//! slot`, checked against the slot's `veth_ifindex`) or, for a veth that got
+//! another index, from `VETH_SLOTS`. The guest's frames, checked and
 //! handed over untouched by `tap_ingress`, get the egress policy and are
 //! translated in `guest`; packets of the slot
 //! namespace's own stack (source vpeer) to the world are masqueraded here. Both
@@ -15,7 +17,7 @@ use crate::{
     conntrack::{self, Dir},
     csum::{self, PortField},
     fwd, guest,
-    maps::{VETH_SLOTS, global_config, slot_info},
+    maps::{global_config, slot_by_veth},
     nat,
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind, Quoted},
     policy,
@@ -26,11 +28,7 @@ use crate::{
 pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     // SAFETY: reading a field of the context the kernel passed in.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is a plain u32 copied out right away.
-    let Some(slot) = (unsafe { VETH_SLOTS.get(&ifindex) }).copied() else {
-        return Ok(TC_ACT_OK as i32);
-    };
-    let Some(info) = slot_info(slot) else {
+    let Some((slot, info)) = slot_by_veth(ifindex) else {
         return Ok(TC_ACT_OK as i32);
     };
     let drop = |reason| Drop::new(slot, reason);

@@ -13,9 +13,9 @@ use netagent::bpf::{
 use netagent::config::Timeouts;
 use netagent_common::{
     CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_REUSE_CLOSED_AFTER_NS, NatEntry, SLOT_ETH0_IFINDEX,
-    SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_REPLIED,
-    STATE_RST, STATE_SYN, SlotInfo, SlotStats,
+    HOST_VETH_INDEX_BASE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_REUSE_CLOSED_AFTER_NS,
+    NatEntry, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG,
+    STATE_FIN_REPLY, STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo, SlotStats,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -541,6 +541,102 @@ fn tap_finds_the_slot_by_its_ifindex_and_veth_by_its_own() {
         unattributed.counters[DropReason::SpoofedSource.counter()],
         1
     );
+}
+
+/// Slot 7's host veth index on the second try (`k = 1`: a retired veth held
+/// the first), so the slot is read off through the mask.
+const VETH_IFINDEX: u32 = HOST_VETH_INDEX_BASE + (1 << 15) + SLOT;
+
+/// `veth_ingress` on `frame`, arriving on a device of ifindex `VETH_IFINDEX`
+/// (made in the test's throwaway namespace on first use).
+fn veth_indexed(dp: &Dp, frame: &[u8]) -> TestRunOutput {
+    let ns = dp.tap_ns.get_or_init(TapNs::new);
+    let file = ns.file.as_ref().unwrap();
+    let have = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "link", "show", "vh1"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        let index = VETH_IFINDEX.to_string();
+        ip(&[
+            "-n", &ns.name, "link", "add", "vh1", "index", &index, "type", "veth", "peer", "name",
+            "vh1p",
+        ]);
+    }
+    inside(file, || {
+        dp.test_run_on(Program::VethIngress, frame, VETH_IFINDEX)
+    })
+    .expect("BPF_PROG_TEST_RUN on the host veth")
+}
+
+#[test]
+fn veth_finds_the_slot_from_its_ifindex_and_falls_back_to_the_map() {
+    let Some(mut dp) = datapath() else { return };
+    let pkt = guest_frame(PacketBuilder::udp(
+        sock(GUEST, 5353),
+        sock(WAN, 53),
+        b"query",
+    ));
+    let frame = pkt.build();
+    // Slot 9, live, with its own vpeer: VETH_SLOTS names it for this ifindex.
+    let vpeer9 = Ipv4Addr::new(10, 12, 0, 19);
+    let mut info7 = dp.maps().slot(SLOT).unwrap();
+    let info9 = SlotInfo {
+        vpeer_ip: map_ip(vpeer9),
+        host_ip: map_ip(Ipv4Addr::new(10, 11, 0, 9)),
+        veth_ifindex: VETH_IFINDEX,
+        tap_ifindex: SLOT_TAP_IFINDEX_BASE + 9,
+        ..info7
+    };
+    dp.maps_mut().set_slot(9, &info9).unwrap();
+    dp.maps_mut().set_veth_slot(VETH_IFINDEX, 9).unwrap();
+    let from_guest =
+        |dp: &Datapath, slot| dp.slot_stats(slot).unwrap().counters[Counter::FROM_GUEST_PACKETS];
+
+    // The index names slot 7 and slot 7's veth has it: slot 7, without asking
+    // VETH_SLOTS (which says 9).
+    info7.veth_ifindex = VETH_IFINDEX;
+    dp.maps_mut().set_slot(SLOT, &info7).unwrap();
+    let out = veth_indexed(&dp, &frame);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let port = packet::parse(&out.frame).unwrap().sport;
+    assert_frame(&out, &pkt.clone().with_src(UPLINK_IP, port).build());
+    let k7 = key(VPEER, 5353, WAN, 53, IPPROTO_UDP);
+    let e = dp
+        .maps()
+        .flow(FlowTable::NatEgress, &k7)
+        .unwrap()
+        .expect("slot 7's flow");
+    assert_eq!(e.slot, SLOT);
+    assert_eq!((from_guest(&dp, SLOT), from_guest(&dp, 9)), (1, 0));
+
+    // Slot 7's veth has another index: this device is not slot 7's, and
+    // VETH_SLOTS decides (slot 9).
+    info7.veth_ifindex = 1001;
+    dp.maps_mut().set_slot(SLOT, &info7).unwrap();
+    let out = veth_indexed(&dp, &frame);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let k9 = key(vpeer9, 5353, WAN, 53, IPPROTO_UDP);
+    let e = dp
+        .maps()
+        .flow(FlowTable::NatEgress, &k9)
+        .unwrap()
+        .expect("slot 9's flow");
+    assert_eq!(e.slot, 9);
+    assert_eq!((from_guest(&dp, SLOT), from_guest(&dp, 9)), (1, 1));
+
+    // Neither: not a slot's veth, the frame passes untouched and uncounted.
+    dp.maps_mut().remove_veth_slot(VETH_IFINDEX).unwrap();
+    let out = veth_indexed(&dp, &frame);
+    assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
+    assert_eq!((from_guest(&dp, SLOT), from_guest(&dp, 9)), (1, 1));
+    // The index names slot 7, whose veth has it, but slot 7 is not live.
+    info7.veth_ifindex = VETH_IFINDEX;
+    info7.flags = 0;
+    dp.maps_mut().set_slot(SLOT, &info7).unwrap();
+    let out = veth_indexed(&dp, &frame);
+    assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
+    assert_eq!((from_guest(&dp, SLOT), from_guest(&dp, 9)), (1, 1));
 }
 
 #[test]

@@ -73,7 +73,8 @@
 //! the guest's frames for that slot (MAC, ARP, IPv4 source, bandwidth) and
 //! hands them untouched to the host veth with
 //! `bpf_redirect_peer(SLOT_ETH0_IFINDEX)` (`eth0` has that ifindex in every
-//! slot namespace); `veth_ingress` finds the slot by its ifindex (VETH_SLOTS),
+//! slot namespace); `veth_ingress` finds the slot by its ifindex (read off
+//! `HOST_VETH_INDEX_BASE + (k << 15) + N`, else VETH_SLOTS),
 //! applies the egress policy and translates them there; `slot_ingress` finds
 //! the slot by the destination address (ADDR_SLOTS).
 //! The maps are pinned in `DatapathConfig::pin_dir` (for inspection and a
