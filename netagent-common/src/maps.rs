@@ -95,7 +95,8 @@ pub const SLOT_F_GUEST_MAC: u32 = 2;
 /// `GuestL2::flags`: the addresses were learned and may be used.
 pub const GUEST_L2_F_VALID: u32 = 1;
 
-/// `NatEntry::state` bits (TCP), used by the userspace reaper for timeouts.
+/// `NatEntry::state` bits (TCP, and `STATE_GUEST`), used by the userspace
+/// reaper for timeouts.
 pub const STATE_SYN: u32 = 1 << 0;
 /// A packet travelled in the reply direction.
 pub const STATE_REPLIED: u32 = 1 << 1;
@@ -105,6 +106,12 @@ pub const STATE_FIN_ORIG: u32 = 1 << 2;
 pub const STATE_FIN_REPLY: u32 = 1 << 3;
 /// RST seen in either direction.
 pub const STATE_RST: u32 = 1 << 4;
+/// Not a TCP state: a masquerade flow the guest opened (not the slot
+/// namespace's own stack), to a destination that passed the egress policy and
+/// is not a host address. Only such an entry serves the guest's fast path
+/// (`NAT_EGRESS` looked up first, no policy lookups), and the agent removes it
+/// when a change of the policy or of `MAP_LOCAL_ADDRS` denies its destination.
+pub const STATE_GUEST: u32 = 1 << 5;
 
 /// IP protocol numbers the datapath translates.
 pub const IPPROTO_ICMP: u8 = 1;

@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use netagent_common::{
     DropReason, FLOW_TOUCH_INTERVAL_NS, FlowKey, NatEntry, STATE_FIN_ORIG, STATE_FIN_REPLY,
-    STATE_REPLIED, STATE_RST, STATE_SYN,
+    STATE_GUEST, STATE_REPLIED, STATE_RST, STATE_SYN,
 };
 
 use crate::{
@@ -90,7 +90,8 @@ pub fn touch(entry: *mut NatEntry, l4: &L4, dir: Dir, now: u64) {
     let e = unsafe { &mut *entry };
     let bits = state_bits(l4, dir);
     let state = if opens_connection(l4, dir) && e.state & CLOSING_BITS != 0 {
-        bits
+        // A new connection: the TCP state starts over, who opened the flow stays.
+        bits | (e.state & STATE_GUEST)
     } else {
         e.state | bits
     };

@@ -14,8 +14,9 @@ use netagent::config::Timeouts;
 use netagent_common::{
     CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
     HOST_VETH_INDEX_BASE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_REUSE_CLOSED_AFTER_NS,
-    NatEntry, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG,
-    STATE_FIN_REPLY, STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo, SlotStats,
+    NatEntry, POLICY_DENY, PolicyKey, PolicyRule, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE,
+    SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_GUEST, STATE_REPLIED, STATE_RST,
+    STATE_SYN, SlotInfo, SlotStats,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -285,7 +286,13 @@ fn guest_tcp_is_masqueraded_in_one_rewrite_keyed_by_vpeer() {
         .expect("NAT_EGRESS entry keyed by vpeer");
     assert_eq!(
         (egress.addr, egress.port, egress.slot, egress.state),
-        (map_ip(UPLINK_IP), port.to_be(), SLOT, STATE_SYN)
+        (
+            map_ip(UPLINK_IP),
+            port.to_be(),
+            SLOT,
+            STATE_SYN | STATE_GUEST
+        ),
+        "the guest opened it (STATE_GUEST: its later packets take the fast path)"
     );
     let ingress = dp
         .maps()
@@ -303,6 +310,118 @@ fn guest_tcp_is_masqueraded_in_one_rewrite_keyed_by_vpeer() {
     assert_eq!(s.counters[Counter::FROM_GUEST_PACKETS], 1);
     assert_eq!(s.counters[Counter::FROM_GUEST_BYTES], frame.len() as u64);
     assert_eq!(s.counters[Counter::NAT_ALLOCATIONS], 1);
+}
+
+/// An established guest flow takes the fast path: its NAT_EGRESS entry
+/// (`STATE_GUEST`) is looked up first, and no policy, LOCAL_ADDRS or
+/// HOST_FLOWS lookup follows. Shown by writing, behind the agent's back (so
+/// nothing cuts the flow), a deny rule for the destination, the destination
+/// into LOCAL_ADDRS and a host → guest flow the packet would be the reply of:
+/// the flow's packets still leave masqueraded on their port, while a new flow
+/// to the same destination is dropped, and so is the guest's packet on the
+/// tuple of a flow the slot's own stack made (no `STATE_GUEST`).
+#[test]
+fn established_guest_flow_skips_policy_local_address_and_host_flow_lookups() {
+    let Some(mut dp) = datapath() else { return };
+    let pkt = guest_frame(PacketBuilder::udp(sock(GUEST, 5353), sock(WAN, 53), b"q"));
+    let (_, port) = guest_masquerade(&dp, &pkt);
+    // The slot namespace's own flow from port 7000.
+    let own = from_vpeer(PacketBuilder::udp(sock(VPEER, 7000), sock(WAN, 53), b"q"));
+    masquerade(&dp, &own);
+
+    let maps = dp.maps_mut();
+    maps.insert_policy(
+        &PolicyKey::new(SLOT, map_ip(WAN), 32),
+        &PolicyRule {
+            action: POLICY_DENY,
+            prefix_len: 32,
+        },
+    )
+    .unwrap();
+    maps.set_local_addrs(&[WAN]).unwrap();
+    maps.insert_flow(
+        FlowTable::HostFlows,
+        &key(WAN, 53, HOST_IP, 5353, IPPROTO_UDP),
+        &NatEntry {
+            last_seen_ns: netagent_now(),
+            addr: map_ip(GUEST),
+            port: 5353u16.to_be(),
+            _pad: 0,
+            slot: SLOT,
+            state: 0,
+        },
+    )
+    .unwrap();
+
+    for _ in 0..2 {
+        let (out, again) = guest_masquerade(&dp, &pkt);
+        assert_eq!(again, port, "the established flow keeps its port");
+        assert_frame(&out, &pkt.clone().with_src(UPLINK_IP, port).build());
+    }
+    // A new flow to the same destination: a host address now, denied.
+    let new = guest_frame(PacketBuilder::udp(sock(GUEST, 5354), sock(WAN, 53), b"q"));
+    assert_eq!(from_tap(&dp, &new.build()).verdict, TC_ACT_SHOT);
+    // The tuple of the slot's own flow, from the guest: not a guest flow, so
+    // the slow path, and denied.
+    let on_own = guest_frame(PacketBuilder::udp(sock(GUEST, 7000), sock(WAN, 53), b"q"));
+    assert_eq!(from_tap(&dp, &on_own.build()).verdict, TC_ACT_SHOT);
+    let s = stats(&dp);
+    assert_eq!(s.counters[DropReason::HostDenied.counter()], 2);
+    assert_eq!(s.counters[Counter::FROM_GUEST_PACKETS], 3);
+    assert_eq!(s.counters[Counter::NAT_ALLOCATIONS], 2);
+    let e = dp
+        .maps()
+        .flow(
+            FlowTable::NatEgress,
+            &key(VPEER, 7000, WAN, 53, IPPROTO_UDP),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        e.state & STATE_GUEST,
+        0,
+        "the denied guest packet did not mark it"
+    );
+}
+
+/// A guest packet that passed the policy on the tuple of a flow the slot's own
+/// stack made marks it `STATE_GUEST` (it then takes the fast path), and a TCP
+/// connection starting over on a closed entry keeps the mark.
+#[test]
+fn guest_flows_are_marked_and_keep_the_mark() {
+    let Some(dp) = datapath() else { return };
+    let own = from_vpeer(PacketBuilder::udp(sock(VPEER, 7000), sock(WAN, 53), b"q"));
+    let (_, port) = masquerade(&dp, &own);
+    let k = key(VPEER, 7000, WAN, 53, IPPROTO_UDP);
+    let state = |k: &FlowKey| {
+        dp.maps()
+            .flow(FlowTable::NatEgress, k)
+            .unwrap()
+            .unwrap()
+            .state
+    };
+    assert_eq!(state(&k) & STATE_GUEST, 0);
+    let guest = guest_frame(PacketBuilder::udp(sock(GUEST, 7000), sock(WAN, 53), b"q"));
+    assert_eq!(guest_masquerade(&dp, &guest).1, port);
+    assert_ne!(state(&k) & STATE_GUEST, 0);
+
+    let syn = guest_frame(PacketBuilder::tcp(
+        sock(GUEST, 41000),
+        sock(WAN, 80),
+        tcp_flags::SYN,
+    ));
+    let rst = guest_frame(PacketBuilder::tcp(
+        sock(GUEST, 41000),
+        sock(WAN, 80),
+        tcp_flags::RST,
+    ));
+    let (_, p) = guest_masquerade(&dp, &syn);
+    assert_eq!(guest_masquerade(&dp, &rst).1, p);
+    let tk = key(VPEER, 41000, WAN, 80, IPPROTO_TCP);
+    assert_eq!(state(&tk), STATE_SYN | STATE_RST | STATE_GUEST);
+    // A new SYN on the closed entry: the TCP state starts over, the mark stays.
+    assert_eq!(guest_masquerade(&dp, &syn).1, p);
+    assert_eq!(state(&tk), STATE_SYN | STATE_GUEST);
 }
 
 #[test]
@@ -730,7 +849,8 @@ fn veth_masquerades_tcp_with_a_new_port() {
         .expect("NAT_EGRESS entry");
     assert_eq!(
         (egress.addr, egress.port, egress.slot, egress.state),
-        (map_ip(UPLINK_IP), port.to_be(), SLOT, STATE_SYN)
+        (map_ip(UPLINK_IP), port.to_be(), SLOT, STATE_SYN),
+        "the slot's own stack opened it: no STATE_GUEST (no fast path for the guest)"
     );
     let ingress = dp
         .maps()

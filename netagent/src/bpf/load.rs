@@ -182,6 +182,9 @@ pub struct Datapath {
     /// Whether `attach_uplink` replaced the program on a hook a previous run
     /// left (instead of attaching anew).
     pub(super) uplink_adopted: bool,
+    /// A change of the policy or of LOCAL_ADDRS was written whose flows were
+    /// not cut yet (`purge`): the next change cuts them, changed or not.
+    pub(super) purge_pending: bool,
     /// Declared last: the pins go after everything that uses the maps.
     pub(super) pins: PinDir,
 }
@@ -269,6 +272,7 @@ impl Datapath {
             reused,
             layout_mismatch,
             uplink_adopted: false,
+            purge_pending: false,
             pins,
         })
     }
