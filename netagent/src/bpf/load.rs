@@ -182,8 +182,9 @@ pub struct Datapath {
     /// Whether `attach_uplink` replaced the program on a hook a previous run
     /// left (instead of attaching anew).
     pub(super) uplink_adopted: bool,
-    /// A change of the policy or of LOCAL_ADDRS was written whose flows were
-    /// not cut yet (`purge`): the next change cuts them, changed or not.
+    /// A change of the policy or of LOCAL_ADDRS was written but cutting the
+    /// flows it denies failed (`purge`): the next such call cuts every slot's,
+    /// changed or not.
     pub(super) purge_pending: bool,
     /// Declared last: the pins go after everything that uses the maps.
     pub(super) pins: PinDir,

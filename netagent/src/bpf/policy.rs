@@ -348,10 +348,8 @@ impl Datapath {
             allow: Vec::new(),
             deny: deny.to_vec(),
         };
-        if self.replace_rules(0, &rules)? {
-            self.purge_pending = true;
-        }
-        self.purge_if_pending(None)
+        let changed = self.replace_rules(0, &rules)?;
+        self.cut_denied_flows(None, changed)
     }
 
     /// The default deny list.
@@ -366,10 +364,8 @@ impl Datapath {
     /// the old rules stay.
     pub fn set_slot_egress(&mut self, index: u32, rules: &EgressRules) -> Result<(), BpfError> {
         self.check_index(index)?;
-        if self.replace_rules(index, rules)? {
-            self.purge_pending = true;
-        }
-        self.purge_if_pending(Some(index))
+        let changed = self.replace_rules(index, rules)?;
+        self.cut_denied_flows(Some(index), changed)
     }
 
     /// The verdict of the egress policy on guest-initiated traffic of slot

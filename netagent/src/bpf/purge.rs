@@ -37,24 +37,34 @@ fn wait_for_running_programs() {
 }
 
 impl Datapath {
-    /// If a change is pending (`purge_pending`), cuts the guest flows it denies
-    /// for `slot` (`None`: every slot) and clears the mark. A slot not attached
-    /// has no flows to cut and no running traffic; its change is done.
-    pub(super) fn purge_if_pending(&mut self, slot: Option<u32>) -> Result<(), BpfError> {
-        if !self.purge_pending {
+    /// After a change of the policy or of LOCAL_ADDRS (`changed`): cuts the
+    /// guest flows it denies for `slot` (`None`: every slot). A slot not
+    /// attached has no flows and no traffic: nothing to cut. A cut that failed
+    /// is owed (`purge_pending`) and done for every slot by the next call,
+    /// changed or not.
+    pub(super) fn cut_denied_flows(
+        &mut self,
+        slot: Option<u32>,
+        changed: bool,
+    ) -> Result<(), BpfError> {
+        let scope = if self.purge_pending {
+            None
+        } else if !changed {
             return Ok(());
-        }
-        if let Some(index) = slot
+        } else {
+            slot
+        };
+        if let Some(index) = scope
             && self.maps.slot(index)?.flags & SLOT_F_ACTIVE == 0
         {
-            self.purge_pending = false;
             return Ok(());
         }
-        let removed = self.purge_denied_flows(slot)?;
+        self.purge_pending = true;
+        let removed = self.purge_denied_flows(scope)?;
         self.purge_pending = false;
         if removed > 0 {
             tracing::info!(
-                slot = ?slot,
+                slot = ?scope,
                 flows = removed,
                 "cut guest flows the new egress policy or host addresses deny"
             );

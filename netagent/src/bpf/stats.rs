@@ -48,9 +48,7 @@ impl Datapath {
     /// When the set changed, every slot's guest flows to a new host address
     /// are cut (`purge`).
     pub fn set_local_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> Result<(), BpfError> {
-        if self.maps.set_local_addrs(addrs)? {
-            self.purge_pending = true;
-        }
-        self.purge_if_pending(None)
+        let changed = self.maps.set_local_addrs(addrs)?;
+        self.cut_denied_flows(None, changed)
     }
 }
