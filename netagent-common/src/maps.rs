@@ -8,7 +8,8 @@ pub const MAP_SLOTS: &str = "SLOTS";
 /// host_ip of every slot): `slot_ingress`, one instance on every slot's `eth0`,
 /// finds its slot by the packet's destination.
 pub const MAP_ADDR_SLOTS: &str = "ADDR_SLOTS";
-/// Host-side veth ifindex → slot index, `HashMap<u32, u32>`.
+/// Host-side veth ifindex → slot index, `HashMap<u32, u32>`: consulted only
+/// for a veth whose ifindex does not name its slot (`HOST_VETH_INDEX_BASE`).
 pub const MAP_VETH_SLOTS: &str = "VETH_SLOTS";
 /// Masquerade, original direction: `HashMap<FlowKey, NatEntry>`, keyed by the flow
 /// as it leaves the slot (source = vpeer IP); the value holds the uplink address
@@ -66,6 +67,15 @@ pub const SLOT_ETH0_IFINDEX: u32 = 4096;
 /// against `SlotInfo::tap_ifindex`). A TAP of no live slot drops everything.
 pub const SLOT_TAP_IFINDEX_BASE: u32 = 1 << 20;
 
+/// The host veth of slot N asks for ifindex `HOST_VETH_INDEX_BASE + (k << 15) + N`
+/// (k = 0, then 1, 2, … while a retired veth of the slot still holds the
+/// index), above what the kernel hands out by itself on a host with fewer
+/// devices. `veth_ingress` finds its slot from that without a hash lookup:
+/// `(ifindex - HOST_VETH_INDEX_BASE) & 0x7fff`, accepted when that slot is live
+/// and its `SlotInfo::veth_ifindex` is this ifindex; a veth that got another
+/// index is found in `MAP_VETH_SLOTS`.
+pub const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
+
 /// A masquerade port whose TCP flow is closed (RST, or FIN both ways) and idle this
 /// long may be taken by a new flow to the same destination before the reaper frees
 /// it, so a burst of short connections does not exhaust the ports (the role
@@ -85,7 +95,8 @@ pub const SLOT_F_GUEST_MAC: u32 = 2;
 /// `GuestL2::flags`: the addresses were learned and may be used.
 pub const GUEST_L2_F_VALID: u32 = 1;
 
-/// `NatEntry::state` bits (TCP), used by the userspace reaper for timeouts.
+/// `NatEntry::state` bits (TCP, and `STATE_GUEST`), used by the userspace
+/// reaper for timeouts.
 pub const STATE_SYN: u32 = 1 << 0;
 /// A packet travelled in the reply direction.
 pub const STATE_REPLIED: u32 = 1 << 1;
@@ -95,6 +106,12 @@ pub const STATE_FIN_ORIG: u32 = 1 << 2;
 pub const STATE_FIN_REPLY: u32 = 1 << 3;
 /// RST seen in either direction.
 pub const STATE_RST: u32 = 1 << 4;
+/// Not a TCP state: a masquerade flow the guest opened (not the slot
+/// namespace's own stack), to a destination that passed the egress policy and
+/// is not a host address. Only such an entry serves the guest's fast path
+/// (`NAT_EGRESS` looked up first, no policy lookups), and the agent removes it
+/// when a change of the policy or of `MAP_LOCAL_ADDRS` denies its destination.
+pub const STATE_GUEST: u32 = 1 << 5;
 
 /// IP protocol numbers the datapath translates.
 pub const IPPROTO_ICMP: u8 = 1;
@@ -185,8 +202,9 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatEntry {
-    /// `bpf_ktime_get_boot_ns` of the last packet (refreshed at most every
-    /// `FLOW_TOUCH_INTERVAL_NS`).
+    /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`, jiffy resolution)
+    /// of the last packet (refreshed at most every `FLOW_TOUCH_INTERVAL_NS`);
+    /// userspace compares it with `CLOCK_MONOTONIC`.
     pub last_seen_ns: u64,
     /// Translated address, network order.
     pub addr: u32,

@@ -1,10 +1,10 @@
 //! Flow bookkeeping shared by the masquerade and the host → guest flows: TCP state
 //! bits, the rate-limited `last_seen` refresh, and the `HOST_FLOWS` table.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_boot_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use netagent_common::{
     DropReason, FLOW_TOUCH_INTERVAL_NS, FlowKey, NatEntry, STATE_FIN_ORIG, STATE_FIN_REPLY,
-    STATE_REPLIED, STATE_RST, STATE_SYN,
+    STATE_GUEST, STATE_REPLIED, STATE_RST, STATE_SYN,
 };
 
 use crate::{
@@ -19,11 +19,13 @@ const TCP_ACK: u8 = 0x10;
 /// `EEXIST`, as map helpers return it (negated).
 const EEXIST: i32 = 17;
 
-/// Now, on the clock userspace reads as `CLOCK_BOOTTIME`.
+/// Now, for flow timestamps: `CLOCK_MONOTONIC_COARSE` (the jiffy of the last
+/// tick; userspace compares it with `CLOCK_MONOTONIC`). Flow lifetimes are
+/// seconds, and the coarse clock costs no clock-source read per packet.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: a helper call without arguments.
-    unsafe { bpf_ktime_get_boot_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Which side of a flow a packet travels.
@@ -88,7 +90,8 @@ pub fn touch(entry: *mut NatEntry, l4: &L4, dir: Dir, now: u64) {
     let e = unsafe { &mut *entry };
     let bits = state_bits(l4, dir);
     let state = if opens_connection(l4, dir) && e.state & CLOSING_BITS != 0 {
-        bits
+        // A new connection: the TCP state starts over, who opened the flow stays.
+        bits | (e.state & STATE_GUEST)
     } else {
         e.state | bits
     };
@@ -97,7 +100,7 @@ pub fn touch(entry: *mut NatEntry, l4: &L4, dir: Dir, now: u64) {
     if state != e.state {
         e.state = state;
         e.last_seen_ns = now;
-    } else if now.wrapping_sub(e.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
+    } else if now.saturating_sub(e.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
         e.last_seen_ns = now;
     }
 }

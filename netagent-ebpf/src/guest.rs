@@ -1,27 +1,39 @@
 //! The guest's frames at the host veth (`veth_ingress`, source 169.254.0.21,
 //! checked and handed over untouched by `tap_ingress`). The slot is known here,
-//! so this is where they are parsed and counted, the guest's MACs learned, the
-//! egress policy applied to what the guest opens (`policy`; replies of
-//! host → guest flows always pass), and the source translated in one rewrite:
-//! to HostIP for a reply of a host → guest flow, to the vpeer address for
-//! traffic that stays on the host (both then go up the host stack), else to the
-//! uplink address and a masquerade port, keyed by the slot's vpeer address
-//! (unique per slot, so guests that all use 169.254.0.21 never share a flow),
-//! and out with `bpf_redirect_neigh(uplink)`.
+//! so this is where they are parsed and counted and the guest's MACs learned.
+//!
+//! Fast path first: a packet of a flow the guest opened to the world finds its
+//! `NAT_EGRESS` entry (keyed by the slot's vpeer address, unique per slot, so
+//! guests that all use 169.254.0.21 never share a flow) marked `STATE_GUEST`,
+//! and is touched, translated to the uplink address and port in one rewrite,
+//! counted and sent out with `bpf_redirect_neigh(uplink)` — no `HOST_FLOWS`,
+//! policy or `LOCAL_ADDRS` lookup. That is sound because such an entry is only
+//! made for a destination that passed the egress policy and is not a host
+//! address, and the agent removes the entries a later change of the policy or
+//! of `LOCAL_ADDRS` denies (`netagent::bpf::purge`). (A tuple that is both a
+//! masquerade flow and the reply of a host → guest flow, which one guest stack
+//! cannot make, goes by its masquerade entry.)
+//!
+//! Everything else: replies of host → guest flows always pass and leave as
+//! HostIP; what the guest opens meets the egress policy (`policy`), then goes
+//! to the host stack as the vpeer address when it stays on the host, else is
+//! masqueraded with a newly allocated port (`STATE_GUEST`).
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use netagent_common::{
-    Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig, GuestL2, SlotInfo,
+    Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
+    STATE_GUEST, SlotInfo,
 };
 
 use crate::{
     conntrack::{self, Dir},
     csum, fwd,
     maps::{GUEST_L2, config, global_config},
+    nat,
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind},
     policy,
     stats::{self, Drop},
-    veth::{masquerade, masquerade_icmp_error, stays_on_host},
+    veth::{masquerade, masquerade_icmp_error, snat_and_send, stays_on_host},
 };
 
 #[inline(always)]
@@ -29,6 +41,9 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
     let drop = |reason| Drop::new(slot, reason);
     let l4 = parse::l4(ctx, ip).map_err(drop)?;
     learn_guest_l2(ctx, slot);
+    if let Some(verdict) = established(ctx, ip, &l4, slot, info)? {
+        return Ok(verdict);
+    }
     let Some(cfg) = config() else {
         count_from_guest(ctx, slot);
         return Ok(TC_ACT_OK as i32);
@@ -58,7 +73,48 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
         // For the host stack (or no uplink to masquerade to): as the vpeer.
         return to_host(ctx, &l4, ip, info, info.vpeer_ip).map_err(drop);
     };
-    masquerade(ctx, ip, &l4, slot, info.vpeer_ip, cfg)
+    masquerade(ctx, ip, &l4, slot, info.vpeer_ip, cfg, STATE_GUEST)
+}
+
+/// The fast path (module doc): the verdict for a packet of an established
+/// guest flow to the world, `None` for anything else.
+#[inline(always)]
+fn established(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    slot: u32,
+    info: &SlotInfo,
+) -> Result<Option<i32>, Drop> {
+    // An echo reply never opens a masquerade flow, even where its key (id 0)
+    // equals an echo request's.
+    if !l4.translatable() || l4.kind == L4Kind::IcmpEchoReply {
+        return Ok(None);
+    }
+    let Some(cfg) = global_config() else {
+        return Ok(None);
+    };
+    let key = FlowKey {
+        saddr: info.vpeer_ip,
+        daddr: ip.daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let Some(entry) = nat::snat_v4_lookup(&key) else {
+        return Ok(None);
+    };
+    // SAFETY: pointer from a successful lookup, valid for this run; copied at once.
+    let (state, nat_ip, nat_port) = unsafe { ((*entry).state, (*entry).addr, (*entry).port) };
+    if state & STATE_GUEST == 0 {
+        return Ok(None);
+    }
+    conntrack::touch(entry, l4, Dir::Original, conntrack::now_ns());
+    count_from_guest(ctx, slot);
+    snat_and_send(ctx, ip, l4, nat_ip, nat_port, cfg)
+        .map(Some)
+        .map_err(|reason| Drop::new(slot, reason))
 }
 
 /// Counts a guest frame that passed the checks.

@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
 use netagent_common::{
-    FlowKey, GlobalConfig, GuestL2, NatEntry, PolicyRule, RateLimit, SlotInfo, SlotStats,
+    FlowKey, GlobalConfig, GuestL2, HOST_VETH_INDEX_BASE, MAX_SLOT_INDEX, NatEntry, PolicyRule,
+    RateLimit, SlotInfo, SlotStats,
 };
 
 /// Placeholder size of the per-slot tables (`max_slots`).
@@ -33,7 +34,8 @@ pub static SLOTS: Array<SlotInfo> = Array::with_max_entries(DEFAULT_SLOTS, 0);
 #[map]
 pub static ADDR_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(2 * DEFAULT_SLOTS, 0);
 
-/// `MAP_VETH_SLOTS`: host veth ifindex → slot index.
+/// `MAP_VETH_SLOTS`: host veth ifindex → slot index (only for a veth whose
+/// ifindex does not name its slot; see `slot_by_veth`).
 #[map]
 pub static VETH_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_SLOTS, 0);
 
@@ -92,6 +94,25 @@ pub fn slot_info(index: u32) -> Option<&'static SlotInfo> {
         return None;
     }
     Some(info)
+}
+
+/// The slot whose host veth has `ifindex`, with its configuration: from the
+/// index itself when the veth got the one it asked for
+/// (`HOST_VETH_INDEX_BASE + (k << 15) + slot`, checked against
+/// `SlotInfo::veth_ifindex`), else from `VETH_SLOTS`.
+#[inline(always)]
+pub fn slot_by_veth(ifindex: u32) -> Option<(u32, &'static SlotInfo)> {
+    if ifindex >= HOST_VETH_INDEX_BASE {
+        let index = (ifindex - HOST_VETH_INDEX_BASE) & MAX_SLOT_INDEX;
+        if let Some(info) = slot_info(index)
+            && info.veth_ifindex == ifindex
+        {
+            return Some((index, info));
+        }
+    }
+    // SAFETY: the value is a plain u32 copied out right away.
+    let index = unsafe { *VETH_SLOTS.get(&ifindex)? };
+    Some((index, slot_info(index)?))
 }
 
 /// The slot whose address (vpeer_ip or host_ip) is `daddr` (network order), with

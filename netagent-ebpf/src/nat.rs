@@ -139,7 +139,9 @@ fn snat_v4_reclaim_closed(reverse: &FlowKey, now: u64) -> bool {
     };
     let closed = state & STATE_RST != 0
         || state & (STATE_FIN_ORIG | STATE_FIN_REPLY) == (STATE_FIN_ORIG | STATE_FIN_REPLY);
-    if !closed || now.wrapping_sub(last_seen) < NAT_REUSE_CLOSED_AFTER_NS {
+    // Saturating: a stamp userspace wrote from `CLOCK_MONOTONIC` may be up to a
+    // tick ahead of the coarse clock, and counts as just seen.
+    if !closed || now.saturating_sub(last_seen) < NAT_REUSE_CLOSED_AFTER_NS {
         return false;
     }
     let _ = NAT_EGRESS.remove(&forward_key);

@@ -1,6 +1,11 @@
 //! Egress policy of guest-initiated traffic (`POLICY`, an LPM trie keyed by
 //! slot and address; slot 0 holds the defaults) and the host's protection:
-//! see `netagent_common::PolicyKey` for the order of evaluation.
+//! see `netagent_common::PolicyKey` for the order of evaluation. It is
+//! evaluated when a guest flow is opened (and for what is not masqueraded);
+//! an established guest flow skips it (`guest`'s fast path), and the agent
+//! evaluates the same steps in userspace (`netagent::bpf::EgressView`) to cut
+//! the flows a change of the rules or of `LOCAL_ADDRS` denies: keep the two
+//! identical.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use netagent_common::{DropReason, GlobalConfig, POLICY_ALLOW, PolicyKey, PolicyRule};

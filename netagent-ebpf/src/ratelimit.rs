@@ -10,9 +10,10 @@
 //! way. Two CPUs may race on `next_ns` and both pass a frame: accepted (the
 //! error is one frame).
 
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use netagent_common::RateLimit;
 
-use crate::{conntrack::now_ns, maps::RATE};
+use crate::maps::RATE;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -30,7 +31,10 @@ pub fn within_limit(slot: u32, len: u32) -> bool {
     if rate == 0 {
         return true;
     }
-    let now = now_ns();
+    // The policer needs a precise clock (`CLOCK_MONOTONIC`): at a jiffy's
+    // resolution a whole tick's budget would pass at once.
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     if limit.next_ns > now {
         return false;
     }

@@ -1,7 +1,10 @@
 //! `veth_ingress` (on the slot's host veth, agent namespace): the slot is the
-//! one of this veth (`VETH_SLOTS[ifindex]`). The guest's frames, checked and
-//! handed over untouched by `tap_ingress`, get the egress policy and are
-//! translated in `guest`; packets of the slot
+//! one of this veth, read off its ifindex (`HOST_VETH_INDEX_BASE + (k << 15) +
+//! slot`, checked against the slot's `veth_ifindex`) or, for a veth that got
+//! another index, from `VETH_SLOTS`. The guest's frames, checked and
+//! handed over untouched by `tap_ingress`, take `guest`'s fast path
+//! (established flows) or meet the egress policy, and are translated there;
+//! packets of the slot
 //! namespace's own stack (source vpeer) to the world are masqueraded here. Both
 //! get the uplink address and a port allocated here and leave with
 //! `bpf_redirect_neigh(uplink)`. Everything else (traffic to host addresses, ARP)
@@ -15,7 +18,7 @@ use crate::{
     conntrack::{self, Dir},
     csum::{self, PortField},
     fwd, guest,
-    maps::{VETH_SLOTS, global_config, slot_info},
+    maps::{global_config, slot_by_veth},
     nat,
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind, Quoted},
     policy,
@@ -26,11 +29,7 @@ use crate::{
 pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     // SAFETY: reading a field of the context the kernel passed in.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is a plain u32 copied out right away.
-    let Some(slot) = (unsafe { VETH_SLOTS.get(&ifindex) }).copied() else {
-        return Ok(TC_ACT_OK as i32);
-    };
-    let Some(info) = slot_info(slot) else {
+    let Some((slot, info)) = slot_by_veth(ifindex) else {
         return Ok(TC_ACT_OK as i32);
     };
     let drop = |reason| Drop::new(slot, reason);
@@ -53,14 +52,15 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     if l4.kind == L4Kind::IcmpError {
         return icmp_error(ctx, cfg, &ip, slot);
     }
-    masquerade(ctx, &ip, &l4, slot, info.vpeer_ip, cfg)
+    masquerade(ctx, &ip, &l4, slot, info.vpeer_ip, cfg, 0)
 }
 
 /// Masquerades a packet of `slot` toward the world: the flow is keyed by the
 /// slot's vpeer address (unique per slot, whatever the packet's source — the
 /// guest's 169.254.0.21 or the vpeer itself), the source becomes the uplink
 /// address and an allocated port in one rewrite, and the packet leaves by the
-/// uplink.
+/// uplink. `guest` is `STATE_GUEST` for the guest's packets (they passed the
+/// egress policy), else 0; the flow's entry gets it.
 #[inline(always)]
 pub fn masquerade(
     ctx: &TcContext,
@@ -69,6 +69,7 @@ pub fn masquerade(
     slot: u32,
     vpeer_ip: u32,
     cfg: &GlobalConfig,
+    guest: u32,
 ) -> Result<i32, Drop> {
     let drop = |reason| Drop::new(slot, reason);
     // Only what opens a flow can be masqueraded: an echo *reply* to the world
@@ -84,10 +85,22 @@ pub fn masquerade(
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let (nat_ip, nat_port) = snat(&key, l4, slot, cfg)?;
-    csum::ipv4_addr_rewrite(ctx, l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip).map_err(drop)?;
-    csum::l4_port_rewrite(ctx, l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)
-        .map_err(drop)?;
+    let (nat_ip, nat_port) = snat(&key, l4, slot, cfg, guest)?;
+    snat_and_send(ctx, ip, l4, nat_ip, nat_port, cfg).map_err(drop)
+}
+
+/// Source := `nat_ip`:`nat_port` in one rewrite, and out by the uplink.
+#[inline(always)]
+pub fn snat_and_send(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    nat_ip: u32,
+    nat_port: u16,
+    cfg: &GlobalConfig,
+) -> Result<i32, DropReason> {
+    csum::ipv4_addr_rewrite(ctx, l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip)?;
+    csum::l4_port_rewrite(ctx, l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)?;
     Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
 }
 
@@ -101,19 +114,32 @@ pub fn stays_on_host(cfg: &GlobalConfig, daddr: u32) -> bool {
 
 /// The masquerade address and port of the outgoing flow `key` (source = the
 /// slot's vpeer address): the known entry, refreshed, or a newly allocated one
-/// (counted as an allocation or a failure).
+/// (counted as an allocation or a failure). `guest` (`STATE_GUEST` or 0) is
+/// added to the entry's state.
 #[inline(always)]
-pub fn snat(key: &FlowKey, l4: &L4, slot: u32, cfg: &GlobalConfig) -> Result<(u32, u16), Drop> {
+pub fn snat(
+    key: &FlowKey,
+    l4: &L4,
+    slot: u32,
+    cfg: &GlobalConfig,
+    guest: u32,
+) -> Result<(u32, u16), Drop> {
     let now = conntrack::now_ns();
     match nat::snat_v4_lookup(key) {
         Some(entry) => {
             conntrack::touch(entry, l4, Dir::Original, now);
-            // SAFETY: pointer from a successful lookup, valid for this run.
-            let e = unsafe { &*entry };
+            // SAFETY: pointer from a successful lookup, valid for this run;
+            // concurrent writers only race on plain integers.
+            let e = unsafe { &mut *entry };
+            if e.state & guest != guest {
+                // A flow of the slot's own stack (or of a previous agent) that
+                // the guest's packet, checked, now uses as well.
+                e.state |= guest;
+            }
             Ok((e.addr, e.port))
         }
         None => {
-            let state = conntrack::state_bits(l4, Dir::Original);
+            let state = conntrack::state_bits(l4, Dir::Original) | guest;
             match nat::snat_v4_alloc(key, slot, cfg, state, now) {
                 Ok(e) => {
                     stats::count(slot, Counter::NAT_ALLOCATIONS);

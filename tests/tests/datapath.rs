@@ -13,9 +13,10 @@ use netagent::bpf::{
 use netagent::config::Timeouts;
 use netagent_common::{
     CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_REUSE_CLOSED_AFTER_NS, NatEntry, SLOT_ETH0_IFINDEX,
-    SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_REPLIED,
-    STATE_RST, STATE_SYN, SlotInfo, SlotStats,
+    HOST_VETH_INDEX_BASE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_REUSE_CLOSED_AFTER_NS,
+    NatEntry, POLICY_DENY, PolicyKey, PolicyRule, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE,
+    SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_GUEST, STATE_REPLIED, STATE_RST,
+    STATE_SYN, SlotInfo, SlotStats,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -285,7 +286,13 @@ fn guest_tcp_is_masqueraded_in_one_rewrite_keyed_by_vpeer() {
         .expect("NAT_EGRESS entry keyed by vpeer");
     assert_eq!(
         (egress.addr, egress.port, egress.slot, egress.state),
-        (map_ip(UPLINK_IP), port.to_be(), SLOT, STATE_SYN)
+        (
+            map_ip(UPLINK_IP),
+            port.to_be(),
+            SLOT,
+            STATE_SYN | STATE_GUEST
+        ),
+        "the guest opened it (STATE_GUEST: its later packets take the fast path)"
     );
     let ingress = dp
         .maps()
@@ -303,6 +310,118 @@ fn guest_tcp_is_masqueraded_in_one_rewrite_keyed_by_vpeer() {
     assert_eq!(s.counters[Counter::FROM_GUEST_PACKETS], 1);
     assert_eq!(s.counters[Counter::FROM_GUEST_BYTES], frame.len() as u64);
     assert_eq!(s.counters[Counter::NAT_ALLOCATIONS], 1);
+}
+
+/// An established guest flow takes the fast path: its NAT_EGRESS entry
+/// (`STATE_GUEST`) is looked up first, and no policy, LOCAL_ADDRS or
+/// HOST_FLOWS lookup follows. Shown by writing, behind the agent's back (so
+/// nothing cuts the flow), a deny rule for the destination, the destination
+/// into LOCAL_ADDRS and a host → guest flow the packet would be the reply of:
+/// the flow's packets still leave masqueraded on their port, while a new flow
+/// to the same destination is dropped, and so is the guest's packet on the
+/// tuple of a flow the slot's own stack made (no `STATE_GUEST`).
+#[test]
+fn established_guest_flow_skips_policy_local_address_and_host_flow_lookups() {
+    let Some(mut dp) = datapath() else { return };
+    let pkt = guest_frame(PacketBuilder::udp(sock(GUEST, 5353), sock(WAN, 53), b"q"));
+    let (_, port) = guest_masquerade(&dp, &pkt);
+    // The slot namespace's own flow from port 7000.
+    let own = from_vpeer(PacketBuilder::udp(sock(VPEER, 7000), sock(WAN, 53), b"q"));
+    masquerade(&dp, &own);
+
+    let maps = dp.maps_mut();
+    maps.insert_policy(
+        &PolicyKey::new(SLOT, map_ip(WAN), 32),
+        &PolicyRule {
+            action: POLICY_DENY,
+            prefix_len: 32,
+        },
+    )
+    .unwrap();
+    maps.set_local_addrs(&[WAN]).unwrap();
+    maps.insert_flow(
+        FlowTable::HostFlows,
+        &key(WAN, 53, HOST_IP, 5353, IPPROTO_UDP),
+        &NatEntry {
+            last_seen_ns: netagent_now(),
+            addr: map_ip(GUEST),
+            port: 5353u16.to_be(),
+            _pad: 0,
+            slot: SLOT,
+            state: 0,
+        },
+    )
+    .unwrap();
+
+    for _ in 0..2 {
+        let (out, again) = guest_masquerade(&dp, &pkt);
+        assert_eq!(again, port, "the established flow keeps its port");
+        assert_frame(&out, &pkt.clone().with_src(UPLINK_IP, port).build());
+    }
+    // A new flow to the same destination: a host address now, denied.
+    let new = guest_frame(PacketBuilder::udp(sock(GUEST, 5354), sock(WAN, 53), b"q"));
+    assert_eq!(from_tap(&dp, &new.build()).verdict, TC_ACT_SHOT);
+    // The tuple of the slot's own flow, from the guest: not a guest flow, so
+    // the slow path, and denied.
+    let on_own = guest_frame(PacketBuilder::udp(sock(GUEST, 7000), sock(WAN, 53), b"q"));
+    assert_eq!(from_tap(&dp, &on_own.build()).verdict, TC_ACT_SHOT);
+    let s = stats(&dp);
+    assert_eq!(s.counters[DropReason::HostDenied.counter()], 2);
+    assert_eq!(s.counters[Counter::FROM_GUEST_PACKETS], 3);
+    assert_eq!(s.counters[Counter::NAT_ALLOCATIONS], 2);
+    let e = dp
+        .maps()
+        .flow(
+            FlowTable::NatEgress,
+            &key(VPEER, 7000, WAN, 53, IPPROTO_UDP),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        e.state & STATE_GUEST,
+        0,
+        "the denied guest packet did not mark it"
+    );
+}
+
+/// A guest packet that passed the policy on the tuple of a flow the slot's own
+/// stack made marks it `STATE_GUEST` (it then takes the fast path), and a TCP
+/// connection starting over on a closed entry keeps the mark.
+#[test]
+fn guest_flows_are_marked_and_keep_the_mark() {
+    let Some(dp) = datapath() else { return };
+    let own = from_vpeer(PacketBuilder::udp(sock(VPEER, 7000), sock(WAN, 53), b"q"));
+    let (_, port) = masquerade(&dp, &own);
+    let k = key(VPEER, 7000, WAN, 53, IPPROTO_UDP);
+    let state = |k: &FlowKey| {
+        dp.maps()
+            .flow(FlowTable::NatEgress, k)
+            .unwrap()
+            .unwrap()
+            .state
+    };
+    assert_eq!(state(&k) & STATE_GUEST, 0);
+    let guest = guest_frame(PacketBuilder::udp(sock(GUEST, 7000), sock(WAN, 53), b"q"));
+    assert_eq!(guest_masquerade(&dp, &guest).1, port);
+    assert_ne!(state(&k) & STATE_GUEST, 0);
+
+    let syn = guest_frame(PacketBuilder::tcp(
+        sock(GUEST, 41000),
+        sock(WAN, 80),
+        tcp_flags::SYN,
+    ));
+    let rst = guest_frame(PacketBuilder::tcp(
+        sock(GUEST, 41000),
+        sock(WAN, 80),
+        tcp_flags::RST,
+    ));
+    let (_, p) = guest_masquerade(&dp, &syn);
+    assert_eq!(guest_masquerade(&dp, &rst).1, p);
+    let tk = key(VPEER, 41000, WAN, 80, IPPROTO_TCP);
+    assert_eq!(state(&tk), STATE_SYN | STATE_RST | STATE_GUEST);
+    // A new SYN on the closed entry: the TCP state starts over, the mark stays.
+    assert_eq!(guest_masquerade(&dp, &syn).1, p);
+    assert_eq!(state(&tk), STATE_SYN | STATE_GUEST);
 }
 
 #[test]
@@ -543,6 +662,102 @@ fn tap_finds_the_slot_by_its_ifindex_and_veth_by_its_own() {
     );
 }
 
+/// Slot 7's host veth index on the second try (`k = 1`: a retired veth held
+/// the first), so the slot is read off through the mask.
+const VETH_IFINDEX: u32 = HOST_VETH_INDEX_BASE + (1 << 15) + SLOT;
+
+/// `veth_ingress` on `frame`, arriving on a device of ifindex `VETH_IFINDEX`
+/// (made in the test's throwaway namespace on first use).
+fn veth_indexed(dp: &Dp, frame: &[u8]) -> TestRunOutput {
+    let ns = dp.tap_ns.get_or_init(TapNs::new);
+    let file = ns.file.as_ref().unwrap();
+    let have = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "link", "show", "vh1"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        let index = VETH_IFINDEX.to_string();
+        ip(&[
+            "-n", &ns.name, "link", "add", "vh1", "index", &index, "type", "veth", "peer", "name",
+            "vh1p",
+        ]);
+    }
+    inside(file, || {
+        dp.test_run_on(Program::VethIngress, frame, VETH_IFINDEX)
+    })
+    .expect("BPF_PROG_TEST_RUN on the host veth")
+}
+
+#[test]
+fn veth_finds_the_slot_from_its_ifindex_and_falls_back_to_the_map() {
+    let Some(mut dp) = datapath() else { return };
+    let pkt = guest_frame(PacketBuilder::udp(
+        sock(GUEST, 5353),
+        sock(WAN, 53),
+        b"query",
+    ));
+    let frame = pkt.build();
+    // Slot 9, live, with its own vpeer: VETH_SLOTS names it for this ifindex.
+    let vpeer9 = Ipv4Addr::new(10, 12, 0, 19);
+    let mut info7 = dp.maps().slot(SLOT).unwrap();
+    let info9 = SlotInfo {
+        vpeer_ip: map_ip(vpeer9),
+        host_ip: map_ip(Ipv4Addr::new(10, 11, 0, 9)),
+        veth_ifindex: VETH_IFINDEX,
+        tap_ifindex: SLOT_TAP_IFINDEX_BASE + 9,
+        ..info7
+    };
+    dp.maps_mut().set_slot(9, &info9).unwrap();
+    dp.maps_mut().set_veth_slot(VETH_IFINDEX, 9).unwrap();
+    let from_guest =
+        |dp: &Datapath, slot| dp.slot_stats(slot).unwrap().counters[Counter::FROM_GUEST_PACKETS];
+
+    // The index names slot 7 and slot 7's veth has it: slot 7, without asking
+    // VETH_SLOTS (which says 9).
+    info7.veth_ifindex = VETH_IFINDEX;
+    dp.maps_mut().set_slot(SLOT, &info7).unwrap();
+    let out = veth_indexed(&dp, &frame);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let port = packet::parse(&out.frame).unwrap().sport;
+    assert_frame(&out, &pkt.clone().with_src(UPLINK_IP, port).build());
+    let k7 = key(VPEER, 5353, WAN, 53, IPPROTO_UDP);
+    let e = dp
+        .maps()
+        .flow(FlowTable::NatEgress, &k7)
+        .unwrap()
+        .expect("slot 7's flow");
+    assert_eq!(e.slot, SLOT);
+    assert_eq!((from_guest(&dp, SLOT), from_guest(&dp, 9)), (1, 0));
+
+    // Slot 7's veth has another index: this device is not slot 7's, and
+    // VETH_SLOTS decides (slot 9).
+    info7.veth_ifindex = 1001;
+    dp.maps_mut().set_slot(SLOT, &info7).unwrap();
+    let out = veth_indexed(&dp, &frame);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let k9 = key(vpeer9, 5353, WAN, 53, IPPROTO_UDP);
+    let e = dp
+        .maps()
+        .flow(FlowTable::NatEgress, &k9)
+        .unwrap()
+        .expect("slot 9's flow");
+    assert_eq!(e.slot, 9);
+    assert_eq!((from_guest(&dp, SLOT), from_guest(&dp, 9)), (1, 1));
+
+    // Neither: not a slot's veth, the frame passes untouched and uncounted.
+    dp.maps_mut().remove_veth_slot(VETH_IFINDEX).unwrap();
+    let out = veth_indexed(&dp, &frame);
+    assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
+    assert_eq!((from_guest(&dp, SLOT), from_guest(&dp, 9)), (1, 1));
+    // The index names slot 7, whose veth has it, but slot 7 is not live.
+    info7.veth_ifindex = VETH_IFINDEX;
+    info7.flags = 0;
+    dp.maps_mut().set_slot(SLOT, &info7).unwrap();
+    let out = veth_indexed(&dp, &frame);
+    assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
+    assert_eq!((from_guest(&dp, SLOT), from_guest(&dp, 9)), (1, 1));
+}
+
 #[test]
 fn slot_ingress_finds_the_slot_by_destination() {
     let Some(mut dp) = datapath() else { return };
@@ -634,7 +849,8 @@ fn veth_masquerades_tcp_with_a_new_port() {
         .expect("NAT_EGRESS entry");
     assert_eq!(
         (egress.addr, egress.port, egress.slot, egress.state),
-        (map_ip(UPLINK_IP), port.to_be(), SLOT, STATE_SYN)
+        (map_ip(UPLINK_IP), port.to_be(), SLOT, STATE_SYN),
+        "the slot's own stack opened it: no STATE_GUEST (no fast path for the guest)"
     );
     let ingress = dp
         .maps()
@@ -1651,8 +1867,10 @@ fn slot_index_out_of_range_is_an_error() {
     assert!(dp.slot_stats(1000).is_err());
 }
 
+/// Now on `CLOCK_MONOTONIC`, the clock of the flows' `last_seen_ns` (the
+/// datapath's coarse reading of it lags by at most a tick).
 fn netagent_now() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 

@@ -1,8 +1,9 @@
 //! BPF_PROG_TEST_RUN tests of what an untrusted guest may send: `tap_ingress`
 //! (slot from the TAP's ifindex, guest MAC, ARP, IPv6, other EtherTypes, IPv4
 //! source, bandwidth limit) and the egress policy and host protection
-//! `veth_ingress` applies to what the guest opens. One rule per test; each
-//! fails if its rule is removed.
+//! `veth_ingress` applies to what the guest opens, and how a change of them
+//! cuts the established flows it denies (which skip the policy). One rule per
+//! test; each fails if its rule is removed.
 //!
 //! `tap_ingress` finds its slot from the skb's ifindex, and the kernel resolves
 //! a test run's ifindex in the caller's network namespace: those runs happen in
@@ -20,8 +21,8 @@ use netagent::bpf::{
     Program, RateLimit, TEST_RUN_IFINDEX, TestRunOutput,
 };
 use netagent_common::{
-    CONFIG_F_UPLINK, Counter, DropReason, GlobalConfig, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE,
-    SLOT_TAP_IFINDEX_BASE, SlotInfo, SlotStats,
+    CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GlobalConfig, IPPROTO_UDP, NatEntry,
+    SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_GUEST, SlotInfo, SlotStats,
 };
 use netagent_tests::packet::{
     self, ETHERTYPE_IPV4, PacketBuilder, arp_request, ethernet_header, ipv6_udp_frame, tcp_flags,
@@ -850,4 +851,247 @@ fn detach_slot_clears_its_policy_and_rate_limit() {
         0,
         "no flows were made"
     );
+}
+
+// ------------------------------------- policy changes and established flows
+
+/// A guest UDP packet from `sport` to `dst`:53.
+fn guest_udp_from(sport: u16, dst: Ipv4Addr) -> Vec<u8> {
+    PacketBuilder::udp(sock(GUEST, sport), sock(dst, 53), b"q")
+        .macs(GUEST_MAC, TAP_MAC)
+        .build()
+}
+
+/// Seeds a guest masquerade flow of `slot` (both halves, `STATE_GUEST`) from
+/// `vpeer`:`sport` to `dst`:53, on uplink port `port`.
+fn seed_guest_flow(
+    w: &mut World,
+    slot: u32,
+    vpeer: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    port: u16,
+) {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let (egress, ingress) = flow_keys(vpeer, sport, dst, port);
+    let maps = w.dp.maps_mut();
+    let entry = |addr, port: u16| NatEntry {
+        last_seen_ns: now,
+        addr,
+        port: port.to_be(),
+        _pad: 0,
+        slot,
+        state: STATE_GUEST,
+    };
+    maps.insert_flow(
+        FlowTable::NatEgress,
+        &egress,
+        &entry(map_ip(UPLINK_IP), port),
+    )
+    .unwrap();
+    maps.insert_flow(
+        FlowTable::NatIngress,
+        &ingress,
+        &entry(map_ip(vpeer), sport),
+    )
+    .unwrap();
+}
+
+/// The NAT_EGRESS and NAT_INGRESS keys of a UDP flow `vpeer`:`sport` →
+/// `dst`:53 masqueraded to uplink port `port`.
+fn flow_keys(vpeer: Ipv4Addr, sport: u16, dst: Ipv4Addr, port: u16) -> (FlowKey, FlowKey) {
+    let k = |s: Ipv4Addr, sp: u16, d: Ipv4Addr, dp: u16| FlowKey {
+        saddr: map_ip(s),
+        daddr: map_ip(d),
+        sport: sp.to_be(),
+        dport: dp.to_be(),
+        proto: IPPROTO_UDP,
+        _pad: [0; 3],
+    };
+    (k(vpeer, sport, dst, 53), k(dst, 53, UPLINK_IP, port))
+}
+
+/// Whether both halves of the flow are in the maps (asserting they agree).
+fn has_flow(w: &World, keys: (FlowKey, FlowKey)) -> bool {
+    let e = w.dp.maps().flow(FlowTable::NatEgress, &keys.0).unwrap();
+    let i = w.dp.maps().flow(FlowTable::NatIngress, &keys.1).unwrap();
+    assert_eq!(
+        e.is_some(),
+        i.is_some(),
+        "one half of a flow without the other"
+    );
+    e.is_some()
+}
+
+/// The masquerade port of a packet that passed.
+fn masquerade_port(w: &World, frame: &[u8]) -> u16 {
+    let out = w.guest(frame);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    packet::parse(&out.frame).unwrap().sport
+}
+
+/// An established guest flow skips the policy, so every change cuts the flows
+/// it denies, both halves: a slot's own rules (that slot's flows only), a new
+/// address in LOCAL_ADDRS and the default list (every slot's). The next packet
+/// of a cut flow meets the policy; flows still allowed keep their port.
+#[test]
+fn policy_changes_cut_the_guest_flows_they_deny() {
+    let Some(mut w) = world() else { return };
+    let wan2 = Ipv4Addr::new(198, 18, 0, 101);
+    let wan3 = Ipv4Addr::new(198, 18, 7, 1);
+    // Slot 7's guest: flows to WAN, wan2 and wan3, made by the datapath.
+    let to_wan = guest_udp_from(1000, WAN);
+    let to_wan2 = guest_udp_from(1001, wan2);
+    let to_wan3 = guest_udp_from(1002, wan3);
+    let (p1, p2, p3) = (
+        masquerade_port(&w, &to_wan),
+        masquerade_port(&w, &to_wan2),
+        masquerade_port(&w, &to_wan3),
+    );
+    let f1 = flow_keys(VPEER, 1000, WAN, p1);
+    let f2 = flow_keys(VPEER, 1001, wan2, p2);
+    let f3 = flow_keys(VPEER, 1002, wan3, p3);
+    // Slot 9's guest: a flow to WAN too.
+    seed_guest_flow(&mut w, OTHER_SLOT, VPEER9, 1000, WAN, 30000);
+    let f9 = flow_keys(VPEER9, 1000, WAN, 30000);
+    // And a flow of slot 7's own stack to WAN (no STATE_GUEST): the policy
+    // does not apply to it, nothing cuts it.
+    let own = PacketBuilder::udp(sock(VPEER, 2000), sock(WAN, 53), b"q")
+        .macs(ETH0_MAC, VETH_MAC)
+        .build();
+    let out = w.dp.test_run(Program::VethIngress, &own).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let p_own = packet::parse(&out.frame).unwrap().sport;
+    let f_own = flow_keys(VPEER, 2000, WAN, p_own);
+
+    // Slot 7 denies WAN: its guest flow to WAN goes, the rest stays.
+    w.dp.set_slot_egress(SLOT, &rules(&[], &["198.18.0.100/32"]))
+        .unwrap();
+    assert!(!has_flow(&w, f1), "slot 7's flow to the denied address");
+    for f in [f2, f3, f9, f_own] {
+        assert!(has_flow(&w, f));
+    }
+    assert_denied(&w, WAN);
+    assert_eq!(w.guest(&to_wan).verdict, TC_ACT_SHOT);
+    assert_eq!(w.drops(DropReason::PolicyDenied), 2);
+    assert_eq!(
+        masquerade_port(&w, &to_wan2),
+        p2,
+        "an allowed flow keeps its port"
+    );
+
+    // Setting the same rules again changes nothing.
+    w.dp.set_slot_egress(SLOT, &rules(&[], &["198.18.0.100/32"]))
+        .unwrap();
+    for f in [f2, f3, f9, f_own] {
+        assert!(has_flow(&w, f));
+    }
+
+    // wan2 becomes an address of the host: the flow to it goes (it must go up
+    // the host stack now, and only a /32 allow lets it), for every slot.
+    w.dp.set_local_addrs(&[wan2]).unwrap();
+    assert!(!has_flow(&w, f2), "the flow to the new host address");
+    for f in [f3, f9, f_own] {
+        assert!(has_flow(&w, f));
+    }
+    assert_eq!(w.guest(&to_wan2).verdict, TC_ACT_SHOT);
+    assert_eq!(w.drops(DropReason::HostDenied), 1);
+
+    // The defaults deny 198.18.0.0/24: slot 9's flow to WAN goes; slot 7's to
+    // wan3 (outside the /24) stays.
+    w.dp.set_default_egress(&[cidr("198.18.0.0/24")]).unwrap();
+    assert!(!has_flow(&w, f9), "slot 9's flow to the newly denied range");
+    for f in [f3, f_own] {
+        assert!(has_flow(&w, f));
+    }
+    assert_eq!(masquerade_port(&w, &to_wan3), p3);
+    // The slot namespace's own flow still passes with its port.
+    let out = w.dp.test_run(Program::VethIngress, &own).unwrap();
+    assert_eq!(packet::parse(&out.frame).unwrap().sport, p_own);
+}
+
+/// The userspace evaluation the purge uses (`Datapath::egress_verdict`) gives
+/// the datapath's verdict for every address: each is sent as a new flow and
+/// the program's verdict and drop counter are compared with it.
+#[test]
+fn the_userspace_policy_evaluation_is_the_datapaths() {
+    let Some(mut w) = world() else { return };
+    w.dp.set_default_egress(&DEFAULT_EGRESS_DENY).unwrap();
+    w.dp.set_slot_egress(
+        SLOT,
+        &rules(
+            &[
+                "10.1.0.0/16",
+                "169.254.169.254/32",
+                "198.18.0.100/32",
+                "8.8.0.0/16",
+                "10.12.0.14/32",
+                "203.0.113.5/32",
+            ],
+            &["198.18.0.0/15", "8.8.8.0/24", "1.1.1.1/32"],
+        ),
+    )
+    .unwrap();
+    w.dp.set_slot_egress(OTHER_SLOT, &rules(&["10.2.0.0/16"], &["9.9.9.0/24"]))
+        .unwrap();
+    w.dp.set_local_addrs(&[
+        Ipv4Addr::new(203, 0, 113, 5),
+        Ipv4Addr::new(203, 0, 113, 6),
+        UPLINK_IP,
+    ])
+    .unwrap();
+    let addrs = [
+        WAN,
+        Ipv4Addr::new(198, 18, 0, 101),
+        Ipv4Addr::new(198, 19, 255, 1),
+        Ipv4Addr::new(8, 8, 8, 8),
+        Ipv4Addr::new(8, 8, 4, 4),
+        Ipv4Addr::new(9, 9, 9, 9),
+        Ipv4Addr::new(1, 1, 1, 1),
+        Ipv4Addr::new(1, 1, 1, 2),
+        Ipv4Addr::new(10, 1, 2, 3),
+        Ipv4Addr::new(10, 2, 0, 1),
+        Ipv4Addr::new(10, 3, 0, 1),
+        Ipv4Addr::new(169, 254, 169, 254),
+        Ipv4Addr::new(169, 254, 169, 253),
+        Ipv4Addr::new(172, 16, 0, 1),
+        Ipv4Addr::new(100, 64, 0, 1),
+        Ipv4Addr::new(127, 0, 0, 1),
+        Ipv4Addr::new(0, 1, 2, 3),
+        Ipv4Addr::new(240, 0, 0, 1),
+        Ipv4Addr::new(203, 0, 113, 5),
+        Ipv4Addr::new(203, 0, 113, 6),
+        UPLINK_IP,
+        HOST_IP,
+        VETH_IP,
+        VPEER,
+        HOST_IP9,
+        VPEER9,
+        Ipv4Addr::new(11, 0, 0, 1),
+    ];
+    let mut verdicts = std::collections::BTreeSet::new();
+    for (i, dst) in addrs.into_iter().enumerate() {
+        let want = w.dp.egress_verdict(SLOT, dst).unwrap();
+        let before = w.stats(SLOT);
+        let out = w.guest(&guest_udp_from(3000 + i as u16, dst));
+        let after = w.stats(SLOT);
+        let dropped: Vec<DropReason> = DropReason::ALL
+            .into_iter()
+            .filter(|r| after.counters[r.counter()] > before.counters[r.counter()])
+            .collect();
+        match want {
+            None => {
+                assert_ne!(out.verdict, TC_ACT_SHOT, "{dst}: the datapath drops it");
+                assert!(dropped.is_empty(), "{dst}");
+            }
+            Some(reason) => {
+                assert_eq!(out.verdict, TC_ACT_SHOT, "{dst}: the datapath passes it");
+                assert_eq!(dropped, [reason], "{dst}");
+            }
+        }
+        verdicts.insert(format!("{want:?}"));
+    }
+    // Every outcome was met.
+    assert_eq!(verdicts.len(), 3, "{verdicts:?}");
 }

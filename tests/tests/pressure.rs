@@ -220,7 +220,7 @@ impl Agent {
         let mut map = HashMap::<_, FlowKey, NatEntry>::try_from(Map::HashMap(
             MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?,
         ))?;
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)?;
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
         let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
         for i in 0..n {
             let key = FlowKey {
@@ -1241,7 +1241,7 @@ fn table_counts_at_65536_entries() -> Result<()> {
     config.nat.table_size = N;
     config.nat.host_flow_table_size = 1024;
     let mut dp = Datapath::load(&DatapathConfig::from_config(&config).with_private_pins())?;
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
     let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
     let t = Instant::now();
     for i in 0..N {

@@ -765,6 +765,94 @@ fn egress_defaults_and_per_slot_rules() -> Result<()> {
     Ok(())
 }
 
+/// A UDP socket bound to `addr` inside namespace `ns` (it stays there when
+/// used from this thread).
+fn udp_socket_in(ns: &str, addr: SocketAddrV4) -> Result<UdpSocket> {
+    spawn_in_netns(ns, move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind(addr).with_context(|| format!("bind {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("bind panicked"))?
+}
+
+/// The next datagram on `s` within `wait`: its text and source.
+fn recv_within(s: &UdpSocket, wait: Duration) -> Option<(String, std::net::SocketAddr)> {
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline {
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            return Some((String::from_utf8_lossy(&buf[..n]).into_owned(), from));
+        }
+    }
+    None
+}
+
+/// A guest's established flows skip the egress policy in the datapath, so a
+/// change cuts the ones it denies: after PUT egress denies 198.18.5.0/24 the
+/// guest's live flow there is gone (its next datagrams are dropped and counted
+/// `policy_denied`), while its live flow from the same socket to a still
+/// allowed address keeps its masquerade port.
+#[test]
+fn a_policy_change_cuts_the_live_flows_it_denies() -> Result<()> {
+    let Some(d) = Daemon::start("a_policy_change_cuts_the_live_flows_it_denies")? else {
+        return Ok(());
+    };
+    let rt = rt();
+    let wan = d.world.wan_ns.clone();
+    add_lo_addr(&wan, WAN_OTHER)?;
+    let g1 = guest_ns(&d, 1)?;
+    veth_slot(&d, &rt, 1, &g1, PolicyRequest::default())?;
+    let denied_dst = SocketAddrV4::new(WAN_OTHER, PORT);
+    let kept_dst = SocketAddrV4::new(WAN, PORT);
+    let denied_srv = udp_socket_in(&wan, denied_dst)?;
+    let kept_srv = udp_socket_in(&wan, kept_dst)?;
+    // One guest socket, two flows, each established (two datagrams through).
+    let guest = udp_socket_in(&g1.name, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    let mut sources = Vec::new();
+    for (srv, dst) in [(&denied_srv, denied_dst), (&kept_srv, kept_dst)] {
+        let mut seen = Vec::new();
+        for i in 0..2 {
+            let tag = format!("before {i}");
+            guest.send_to(tag.as_bytes(), dst)?;
+            let (got, from) = recv_within(srv, TIMEOUT)
+                .with_context(|| format!("{tag} to {dst} did not arrive"))?;
+            assert_eq!(got, tag);
+            assert_eq!(from.ip(), std::net::IpAddr::V4(UPLINK), "masqueraded");
+            seen.push(from);
+        }
+        assert_eq!(seen[0], seen[1], "one flow, one masquerade port");
+        sources.push(seen[0]);
+    }
+
+    let before = drops(&d, &rt, 1)?;
+    let deny = EgressRules {
+        allow: vec![],
+        deny: vec!["198.18.5.0/24".parse()?],
+    };
+    rt.block_on(d.client().set_egress(1, &deny))?;
+    for i in 0..3 {
+        guest.send_to(format!("after {i}").as_bytes(), denied_dst)?;
+    }
+    guest.send_to(b"kept", kept_dst)?;
+    let (got, from) =
+        recv_within(&kept_srv, TIMEOUT).context("the allowed flow after the change")?;
+    assert_eq!(got, "kept");
+    assert_eq!(
+        from, sources[1],
+        "the allowed flow keeps its masquerade port"
+    );
+    assert_eq!(
+        recv_within(&denied_srv, DENIED_WAIT),
+        None,
+        "a datagram of the cut flow arrived"
+    );
+    let got = drop_delta(&before, &drops(&d, &rt, 1)?);
+    assert_eq!(got, BTreeMap::from([("policy_denied".to_string(), 3)]));
+    Ok(())
+}
+
 /// From `ns`, UDP datagrams of `payload` bytes to `dst` at about `bits_per_sec`
 /// (L2) for `secs`; returns (datagrams sent, seconds taken).
 fn udp_flood(

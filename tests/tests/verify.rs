@@ -46,9 +46,10 @@ fn detach_filters(ns: &str, dev: &str) -> Result<()> {
     Ok(())
 }
 
-/// CLOCK_BOOTTIME in nanoseconds (the datapath's `bpf_ktime_get_boot_ns`).
-fn boottime_ns() -> Result<u64> {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)?;
+/// CLOCK_MONOTONIC in nanoseconds (the clock of the datapath's flow stamps,
+/// `bpf_ktime_get_coarse_ns`, and of the reaper).
+fn monotonic_ns() -> Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
     Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
@@ -175,7 +176,7 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
         NatEntry {
             slot: 777,
             // Fresh and established, so the reaper leaves it alone.
-            last_seen_ns: boottime_ns()?,
+            last_seen_ns: monotonic_ns()?,
             state: netagent_common::STATE_SYN | netagent_common::STATE_REPLIED,
             ..NatEntry::default()
         },

@@ -182,6 +182,10 @@ pub struct Datapath {
     /// Whether `attach_uplink` replaced the program on a hook a previous run
     /// left (instead of attaching anew).
     pub(super) uplink_adopted: bool,
+    /// A change of the policy or of LOCAL_ADDRS was written but cutting the
+    /// flows it denies failed (`purge`): the next such call cuts every slot's,
+    /// changed or not.
+    pub(super) purge_pending: bool,
     /// Declared last: the pins go after everything that uses the maps.
     pub(super) pins: PinDir,
 }
@@ -269,6 +273,7 @@ impl Datapath {
             reused,
             layout_mismatch,
             uplink_adopted: false,
+            purge_pending: false,
             pins,
         })
     }

@@ -319,14 +319,15 @@ impl Maps {
         Ok(removed)
     }
 
-    /// Replaces the LOCAL_ADDRS set with `addrs`.
-    pub fn set_local_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<(), BpfError> {
+    /// Replaces the LOCAL_ADDRS set with `addrs`; returns whether it changed.
+    pub fn set_local_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<bool, BpfError> {
         let wanted: HashSet<u32> = addrs.iter().map(|a| ip_to_map(*a)).collect();
         let present: Vec<u32> = self
             .local_addrs
             .keys()
             .collect::<Result<_, _>>()
             .map_err(|e| BpfError::map(MAP_LOCAL_ADDRS, "iterate", e))?;
+        let changed = present.len() != wanted.len() || present.iter().any(|a| !wanted.contains(a));
         for addr in present.iter().filter(|a| !wanted.contains(a)) {
             ignore_missing(self.local_addrs.remove(addr))
                 .map_err(|e| BpfError::map(MAP_LOCAL_ADDRS, "delete", e))?;
@@ -336,7 +337,7 @@ impl Maps {
                 .insert(addr, 1, 0)
                 .map_err(|e| BpfError::map(MAP_LOCAL_ADDRS, "update", e))?;
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// The LOCAL_ADDRS set.

@@ -38,7 +38,7 @@
 //!     /// The same `repeat` times; also returns the mean kernel time of one run.
 //!     pub fn test_run_repeat(&self, prog: Program, frame: &[u8], repeat: u32)
 //!         -> Result<(TestRunOutput, Duration), BpfError>;
-//!     /// `reap` at a given CLOCK_BOOTTIME instant (tests).
+//!     /// `reap` at a given CLOCK_MONOTONIC instant (tests).
 //!     pub fn reap_at(&mut self, timeouts: &Timeouts, now_ns: u64) -> Result<ReapReport, BpfError>;
 //!     pub fn uplink(&self) -> Option<&Uplink>;  pub fn attached_slots(&self) -> Vec<u32>;
 //!     pub fn unattributed_stats(&self) -> Result<SlotStats, BpfError>;  // STATS[0]
@@ -47,8 +47,13 @@
 //!     // Security (policy.rs): the default deny list (slot 0's rules), a slot's
 //!     // own allow/deny CIDRs (replaced as a whole), its bandwidth limit and the
 //!     // MAC its guest must send from; detach_slot clears a slot's.
+//!     // Both cut the guest flows the new rules deny (as set_local_addrs does
+//!     // for a new host address): established flows skip the policy.
 //!     pub fn set_default_egress(&mut self, deny: &[Cidr]) -> Result<(), BpfError>;
 //!     pub fn set_slot_egress(&mut self, index: u32, rules: &EgressRules) -> Result<(), BpfError>;
+//!     /// The policy's verdict, evaluated in userspace as the datapath does.
+//!     pub fn egress_verdict(&self, index: u32, daddr: Ipv4Addr)
+//!         -> Result<Option<DropReason>, BpfError>;
 //!     pub fn slot_egress(&self, index: u32) -> Result<EgressRules, BpfError>;
 //!     pub fn set_rate_limit(&mut self, index: u32, limit: Option<RateLimit>) -> Result<(), BpfError>;
 //!     pub fn rate_limit(&self, index: u32) -> Result<Option<RateLimit>, BpfError>;
@@ -73,7 +78,8 @@
 //! the guest's frames for that slot (MAC, ARP, IPv4 source, bandwidth) and
 //! hands them untouched to the host veth with
 //! `bpf_redirect_peer(SLOT_ETH0_IFINDEX)` (`eth0` has that ifindex in every
-//! slot namespace); `veth_ingress` finds the slot by its ifindex (VETH_SLOTS),
+//! slot namespace); `veth_ingress` finds the slot by its ifindex (read off
+//! `HOST_VETH_INDEX_BASE + (k << 15) + N`, else VETH_SLOTS),
 //! applies the egress policy and translates them there; `slot_ingress` finds
 //! the slot by the destination address (ADDR_SLOTS).
 //! The maps are pinned in `DatapathConfig::pin_dir` (for inspection and a
@@ -84,9 +90,11 @@
 //! (per-slot tc filters, the uplink's pinned TCX link with a clsact fallback,
 //! in-place program replacement of a previous run's hooks, netns hopping), `maps`
 //! (typed map access), `batch` (whole-table reads in a few system calls),
-//! `reap` (flow expiry), `stats` (counters, table usage), `netns_cookie` (running
-//! code inside a slot namespace, `SO_NETNS_COOKIE`), `policy` (egress rules,
-//! bandwidth limit, guest MAC) and `test_run` (BPF_PROG_TEST_RUN, also with the
+//! `reap` (flow expiry), `stats` (counters, table usage, LOCAL_ADDRS),
+//! `netns_cookie` (running code inside a slot namespace, `SO_NETNS_COOKIE`),
+//! `policy` (egress rules and their userspace evaluation, bandwidth limit,
+//! guest MAC), `purge` (cutting the guest flows a policy or LOCAL_ADDRS change
+//! denies) and `test_run` (BPF_PROG_TEST_RUN, also with the
 //! skb on a given device).
 
 mod attach;
@@ -98,6 +106,7 @@ mod maps;
 mod netns_cookie;
 mod pins;
 mod policy;
+mod purge;
 mod reap;
 mod stats;
 mod test_run;
@@ -111,7 +120,9 @@ pub use load::{Datapath, DatapathConfig};
 pub use maps::{FlowTable, Maps};
 pub use netns_cookie::{current_netns_cookie, in_netns};
 pub use pins::UPLINK_LINK_PIN;
-pub use policy::{Cidr, CidrError, DEFAULT_EGRESS_DENY, EgressRules, MIN_BURST_BYTES, RateLimit};
+pub use policy::{
+    Cidr, CidrError, DEFAULT_EGRESS_DENY, EgressRules, EgressView, MIN_BURST_BYTES, RateLimit,
+};
 pub use reap::ReapReport;
 pub use stats::TableUsage;
 pub use test_run::{Program, TEST_RUN_IFINDEX, TestRunOutput};

@@ -4,6 +4,11 @@
 //! come from (`SlotInfo::guest_mac`). The datapath side is `tap_ingress` (MAC,
 //! rate) and `veth_ingress` (policy); see `netagent_common::PolicyKey` for how
 //! the rules are evaluated.
+//!
+//! The datapath evaluates the policy only when a guest flow is allocated (an
+//! established flow takes the fast path), so a change here cuts the flows it
+//! denies (`purge`); for that the policy is evaluated in userspace too
+//! ([`EgressView`], the same steps as the datapath's `policy::egress_check`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -11,7 +16,8 @@ use std::net::Ipv4Addr;
 use std::str::FromStr;
 
 use netagent_common::{
-    POLICY_ALLOW, POLICY_DENY, PolicyKey, PolicyRule, SLOT_F_ACTIVE, SLOT_F_GUEST_MAC,
+    DropReason, GlobalConfig, POLICY_ALLOW, POLICY_DENY, PolicyKey, PolicyRule, SLOT_F_ACTIVE,
+    SLOT_F_GUEST_MAC,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -244,15 +250,106 @@ fn wanted_entries(slot: u32, rules: &EgressRules) -> Result<BTreeMap<Cidr, u32>,
     Ok(out)
 }
 
+/// Mask of a /16 in the maps' address form (network order).
+const NET16_MASK: u32 = u32::from_ne_bytes([255, 255, 0, 0]);
+
+/// What the datapath's `policy::egress_check` reads, copied: the slot ranges
+/// of `CONFIG`, `LOCAL_ADDRS` and the `POLICY` rules of the slots asked for
+/// and of slot 0 (the defaults). Addresses are in the maps' form (network
+/// order in a `u32`).
+#[derive(Debug, Clone, Default)]
+pub struct EgressView {
+    host_base: u32,
+    vrt_base: u32,
+    local: BTreeSet<u32>,
+    rules: BTreeMap<u32, Vec<(PolicyKey, PolicyRule)>>,
+}
+
+impl EgressView {
+    /// A view of `cfg`'s ranges, the `local` addresses and the rules `rules`
+    /// (slot → its POLICY entries; slot 0: the defaults).
+    pub fn new(
+        cfg: &GlobalConfig,
+        local: impl IntoIterator<Item = u32>,
+        rules: impl IntoIterator<Item = (u32, Vec<(PolicyKey, PolicyRule)>)>,
+    ) -> EgressView {
+        EgressView {
+            host_base: cfg.host_base,
+            vrt_base: cfg.vrt_base,
+            local: local.into_iter().collect(),
+            rules: rules.into_iter().collect(),
+        }
+    }
+
+    /// Whether `daddr` is an address of the host (`policy::is_host_addr`):
+    /// the agent namespace's own, or in the HostIP or veth /16.
+    pub fn is_host_addr(&self, daddr: u32) -> bool {
+        let dnet = daddr & NET16_MASK;
+        dnet == self.host_base || dnet == self.vrt_base || self.local.contains(&daddr)
+    }
+
+    /// The longest rule of `slot` covering `daddr`, as the LPM trie finds it:
+    /// a key matches when its first `prefixlen` bits (the slot, then the
+    /// address) equal the lookup's.
+    fn longest_match(&self, slot: u32, daddr: u32) -> Option<PolicyRule> {
+        let want = PolicyKey::lookup(slot, daddr);
+        let bits =
+            |k: &PolicyKey| u64::from(u32::from_be(k.slot)) << 32 | u64::from(u32::from_be(k.addr));
+        let want_bits = bits(&want);
+        self.rules
+            .get(&slot)?
+            .iter()
+            .filter(|(k, _)| {
+                let len = k.prefixlen.min(64);
+                let mask = if len == 0 { 0 } else { u64::MAX << (64 - len) };
+                (bits(k) ^ want_bits) & mask == 0
+            })
+            .max_by_key(|(k, _)| k.prefixlen)
+            .map(|(_, r)| *r)
+    }
+
+    /// Whether `slot`'s guest may open traffic to `daddr`, and the drop reason
+    /// if not: step for step the datapath's `policy::egress_check`.
+    pub fn egress_check(&self, slot: u32, daddr: u32) -> Result<(), DropReason> {
+        let own = self.longest_match(slot, daddr);
+        if self.is_host_addr(daddr) {
+            return match own {
+                Some(r) if r.action == POLICY_ALLOW && r.prefix_len == 32 => Ok(()),
+                _ => Err(DropReason::HostDenied),
+            };
+        }
+        if let Some(r) = own {
+            return if r.action == POLICY_ALLOW {
+                Ok(())
+            } else {
+                Err(DropReason::PolicyDenied)
+            };
+        }
+        match self.longest_match(0, daddr) {
+            Some(r) if r.action != POLICY_ALLOW => Err(DropReason::PolicyDenied),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a masquerade flow of `slot`'s guest to `daddr` may stay: the
+    /// policy allows it and `daddr` is no host address (traffic to one goes up
+    /// the host stack, never through the masquerade).
+    pub fn keeps_masquerade_flow(&self, slot: u32, daddr: u32) -> bool {
+        !self.is_host_addr(daddr) && self.egress_check(slot, daddr).is_ok()
+    }
+}
+
 impl Datapath {
     /// Replaces the default deny list (the rules of slot 0) every slot falls
     /// back to where its own rules do not match.
+    /// Cuts every slot's guest flows the new list denies (`purge`).
     pub fn set_default_egress(&mut self, deny: &[Cidr]) -> Result<(), BpfError> {
         let rules = EgressRules {
             allow: Vec::new(),
             deny: deny.to_vec(),
         };
-        self.replace_rules(0, &rules)
+        let changed = self.replace_rules(0, &rules)?;
+        self.cut_denied_flows(None, changed)
     }
 
     /// The default deny list.
@@ -261,11 +358,43 @@ impl Datapath {
     }
 
     /// Replaces slot `index`'s own egress rules (the datapath passes or drops
-    /// by the old or the new set while this runs, never by none). A CIDR in
-    /// both lists is an error; on any error the old rules stay.
+    /// by the old or the new set while this runs, never by none), then cuts
+    /// the slot's guest flows the new rules deny (`purge`; nothing to cut for
+    /// a slot not attached yet). A CIDR in both lists is an error; on any error
+    /// the old rules stay.
     pub fn set_slot_egress(&mut self, index: u32, rules: &EgressRules) -> Result<(), BpfError> {
         self.check_index(index)?;
-        self.replace_rules(index, rules)
+        let changed = self.replace_rules(index, rules)?;
+        self.cut_denied_flows(Some(index), changed)
+    }
+
+    /// The verdict of the egress policy on guest-initiated traffic of slot
+    /// `index` to `daddr`, evaluated in userspace as the datapath does: `None`
+    /// if it passes, else the reason it is dropped.
+    pub fn egress_verdict(
+        &self,
+        index: u32,
+        daddr: Ipv4Addr,
+    ) -> Result<Option<DropReason>, BpfError> {
+        let view = self.egress_view(&[index])?;
+        Ok(view.egress_check(index, ip_to_map(daddr)).err())
+    }
+
+    /// The rules of `slots` and the defaults, `LOCAL_ADDRS` and the slot
+    /// ranges, copied for evaluation in userspace.
+    pub(super) fn egress_view(&self, slots: &[u32]) -> Result<EgressView, BpfError> {
+        let cfg = self.maps.global()?;
+        let local: Vec<u32> = self
+            .maps
+            .local_addrs()?
+            .into_iter()
+            .map(ip_to_map)
+            .collect();
+        let mut rules = Vec::new();
+        for slot in slots.iter().copied().chain([0]) {
+            rules.push((slot, self.maps.policy_rules(slot)?));
+        }
+        Ok(EgressView::new(&cfg, local, rules))
     }
 
     /// Slot `index`'s own egress rules, each list sorted.
@@ -353,8 +482,9 @@ impl Datapath {
     }
 
     /// Makes `slot`'s entries exactly `rules`: writes the wanted ones first,
-    /// then removes the rest. On an error the previous entries are restored.
-    fn replace_rules(&mut self, slot: u32, rules: &EgressRules) -> Result<(), BpfError> {
+    /// then removes the rest; returns whether anything changed. On an error
+    /// the previous entries are restored.
+    fn replace_rules(&mut self, slot: u32, rules: &EgressRules) -> Result<bool, BpfError> {
         let wanted = wanted_entries(slot, rules)?;
         let old: BTreeMap<Cidr, PolicyRule> = self
             .maps
@@ -362,6 +492,17 @@ impl Datapath {
             .into_iter()
             .map(|(k, r)| (Cidr::from_key(&k), r))
             .collect();
+        let changed = old.len() != wanted.len()
+            || wanted.iter().any(|(cidr, action)| {
+                old.get(cidr)
+                    != Some(&PolicyRule {
+                        action: *action,
+                        prefix_len: u32::from(cidr.len),
+                    })
+            });
+        if !changed {
+            return Ok(false);
+        }
         let result = self.write_rules(slot, &wanted, &old);
         if result.is_err() {
             // Back to the old set: drop what is not in it, rewrite what is.
@@ -377,7 +518,7 @@ impl Datapath {
                 let _ = self.maps.insert_policy(&cidr.key(slot), rule);
             }
         }
-        result
+        result.map(|()| true)
     }
 
     fn write_rules(
@@ -495,6 +636,155 @@ mod tests {
             10_000_000
         );
         assert_eq!(RateLimit::from_map(&Default::default()), None);
+    }
+
+    /// An `EgressView` of slot 7's rules and the defaults, with the slot
+    /// ranges 10.11/16 and 10.12/16 and the host addresses `local`.
+    fn view(own: &EgressRules, defaults: &[Cidr], local: &[&str]) -> EgressView {
+        let cfg = GlobalConfig {
+            host_base: ip_to_map(Ipv4Addr::new(10, 11, 0, 0)),
+            vrt_base: ip_to_map(Ipv4Addr::new(10, 12, 0, 0)),
+            ..GlobalConfig::default()
+        };
+        let entries = |slot: u32, rules: &EgressRules| -> Vec<(PolicyKey, PolicyRule)> {
+            wanted_entries(slot, rules)
+                .unwrap()
+                .into_iter()
+                .map(|(c, action)| {
+                    (
+                        c.key(slot),
+                        PolicyRule {
+                            action,
+                            prefix_len: u32::from(c.len),
+                        },
+                    )
+                })
+                .collect()
+        };
+        let defaults = EgressRules {
+            allow: vec![],
+            deny: defaults.to_vec(),
+        };
+        // Slot 9's rules are there too, and never apply to slot 7.
+        let other = EgressRules {
+            allow: vec![cidr("0.0.0.0/0")],
+            deny: vec![],
+        };
+        EgressView::new(
+            &cfg,
+            local.iter().map(|a| ip_to_map(a.parse().unwrap())),
+            [
+                (7, entries(7, own)),
+                (9, entries(9, &other)),
+                (0, entries(0, &defaults)),
+            ],
+        )
+    }
+
+    fn cidr(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    fn rules(allow: &[&str], deny: &[&str]) -> EgressRules {
+        EgressRules {
+            allow: allow.iter().map(|s| cidr(s)).collect(),
+            deny: deny.iter().map(|s| cidr(s)).collect(),
+        }
+    }
+
+    fn check(v: &EgressView, addr: &str) -> Result<(), DropReason> {
+        v.egress_check(7, ip_to_map(addr.parse().unwrap()))
+    }
+
+    /// The cases of `tests/tests/guest_filter.rs`, which run them through the
+    /// datapath.
+    #[test]
+    fn default_deny_ranges() {
+        let none = view(&EgressRules::default(), &[], &[]);
+        assert_eq!(check(&none, "10.1.2.3"), Ok(()));
+        let v = view(&EgressRules::default(), &DEFAULT_EGRESS_DENY, &[]);
+        for a in [
+            "0.1.2.3",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.254",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.254",
+            "169.254.169.254",
+            "169.254.1.1",
+            "224.0.0.251",
+            "239.255.255.250",
+            "240.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert_eq!(check(&v, a), Err(DropReason::PolicyDenied), "{a}");
+        }
+        for a in [
+            "11.0.0.1",
+            "172.32.0.1",
+            "192.169.0.1",
+            "100.128.0.1",
+            "198.18.0.100",
+        ] {
+            assert_eq!(check(&v, a), Ok(()), "{a}");
+        }
+    }
+
+    #[test]
+    fn slot_rules_and_longest_prefix() {
+        let v = view(
+            &rules(&["10.1.0.0/16", "169.254.169.254/32"], &[]),
+            &DEFAULT_EGRESS_DENY,
+            &[],
+        );
+        assert_eq!(check(&v, "10.1.2.3"), Ok(()));
+        assert_eq!(check(&v, "169.254.169.254"), Ok(()));
+        assert_eq!(check(&v, "10.2.0.1"), Err(DropReason::PolicyDenied));
+        assert_eq!(check(&v, "169.254.169.253"), Err(DropReason::PolicyDenied));
+        let v = view(
+            &rules(
+                &["198.18.0.100/32", "8.8.0.0/16"],
+                &["198.18.0.0/15", "8.8.8.0/24"],
+            ),
+            &[],
+            &[],
+        );
+        assert_eq!(check(&v, "198.18.0.100"), Ok(()));
+        assert_eq!(check(&v, "198.18.0.101"), Err(DropReason::PolicyDenied));
+        assert_eq!(check(&v, "198.19.255.1"), Err(DropReason::PolicyDenied));
+        assert_eq!(check(&v, "8.8.8.8"), Err(DropReason::PolicyDenied));
+        assert_eq!(check(&v, "8.8.4.4"), Ok(()));
+        assert_eq!(check(&v, "9.9.9.9"), Ok(()));
+        let deny_all = view(&rules(&[], &["0.0.0.0/0"]), &[], &[]);
+        assert_eq!(check(&deny_all, "9.9.9.9"), Err(DropReason::PolicyDenied));
+    }
+
+    #[test]
+    fn host_addresses_need_a_slash_32_allow() {
+        let v = view(&EgressRules::default(), &[], &["203.0.113.5", "198.18.0.1"]);
+        for a in [
+            "203.0.113.5",
+            "198.18.0.1",
+            "10.11.0.7",
+            "10.12.0.14",
+            "10.12.0.15",
+            "10.11.0.9",
+            "10.12.0.18",
+        ] {
+            assert_eq!(check(&v, a), Err(DropReason::HostDenied), "{a}");
+            assert!(!v.keeps_masquerade_flow(7, ip_to_map(a.parse().unwrap())));
+        }
+        assert_eq!(check(&v, "203.0.113.6"), Ok(()));
+        let slash16 = view(&rules(&["10.12.0.0/16"], &[]), &[], &[]);
+        assert_eq!(check(&slash16, "10.12.0.14"), Err(DropReason::HostDenied));
+        let slash32 = view(&rules(&["10.12.0.14/32"], &[]), &[], &[]);
+        assert_eq!(check(&slash32, "10.12.0.14"), Ok(()));
+        assert_eq!(check(&slash32, "10.12.0.19"), Err(DropReason::HostDenied));
+        // Allowed, but a host address: no masquerade flow may stay.
+        assert!(!slash32.keeps_masquerade_flow(7, ip_to_map(Ipv4Addr::new(10, 12, 0, 14))));
+        assert!(slash32.keeps_masquerade_flow(7, ip_to_map(Ipv4Addr::new(1, 1, 1, 1))));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Flow expiry: entries idle longer than their protocol/state timeout are
 //! removed, both directions of a masquerade flow together. The datapath stamps
-//! `last_seen_ns` with `bpf_ktime_get_boot_ns`, i.e. `CLOCK_BOOTTIME`.
+//! `last_seen_ns` with `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`, at
+//! most a tick behind `CLOCK_MONOTONIC`, which the reaper reads: a flow may
+//! live a tick longer than its timeout).
 
 use netagent_common::{
     FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatEntry, STATE_FIN_ORIG, STATE_FIN_REPLY,
@@ -32,10 +34,10 @@ impl ReapReport {
     }
 }
 
-/// `CLOCK_BOOTTIME` in nanoseconds.
-pub(super) fn boottime_ns() -> Result<u64, BpfError> {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map_err(|e| BpfError::syscall("clock_gettime(CLOCK_BOOTTIME)", e.into()))?;
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the flows' `last_seen_ns`.
+pub(super) fn monotonic_ns() -> Result<u64, BpfError> {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_err(|e| BpfError::syscall("clock_gettime(CLOCK_MONOTONIC)", e.into()))?;
     Ok(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
 }
 
@@ -88,10 +90,10 @@ pub fn egress_of_reverse(k: &FlowKey, e: &NatEntry) -> FlowKey {
 impl Datapath {
     /// Removes flows idle longer than their timeout; returns how many.
     pub fn reap(&mut self, timeouts: &Timeouts) -> Result<ReapReport, BpfError> {
-        self.reap_at(timeouts, boottime_ns()?)
+        self.reap_at(timeouts, monotonic_ns()?)
     }
 
-    /// `reap` as if the time (`CLOCK_BOOTTIME`) were `now_ns` (tests).
+    /// `reap` as if the time (`CLOCK_MONOTONIC`) were `now_ns` (tests).
     pub fn reap_at(&mut self, timeouts: &Timeouts, now_ns: u64) -> Result<ReapReport, BpfError> {
         let mut report = ReapReport {
             usage: TableUsage {

@@ -1,4 +1,4 @@
-//! Counters and table occupancy.
+//! Counters, table occupancy and the `LOCAL_ADDRS` set.
 
 use netagent_common::SlotStats;
 
@@ -45,7 +45,10 @@ impl Datapath {
 
     /// Replaces LOCAL_ADDRS: slot traffic to these addresses (the agent
     /// namespace's own) goes up the host stack instead of being masqueraded.
+    /// When the set changed, every slot's guest flows to a new host address
+    /// are cut (`purge`).
     pub fn set_local_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> Result<(), BpfError> {
-        self.maps.set_local_addrs(addrs)
+        let changed = self.maps.set_local_addrs(addrs)?;
+        self.cut_denied_flows(None, changed)
     }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
 
-use netagent_common::{SLOT_ETH0_IFINDEX, SLOT_TAP_IFINDEX_BASE};
+use netagent_common::{HOST_VETH_INDEX_BASE, SLOT_ETH0_IFINDEX, SLOT_TAP_IFINDEX_BASE};
 
 use crate::bpf::SlotDatapath;
 use crate::netlink::{Netlink, NetlinkError, link::VethEnd, netns, tap, tc::TcSocket};
@@ -21,10 +21,6 @@ use super::{GuestLink, SlotAddr};
 
 /// Name of the guest end of a veth guest link inside the guest namespace.
 pub const GUEST_VETH_NAME: &str = "eth0";
-
-/// The host veth of slot N asks for ifindex `HOST_VETH_INDEX_BASE + N` (above
-/// what the kernel hands out by itself on a host with fewer devices).
-const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
 
 /// How many host ifindexes a create tries for slot N's veth.
 const HOST_VETH_INDEX_TRIES: u32 = 8;

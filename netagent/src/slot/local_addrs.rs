@@ -1,6 +1,7 @@
 //! Keeps LOCAL_ADDRS equal to the agent namespace's own IPv4 addresses, so that
 //! guest-initiated traffic to any of them is refused (`host_denied`) — also for
-//! an address added after the agent started.
+//! an address added after the agent started, whose live guest flows the
+//! datapath side cuts when the set changes (`Datapath::set_local_addrs`).
 //!
 //! [`refresh`] lists the namespace's addresses and writes the set (LOCAL_ADDRS is
 //! updated by difference: an address that stays is never absent in between).

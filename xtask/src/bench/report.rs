@@ -827,12 +827,14 @@ fn render_prog_cost(o: &mut String, r: &Results) {
     }
     let _ = writeln!(
         o,
-        "`bpftool prog run … repeat N` on the programs the running agent loaded (slot 1's own \
-         instance where the agent loads one per slot), each fed a frame that takes its main path, run \
-         inside the namespace (and with the `__sk_buff` ifindex) the program serves. \"path taken\" \
-         checks that the output frame carries the rewrite. A test run does not perform the redirect \
-         itself (the return value it reports is 0), so the cost of delivering the packet is not \
-         included.\n"
+        "`bpftool prog run` on the programs the running agent loaded, each fed a frame that takes \
+         its main path, run inside the namespace (and with the `__sk_buff` ifindex) the program \
+         serves. A test run repeats a program on the same skb, so only cases that leave the frame \
+         as it is are timed with `repeat N`; translating cases are the median of single runs on \
+         fresh frames (which includes a timer read). \"path taken\" checks every run's return value \
+         and output frame (the rewrite, or an unchanged frame). A test run reports a redirect's \
+         verdict (7, `TC_ACT_REDIRECT`) without performing it, so the cost of delivering the \
+         packet is not included.\n"
     );
     let _ = writeln!(
         o,
