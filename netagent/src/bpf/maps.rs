@@ -91,7 +91,7 @@ where
 }
 
 /// "Not there" is success for deletes.
-fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+pub(super) fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -231,28 +231,12 @@ impl Maps {
     /// Every entry of a flow table. Entries that vanish while the table is walked
     /// (the datapath or the reaper deleted them) are skipped.
     pub fn flows(&self, t: FlowTable) -> Result<Vec<(FlowKey, NatEntry)>, BpfError> {
-        let map = self.table(t);
-        match super::batch::lookup_all(aya::maps::IterableMap::map(map).fd().as_fd()) {
-            Ok(all) => return Ok(all),
-            Err(e) if super::batch::unsupported(&e) => {}
-            Err(e) => {
-                return Err(BpfError::syscall(
-                    format!("BPF_MAP_LOOKUP_BATCH on {}", t.map_name()),
-                    e,
-                ));
-            }
-        }
-        // A kernel without batch operations: key by key.
-        let mut out = Vec::new();
-        for key in map.keys() {
-            let key = key.map_err(|e| BpfError::map(t.map_name(), "iterate", e))?;
-            match map.get(&key, 0) {
-                Ok(v) => out.push((key, v)),
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(BpfError::map(t.map_name(), "lookup", e)),
-            }
-        }
-        Ok(out)
+        super::flow_tables::read_all(t, self.table(t))
+    }
+
+    /// The fd of the flow table `t`.
+    pub(super) fn table_fd(&self, t: FlowTable) -> std::os::fd::BorrowedFd<'_> {
+        aya::maps::IterableMap::map(self.table(t)).fd().as_fd()
     }
 
     /// Number of entries of a flow table.
@@ -307,16 +291,14 @@ impl Maps {
 
     /// Deletes every flow of `slot` from all three tables; returns how many.
     pub fn remove_slot_flows(&mut self, slot: u32) -> Result<usize, BpfError> {
-        let mut removed = 0;
-        for t in FlowTable::ALL {
-            for (key, entry) in self.flows(t)? {
-                if entry.slot == slot {
-                    self.remove_flow(t, &key)?;
-                    removed += 1;
-                }
-            }
-        }
-        Ok(removed)
+        super::flow_tables::remove_slot_flows_in(
+            [
+                (FlowTable::NatEgress, &mut self.nat_egress),
+                (FlowTable::NatIngress, &mut self.nat_ingress),
+                (FlowTable::HostFlows, &mut self.host_flows),
+            ],
+            slot,
+        )
     }
 
     /// Replaces the LOCAL_ADDRS set with `addrs`; returns whether it changed.

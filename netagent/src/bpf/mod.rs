@@ -100,6 +100,7 @@
 mod attach;
 mod batch;
 mod error;
+mod flow_tables;
 pub mod layout;
 mod load;
 mod maps;
@@ -116,6 +117,7 @@ use std::os::fd::BorrowedFd;
 
 pub use attach::{AttachMode, FILTER_PRIORITY, UPLINK_FILTER_HANDLE};
 pub use error::BpfError;
+pub use flow_tables::FlowTables;
 pub use load::{Datapath, DatapathConfig};
 pub use maps::{FlowTable, Maps};
 pub use netns_cookie::{current_netns_cookie, in_netns};

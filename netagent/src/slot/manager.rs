@@ -45,9 +45,6 @@ pub struct SlotManager {
     netns_pool: NetnsPool,
     /// Trims the heap once creates and deletes pause.
     trimmer: Trimmer,
-    /// The manager itself, for work that outlives a request (the flow purge
-    /// after a delete).
-    me: std::sync::OnceLock<std::sync::Weak<SlotManager>>,
     #[cfg(feature = "fault-injection")]
     fail_at: Mutex<Option<CreateStep>>,
     #[cfg(feature = "fault-injection")]
@@ -144,13 +141,11 @@ impl SlotManager {
             startup: Mutex::new(None),
             netns_pool: NetnsPool::start(cfg.netns_pool),
             trimmer: Trimmer::spawn(),
-            me: std::sync::OnceLock::new(),
             #[cfg(feature = "fault-injection")]
             fail_at: Mutex::new(None),
             #[cfg(feature = "fault-injection")]
             fail_delete: Mutex::new(Vec::new()),
         });
-        let _ = mgr.me.set(Arc::downgrade(&mgr));
         // The previous run's slots: adopt the intact, remove the rest, then
         // whatever else of the prefix is left (namespaces, veths, routes).
         let adopted = adopt::adopt_previous(&mgr).await;
@@ -581,36 +576,39 @@ impl SlotManager {
         })
     }
 
-    /// Detaches a slot's programs and clears its map entries (idempotent).
     /// Removes slot `index`'s NAT and host-flow entries on a blocking thread,
     /// holding the slot's lock (`held`) until they are gone, so a create of the
     /// same index waits for them while every other request goes on: the purge
-    /// walks every flow table (~10 ms with 100,000 flows), the rest of a delete
-    /// takes about a millisecond.
+    /// walks every flow table (~10 ms with 100,000 flows) on fds of its own,
+    /// without the datapath lock, so the next delete does not wait for it; the
+    /// rest of a delete takes about a millisecond.
     fn purge_flows_after(&self, index: u32, held: tokio::sync::OwnedMutexGuard<()>) {
-        let purge = move |mgr: &SlotManager| {
-            let purged = mgr.with_datapath(|dp| dp.purge_slot_flows(index));
-            match purged {
-                Ok(Ok(n)) => {
+        // The tables on fds of their own: the walk does not hold the datapath.
+        let tables = match self.with_datapath(|dp| dp.flow_tables()) {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::warn!(slot = index, error = %e, "opening the flow tables failed; the reaper expires the deleted slot's flows");
+                return;
+            }
+            Err(_) => return,
+        };
+        let purge = move || {
+            let mut tables = tables;
+            match tables.remove_slot_flows(index) {
+                Ok(n) => {
                     tracing::debug!(slot = index, flows = n, "flows of the deleted slot removed")
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(slot = index, error = %e, "removing the deleted slot's flows failed; the reaper expires them")
                 }
-                Err(_) => {}
             }
+            drop(held);
         };
-        match self.me.get().and_then(std::sync::Weak::upgrade) {
-            Some(mgr) => {
-                tokio::task::spawn_blocking(move || {
-                    purge(&mgr);
-                    drop(held);
-                });
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(purge);
             }
-            None => {
-                purge(self);
-                drop(held);
-            }
+            Err(_) => purge(),
         }
     }
 
