@@ -291,13 +291,13 @@ impl Maps {
 
     /// Deletes every flow of `slot` from all three tables; returns how many.
     pub fn remove_slot_flows(&mut self, slot: u32) -> Result<usize, BpfError> {
-        super::flow_tables::remove_slot_flows_in(
+        super::flow_tables::remove_flows_in(
             [
                 (FlowTable::NatEgress, &mut self.nat_egress),
                 (FlowTable::NatIngress, &mut self.nat_ingress),
                 (FlowTable::HostFlows, &mut self.host_flows),
             ],
-            slot,
+            |s| s == slot,
         )
     }
 

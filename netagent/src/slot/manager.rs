@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use netagent_common::SlotStats;
 
+use super::flow_purge::FlowPurger;
 use crate::bpf::{
     Datapath, DatapathConfig, EgressRules, ReapReport, SlotDatapath, TableUsage, Uplink,
 };
@@ -45,6 +46,8 @@ pub struct SlotManager {
     netns_pool: NetnsPool,
     /// Trims the heap once creates and deletes pause.
     trimmer: Trimmer,
+    /// Removes deleted slots' flows after the deletes answered.
+    flow_purger: FlowPurger,
     #[cfg(feature = "fault-injection")]
     fail_at: Mutex<Option<CreateStep>>,
     #[cfg(feature = "fault-injection")]
@@ -126,6 +129,14 @@ impl SlotManager {
             start_err("reserve the masquerade ports (ip_local_reserved_ports)")(e.into())
         })?;
 
+        let flow_purger = dp
+            .flow_tables()
+            .map_err(|e| start_err("open the flow tables")(e.into()))
+            .and_then(|t| {
+                FlowPurger::start(t).map_err(|e| {
+                    start_err("start the flow purge thread")(StepError::Other(e.to_string()))
+                })
+            })?;
         let mgr = Arc::new(SlotManager {
             cfg: cfg.clone(),
             plan,
@@ -141,6 +152,7 @@ impl SlotManager {
             startup: Mutex::new(None),
             netns_pool: NetnsPool::start(cfg.netns_pool),
             trimmer: Trimmer::spawn(),
+            flow_purger,
             #[cfg(feature = "fault-injection")]
             fail_at: Mutex::new(None),
             #[cfg(feature = "fault-injection")]
@@ -394,8 +406,8 @@ impl SlotManager {
             failures.push(format!("remove the slot record: {e}"));
         }
         failures.extend(delete::delete(self, &addr, &slot.guest).await);
-        // The slot's flows go after the answer (see `purge_flows_after`).
-        self.purge_flows_after(addr.index, held);
+        // The slot's flows go after the answer (see `flow_purge`).
+        self.flow_purger.purge(addr.index, held);
         if !failures.is_empty() {
             return Err(SlotError::Delete {
                 index: addr.index,
@@ -574,42 +586,6 @@ impl SlotManager {
             dp.attach_slot_with(slot, slot_tc, &mut lock(&self.host_tc))?;
             Ok(())
         })
-    }
-
-    /// Removes slot `index`'s NAT and host-flow entries on a blocking thread,
-    /// holding the slot's lock (`held`) until they are gone, so a create of the
-    /// same index waits for them while every other request goes on: the purge
-    /// walks every flow table (~10 ms with 100,000 flows) on fds of its own,
-    /// without the datapath lock, so the next delete does not wait for it; the
-    /// rest of a delete takes about a millisecond.
-    fn purge_flows_after(&self, index: u32, held: tokio::sync::OwnedMutexGuard<()>) {
-        // The tables on fds of their own: the walk does not hold the datapath.
-        let tables = match self.with_datapath(|dp| dp.flow_tables()) {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                tracing::warn!(slot = index, error = %e, "opening the flow tables failed; the reaper expires the deleted slot's flows");
-                return;
-            }
-            Err(_) => return,
-        };
-        let purge = move || {
-            let mut tables = tables;
-            match tables.remove_slot_flows(index) {
-                Ok(n) => {
-                    tracing::debug!(slot = index, flows = n, "flows of the deleted slot removed")
-                }
-                Err(e) => {
-                    tracing::warn!(slot = index, error = %e, "removing the deleted slot's flows failed; the reaper expires them")
-                }
-            }
-            drop(held);
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn_blocking(purge);
-            }
-            Err(_) => purge(),
-        }
     }
 
     /// Detaches a deleted slot's programs and map entries, but not its flows

@@ -47,7 +47,8 @@
 //! Files: `addressing` (names and addresses), `manager` (the manager, start-up and
 //! shutdown), `adopt` (taking over a previous run's slots; slot records),
 //! `create` (the steps of create and their rollback), `delete` (delete that
-//! tries every step), `policy` (guest MAC, egress lists and rate limit:
+//! tries every step), `flow_purge` (deleted slots' flows, removed after the
+//! delete answered), `policy` (guest MAC, egress lists and rate limit:
 //! types and validation), `local_addrs` (keeps LOCAL_ADDRS equal to the agent
 //! namespace's addresses), `error` (`SlotError`). The agent namespace is the
 //! namespace of the thread that calls `start`; every later kernel call targets a
@@ -58,6 +59,7 @@ pub mod adopt;
 pub mod create;
 pub mod delete;
 pub mod error;
+pub mod flow_purge;
 pub mod local_addrs;
 pub mod manager;
 pub mod policy;
