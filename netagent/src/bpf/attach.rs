@@ -1,7 +1,8 @@
 //! Attaching the programs. A slot's three hooks (`tap0` and `eth0` inside the
-//! slot namespace, the host veth outside) are clsact/netlink `cls_bpf` filters:
-//! adding one costs an expedited RCU grace period (~0.2 ms here), where a TCX
-//! link waits for a full one under RTNL (~15 ms each, 44 ms for a slot's three),
+//! slot namespace, the host veth outside) are netlink `cls_bpf` filters on
+//! the `ingress` qdisc (see `netlink::tc`): adding one costs an expedited RCU
+//! grace period (~0.2 ms here), where a TCX link waits for a full one under
+//! RTNL (~15 ms each, 44 ms for a slot's three),
 //! and a filter stays attached without an open fd, so a slot keeps forwarding
 //! while the agent restarts and the agent's fd count does not grow per slot.
 //! Each filter has priority `FILTER_PRIORITY` and the slot index as handle, so a
@@ -202,7 +203,7 @@ fn attach_ingress(
 }
 
 /// Adds `prog` as slot `handle`'s filter on the ingress of `ifindex` (in the
-/// namespace of `tc`), with the clsact qdisc it needs.
+/// namespace of `tc`), with the `ingress` qdisc it needs.
 fn add_filter(
     ebpf: &mut aya::Ebpf,
     tc: &mut TcSocket,
@@ -214,7 +215,7 @@ fn add_filter(
     let fd = p
         .fd()
         .map_err(|e| BpfError::program(prog.name(), "program fd", e))?;
-    tc.add_clsact(ifindex)?;
+    tc.add_ingress_qdisc(ifindex)?;
     tc.add_ingress_filter(&BpfFilter {
         ifindex,
         priority: FILTER_PRIORITY,

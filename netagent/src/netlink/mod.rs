@@ -3,7 +3,7 @@
 //!
 //! One module per object, mirroring rtnetlink: `netns` (named namespaces and running
 //! code inside one), `link`, `addr`, `route` (verbs on [`Netlink`], a connection bound
-//! to one namespace), `tap` (persistent TAP devices), `tc` (clsact and BPF filters on a blocking
+//! to one namespace), `tap` (persistent TAP devices), `tc` (the ingress qdisc and BPF filters on a blocking
 //! socket) and `sysctl`.
 //!
 //! A netlink socket talks to the namespace it was created in, whatever thread later

@@ -1,5 +1,5 @@
-//! tc (traffic control) requests on a blocking route netlink socket: the clsact
-//! qdisc and direct-action `cls_bpf` filters on a device's ingress.
+//! tc (traffic control) requests on a blocking route netlink socket: the
+//! `ingress` qdisc and direct-action `cls_bpf` filters on a device's ingress.
 //!
 //! The datapath attaches a slot's three hooks this way on every create. A
 //! [`TcSocket`] talks to the namespace it was opened in, so a slot's hooks are
@@ -9,6 +9,13 @@
 //! netlink attach makes (parent clsact ingress, protocol `ETH_P_ALL`, the given
 //! priority and handle, the program's name, direct action), so either can find
 //! and remove the other's.
+//!
+//! The qdisc is `ingress`, not `clsact`: the slots' devices need no egress
+//! hook, and every tc block a qdisc binds on a device without tc offload
+//! (veth, tun) goes on a list that the kernel walks, under one global mutex,
+//! on every later bind (`flow_indr_dev_setup_offload`): with `clsact`'s two
+//! blocks per device that walk was the largest cost of a create at 1,000
+//! slots. The filters' parent (`ffff:fff2`) is the same for both qdiscs.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -73,12 +80,13 @@ impl TcSocket {
         Ok(TcSocket { socket, seq: 0 })
     }
 
-    /// Adds the clsact qdisc to `ifindex`; one that is there already is fine.
-    pub fn add_clsact(&mut self, ifindex: u32) -> Result<()> {
+    /// Adds the `ingress` qdisc to `ifindex`; one that is there already (or a
+    /// `clsact`, which has an ingress too) is fine.
+    pub fn add_ingress_qdisc(&mut self, ifindex: u32) -> Result<()> {
         let mut msg = TcMessage::with_index(index_i32(ifindex)?);
         msg.header.handle = TcHandle::from(0xffff_0000);
-        msg.header.parent = TcHandle::CLSACT;
-        msg.attributes.push(TcAttribute::Kind("clsact".into()));
+        msg.header.parent = TcHandle::INGRESS;
+        msg.attributes.push(TcAttribute::Kind("ingress".into()));
         match self.request(
             RouteNetlinkMessage::NewQueueDiscipline(msg),
             NLM_F_CREATE | NLM_F_EXCL,
@@ -86,10 +94,11 @@ impl TcSocket {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
             r => r,
         }
-        .map_err(|e| NetlinkError::io(format!("add the clsact qdisc to link #{ifindex}"), e))
+        .map_err(|e| NetlinkError::io(format!("add the ingress qdisc to link #{ifindex}"), e))
     }
 
-    /// Adds `filter` to the ingress of its device (clsact must be there). Fails
+    /// Adds `filter` to the ingress of its device (a qdisc with an ingress must
+    /// be there). Fails
     /// with `EEXIST` if the device has a filter with that priority and handle.
     pub fn add_ingress_filter(&mut self, filter: &BpfFilter<'_>) -> Result<()> {
         let mut msg = TcMessage::with_index(index_i32(filter.ifindex)?);
