@@ -141,55 +141,42 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
         &|v, data| v == TC_ACT_REDIRECT && data == frame,
     )?;
 
-    // The slot namespace's own flow: allocated by a first run.
-    let frame = tcp_frame(mac, mac, vpeer, server, VPEER_PORT, SERVER_PORT);
-    let first = prog_run(
-        dir,
-        &agent.host_ns,
-        id("veth_ingress")?,
-        &frame,
-        Some(veth_ifindex),
-        1,
-    )?;
-    let vpeer_port = port_at(&first.2, 34).context("veth_ingress output too short")?;
-    case(
-        "veth_ingress",
+    // A masqueraded flow of `frame`, allocated (and the guest's L2 learned) by
+    // a first run, then timed; returns its masquerade port.
+    let mut masquerade = |what: &'static str, frame: &[u8]| -> Result<u16> {
+        let first = prog_run(
+            dir,
+            &agent.host_ns,
+            id("veth_ingress")?,
+            frame,
+            Some(veth_ifindex),
+            1,
+        )?;
+        let port = port_at(&first.2, 34).context("veth_ingress output too short")?;
+        case(
+            "veth_ingress",
+            what,
+            &agent.host_ns,
+            Some(veth_ifindex),
+            frame,
+            singles,
+            &|v, data| {
+                v == TC_ACT_REDIRECT
+                    && addr_at(data, 26) == Some(uplink)
+                    && port_at(data, 34) == Some(port)
+            },
+        )?;
+        Ok(port)
+    };
+    // The slot namespace's own flow.
+    let vpeer_port = masquerade(
         "vpeer → world TCP, flow known (masquerade, redirect_neigh)",
-        &agent.host_ns,
-        Some(veth_ifindex),
-        &frame,
-        singles,
-        &|v, data| {
-            v == TC_ACT_REDIRECT
-                && addr_at(data, 26) == Some(uplink)
-                && port_at(data, 34) == Some(vpeer_port)
-        },
+        &tcp_frame(mac, mac, vpeer, server, VPEER_PORT, SERVER_PORT),
     )?;
-
-    // The guest's flow: allocated (and its L2 learned) by a first run, then
-    // the fast path.
-    let frame = tcp_frame(TAP_MAC, guest_mac, guest, server, GUEST_PORT, SERVER_PORT);
-    let first = prog_run(
-        dir,
-        &agent.host_ns,
-        id("veth_ingress")?,
-        &frame,
-        Some(veth_ifindex),
-        1,
-    )?;
-    let guest_port = port_at(&first.2, 34).context("veth_ingress output too short")?;
-    case(
-        "veth_ingress",
+    // The guest's flow: the fast path.
+    masquerade(
         "guest → world TCP, established flow (fast path: masquerade, redirect_neigh)",
-        &agent.host_ns,
-        Some(veth_ifindex),
-        &frame,
-        singles,
-        &|v, data| {
-            v == TC_ACT_REDIRECT
-                && addr_at(data, 26) == Some(uplink)
-                && port_at(data, 34) == Some(guest_port)
-        },
+        &tcp_frame(TAP_MAC, guest_mac, guest, server, GUEST_PORT, SERVER_PORT),
     )?;
 
     let frame = tcp_frame(mac, mac, server, uplink, SERVER_PORT, vpeer_port);
