@@ -325,15 +325,6 @@ impl Netlink {
         .await
     }
 
-    /// Sets the transmit queue length.
-    pub async fn link_set_txqueuelen(&self, index: u32, len: u32) -> Result<()> {
-        self.link_set(
-            format!("set txqueuelen {len} on link #{index}"),
-            LinkUnspec::new_with_index(index).txqueuelen(len).build(),
-        )
-        .await
-    }
-
     /// Moves the link into the namespace `ns`, renaming it to `new_name`.
     pub async fn link_move(&self, index: u32, ns: BorrowedFd<'_>, new_name: &str) -> Result<()> {
         self.link_set(
