@@ -292,6 +292,38 @@ pub struct PolicyRule {
     pub prefix_len: u32,
 }
 
+/// The egress verdict of `PolicyKey`'s doc, shared by the datapath and the
+/// agent (which re-judges live flows after a change): `own` is the slot's
+/// longest match, `host` whether the destination is a host address, `defaults`
+/// looks up the longest match of slot 0 (only called when it decides).
+#[inline(always)]
+pub fn egress_verdict(
+    own: Option<&PolicyRule>,
+    host: bool,
+    defaults: impl FnOnce() -> Option<PolicyRule>,
+) -> Result<(), crate::DropReason> {
+    use crate::DropReason;
+    if host {
+        // Only an allow rule naming the address itself opens the host.
+        return match own {
+            Some(r) if r.action == POLICY_ALLOW && r.prefix_len == 32 => Ok(()),
+            _ => Err(DropReason::HostDenied),
+        };
+    }
+    if let Some(r) = own {
+        // Anything but an explicit allow denies (fail closed).
+        return if r.action == POLICY_ALLOW {
+            Ok(())
+        } else {
+            Err(DropReason::PolicyDenied)
+        };
+    }
+    match defaults() {
+        Some(r) if r.action != POLICY_ALLOW => Err(DropReason::PolicyDenied),
+        _ => Ok(()),
+    }
+}
+
 /// Value of `MAP_RATE`: a per-slot policer of the guest's frames, in the
 /// earliest-departure-time style of Cilium's, dropping instead of delaying: a
 /// frame passes only if `next_ns <= now`, and then books its transmit time,

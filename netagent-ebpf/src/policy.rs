@@ -8,7 +8,7 @@
 //! identical.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use netagent_common::{DropReason, GlobalConfig, POLICY_ALLOW, PolicyKey, PolicyRule};
+use netagent_common::{DropReason, GlobalConfig, PolicyKey, PolicyRule, egress_verdict};
 
 use crate::maps::{LOCAL_ADDRS, POLICY};
 
@@ -35,24 +35,9 @@ fn longest_match(slot: u32, daddr: u32) -> Option<&'static PolicyRule> {
 /// reason to drop it if not.
 #[inline(always)]
 pub fn egress_check(cfg: &GlobalConfig, slot: u32, daddr: u32) -> Result<(), DropReason> {
-    let own = longest_match(slot, daddr);
-    if is_host_addr(cfg, daddr) {
-        // Only an allow rule naming the address itself opens the host.
-        return match own {
-            Some(r) if r.action == POLICY_ALLOW && r.prefix_len == 32 => Ok(()),
-            _ => Err(DropReason::HostDenied),
-        };
-    }
-    if let Some(r) = own {
-        // Anything but an explicit allow denies (fail closed).
-        return if r.action == POLICY_ALLOW {
-            Ok(())
-        } else {
-            Err(DropReason::PolicyDenied)
-        };
-    }
-    match longest_match(0, daddr) {
-        Some(r) if r.action != POLICY_ALLOW => Err(DropReason::PolicyDenied),
-        _ => Ok(()),
-    }
+    egress_verdict(
+        longest_match(slot, daddr),
+        is_host_addr(cfg, daddr),
+        || longest_match(0, daddr).copied(),
+    )
 }

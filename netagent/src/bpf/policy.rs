@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 use netagent_common::{
     DropReason, GlobalConfig, POLICY_ALLOW, POLICY_DENY, PolicyKey, PolicyRule, SLOT_F_ACTIVE,
-    SLOT_F_GUEST_MAC,
+    SLOT_F_GUEST_MAC, egress_verdict,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -311,24 +311,11 @@ impl EgressView {
     /// Whether `slot`'s guest may open traffic to `daddr`, and the drop reason
     /// if not: step for step the datapath's `policy::egress_check`.
     pub fn egress_check(&self, slot: u32, daddr: u32) -> Result<(), DropReason> {
-        let own = self.longest_match(slot, daddr);
-        if self.is_host_addr(daddr) {
-            return match own {
-                Some(r) if r.action == POLICY_ALLOW && r.prefix_len == 32 => Ok(()),
-                _ => Err(DropReason::HostDenied),
-            };
-        }
-        if let Some(r) = own {
-            return if r.action == POLICY_ALLOW {
-                Ok(())
-            } else {
-                Err(DropReason::PolicyDenied)
-            };
-        }
-        match self.longest_match(0, daddr) {
-            Some(r) if r.action != POLICY_ALLOW => Err(DropReason::PolicyDenied),
-            _ => Ok(()),
-        }
+        egress_verdict(
+            self.longest_match(slot, daddr).as_ref(),
+            self.is_host_addr(daddr),
+            || self.longest_match(0, daddr),
+        )
     }
 
     /// Whether a masquerade flow of `slot`'s guest to `daddr` may stay: the
