@@ -75,6 +75,11 @@ pub struct Options {
     /// Report path (Markdown); the chart goes next to it as bench.svg.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Profile every data-path run: `perf record -a -g` for the run's length, one
+    /// file per run in this directory (`N-path-workload-rROUND.data`). The profiler
+    /// costs every path alike; use it to find where time goes, not for the figures.
+    #[arg(long)]
+    pub perf: Option<PathBuf>,
     /// Internal: the in-tree benchmark tools, run inside namespaces.
     #[command(subcommand)]
     pub tool: Option<tools::Tool>,
@@ -94,6 +99,7 @@ pub struct Plan {
     pub prog_cost: bool,
     pub scale_budget: Duration,
     pub out: PathBuf,
+    pub perf: Option<PathBuf>,
 }
 
 impl Plan {
@@ -135,6 +141,7 @@ impl Plan {
                 300
             })),
             out: o.out.clone().unwrap_or(default_out),
+            perf: o.perf.clone(),
         }
     }
 }

@@ -68,7 +68,15 @@ pub fn alternate(
                 let w = paths[(i + round as usize) % paths.len()];
                 proc::check_interrupted()?;
                 let t0 = std::time::Instant::now();
-                match run_one(plan, w, load) {
+                let profiler = match &plan.perf {
+                    Some(dir) => Some(profile(dir, plan, n, w, load, round)?),
+                    None => None,
+                };
+                let outcome = run_one(plan, w, load);
+                if let Some(mut p) = profiler {
+                    p.wait().context("waiting for perf record")?;
+                }
+                match outcome {
                     Ok((values, notes)) => {
                         for note in notes {
                             let msg = format!(
@@ -118,6 +126,31 @@ pub fn alternate(
         }
     }
     Ok(())
+}
+
+/// Starts `perf record -a -g` for the length of one run (`--perf`).
+fn profile(
+    dir: &std::path::Path,
+    plan: &Plan,
+    n: u32,
+    w: &World,
+    load: Workload,
+    round: u32,
+) -> Result<std::process::Child> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join(format!(
+        "{n}-{}-{}-r{}.data",
+        w.path.name(),
+        load.name(),
+        round + 1
+    ));
+    std::process::Command::new("perf")
+        .args(["record", "-q", "-a", "-g", "-o"])
+        .arg(&file)
+        .args(["--", "sleep", &plan.duration.as_secs().to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting perf record (is perf installed?)")
 }
 
 /// What one run measured, and anything worth a note.
