@@ -32,7 +32,7 @@ enum Command {
     /// Install the Debian packages used by tests and benchmarks.
     Deps,
     /// Benchmark f0, floor, legacy (iptables) and netagent paths (docs/BENCHMARKS.md).
-    Bench(bench::Options),
+    Bench(Box<bench::Options>),
     /// Prepare the end-to-end tests' microVM guest (kernel + initramfs) in target/guest.
     Guest(guest::Options),
     /// Create/delete churn at full scale against a real agent; fails on any leak.
