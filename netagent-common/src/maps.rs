@@ -87,6 +87,10 @@ pub const MAX_SLOT_INDEX: u32 = 32767;
 
 /// `GlobalConfig::flags`: the uplink is configured and masquerade may run.
 pub const CONFIG_F_UPLINK: u32 = 1;
+/// `GlobalConfig::flags`: the uplink is a veth whose peer lives in another
+/// namespace, so masqueraded packets with a resolved next hop may be handed
+/// straight to the peer's ingress (`bpf_redirect_peer`).
+pub const CONFIG_F_UPLINK_PEER: u32 = 2;
 /// `SlotInfo::flags`: the slot is live; anything else makes programs pass packets.
 pub const SLOT_F_ACTIVE: u32 = 1;
 /// `SlotInfo::flags`: `SlotInfo::guest_mac` is set, and the guest's frames must

@@ -1,12 +1,83 @@
 //! Forwarding: Ethernet address rewrite and the redirect helpers.
 
-use core::ptr;
+use core::{mem, ptr};
 
 use aya_ebpf::{
-    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup},
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_change_type,
+    },
     programs::TcContext,
 };
-use netagent_common::DropReason;
+use netagent_common::{CONFIG_F_UPLINK_PEER, DropReason, GlobalConfig};
+
+/// `AF_INET`, as `bpf_fib_lookup` wants the family.
+const AF_INET: u8 = 2;
+/// `PACKET_HOST`: a frame addressed to the receiving device.
+const PACKET_HOST: u32 = 0;
+
+/// The parts of a masqueraded packet the uplink's next hop depends on (all in
+/// network order, as they are on the wire after the rewrite).
+pub struct Egress {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Sends a masqueraded packet out by the uplink.
+///
+/// With `CONFIG_F_UPLINK_PEER` (the uplink is a veth whose peer is in another
+/// namespace) the next hop comes from `bpf_fib_lookup` (the kernel's routes and
+/// neighbours, as an output lookup on the uplink); when it is on the uplink with
+/// a resolved neighbour, both MACs are written and the frame goes straight to the
+/// peer's ingress (`bpf_redirect_peer`): no transmit queue and no backlog pass,
+/// which on a veth uplink is one softirq round per packet less. In every other
+/// case — an uplink of another kind, forwarding off on the uplink (which
+/// `bpf_fib_lookup` requires), a neighbour not yet resolved, a route by another
+/// device, a packet over the MTU — `bpf_redirect_neigh` transmits it and the
+/// kernel resolves the next hop itself. Returns the verdict.
+#[inline(always)]
+pub fn to_uplink(ctx: &TcContext, cfg: &GlobalConfig, e: &Egress) -> i32 {
+    if cfg.flags & CONFIG_F_UPLINK_PEER != 0 {
+        // SAFETY: `bpf_fib_lookup` is plain old data; all zeros is a valid value
+        // (and means "no TOS, no VLAN, no mark").
+        let mut p: bpf_fib_lookup = unsafe { mem::zeroed() };
+        p.family = AF_INET;
+        p.l4_protocol = e.proto;
+        p.sport = e.sport;
+        p.dport = e.dport;
+        p.ifindex = cfg.uplink_ifindex;
+        p.__bindgen_anon_3.ipv4_src = e.saddr;
+        p.__bindgen_anon_4.ipv4_dst = e.daddr;
+        // SAFETY: the skb is this program's context; `p` is a valid, writable
+        // struct of the size passed.
+        let rc = unsafe {
+            fib_lookup(
+                ctx.skb.skb as *mut _,
+                &mut p,
+                mem::size_of::<bpf_fib_lookup>() as i32,
+                BPF_FIB_LOOKUP_OUTPUT,
+            )
+        };
+        if rc == BPF_FIB_LKUP_RET_SUCCESS as i64
+            && p.ifindex == cfg.uplink_ifindex
+            && set_macs(ctx, &p.smac, &p.dmac).is_ok()
+        {
+            // The frame keeps the packet type its first device gave it; the peer's
+            // IP layer drops anything but one addressed to it.
+            // SAFETY: the context's `__sk_buff`, valid for this run.
+            if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+                // SAFETY: a helper call on this program's context.
+                unsafe { bpf_skb_change_type(ctx.skb.skb as *mut _, PACKET_HOST) };
+            }
+            return redirect_peer(cfg.uplink_ifindex);
+        }
+    }
+    redirect_neigh(cfg.uplink_ifindex)
+}
 
 /// Writes destination and source MAC (the first 12 bytes of the frame).
 #[inline(always)]

@@ -101,7 +101,14 @@ pub fn snat_and_send(
 ) -> Result<i32, DropReason> {
     csum::ipv4_addr_rewrite(ctx, l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip)?;
     csum::l4_port_rewrite(ctx, l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)?;
-    Ok(fwd::redirect_neigh(cfg.uplink_ifindex))
+    let egress = fwd::Egress {
+        saddr: nat_ip,
+        daddr: ip.daddr,
+        proto: ip.proto,
+        sport: nat_port,
+        dport: l4.dport,
+    };
+    Ok(fwd::to_uplink(ctx, cfg, &egress))
 }
 
 /// Whether slot traffic to `daddr` stays on the host (the host stack takes it)

@@ -2092,6 +2092,12 @@ impl RealWorld {
     }
 
     fn with_mode(tag: char, mode: AttachMode) -> Option<RealWorld> {
+        Self::build(tag, mode, false)
+    }
+
+    /// `veth_peer`: the datapath is told the uplink is a veth with its peer in
+    /// another namespace (which `up0` is), as the agent finds out itself.
+    fn build(tag: char, mode: AttachMode, veth_peer: bool) -> Option<RealWorld> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipping: needs root (CAP_NET_ADMIN, CAP_BPF)");
             return None;
@@ -2179,6 +2185,7 @@ impl RealWorld {
                 ifindex: up_idx,
                 name: "up0".into(),
                 ipv4: UPLINK_IP,
+                veth_peer,
             })
             .expect("attach uplink");
             dp.set_local_addrs(&[UPLINK_IP, VETH_IP]).unwrap();
@@ -2328,6 +2335,209 @@ fn attached_slot_carries_real_udp_and_tcp_both_ways() {
     client.send_to(b"after", sock(WAN, 7000)).unwrap();
     assert!(recv(&server).is_none(), "no traffic after detach");
     dp.detach_uplink().unwrap();
+}
+
+/// `up0`'s transmit and the wan end's receive packet counters.
+fn uplink_packets(world: &RealWorld) -> (u64, u64) {
+    let count = |ns: &str, dev: &str, dir: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns, "-s", "-j", "link", "show", "dev", dev])
+            .output()
+            .expect("run ip");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+        v[0]["stats64"][dir]["packets"].as_u64().expect("packets")
+    };
+    (
+        count(&world.names[0], "up0", "tx"),
+        count(&world.names[1], "wan0", "rx"),
+    )
+}
+
+/// A raw socket on the wan end of the uplink: the frames as they arrive.
+fn wan_capture(world: &RealWorld) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let (wan_idx, _) = link_info(&world.names[1], "wan0");
+    inside(&world.wan_ns, || {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2); the descriptor is owned right below.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(
+            raw >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = wan_idx as i32;
+        // SAFETY: `sll` is a valid sockaddr_ll of the length given.
+        let rc = unsafe {
+            libc::bind(
+                raw,
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        fd
+    })
+}
+
+/// Discards the frames captured so far (a full socket would drop new ones).
+fn drain(fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 2048];
+    // SAFETY: `buf` is writable for its length.
+    while unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    } >= 0
+    {}
+}
+
+/// The first captured frame that is an IPv4 UDP datagram to `port`.
+fn captured_udp_to(fd: &std::os::fd::OwnedFd, port: u16) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut buf = vec![0u8; 2048];
+    while std::time::Instant::now() < deadline {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            continue;
+        }
+        let f = &buf[..n as usize];
+        if f.len() >= 42
+            && f[12..14] == [0x08, 0x00]
+            && f[23] == 17
+            && f[36..38] == port.to_be_bytes()
+        {
+            return Some(f.to_vec());
+        }
+    }
+    None
+}
+
+/// With the uplink a veth whose peer is in another namespace, masqueraded
+/// packets go straight to the peer's ingress with the next hop's MACs when the
+/// kernel's FIB and neighbour table have the next hop (forwarding on the uplink,
+/// which `bpf_fib_lookup` requires), and through the uplink's transmit path
+/// (`bpf_redirect_neigh`) otherwise. Both deliver the same bytes.
+#[test]
+fn veth_uplink_hands_masqueraded_frames_to_the_peer_with_the_next_hops_macs() {
+    let Some(world) = RealWorld::build('p', AttachMode::Auto, true) else {
+        return;
+    };
+    let (_, up_mac) = link_info(&world.names[0], "up0");
+    let (_, wan_mac) = link_info(&world.names[1], "wan0");
+    let server = udp_socket(&world.wan_ns, sock(WAN, 7100));
+    let client = udp_socket(&world.guest_ns, sock(GUEST, 0));
+    let capture = wan_capture(&world);
+    let send = |payload: &[u8]| {
+        drain(&capture);
+        client.send_to(payload, sock(WAN, 7100)).unwrap();
+        let (data, from) = recv(&server).expect("the wan server got the datagram");
+        assert_eq!(data, payload);
+        let frame = captured_udp_to(&capture, 7100).expect("the frame on wan0");
+        assert_eq!(&frame[0..6], &wan_mac, "destination MAC: the next hop's");
+        assert_eq!(&frame[6..12], &up_mac, "source MAC: the uplink's");
+        from
+    };
+
+    // Forwarding off on the uplink: bpf_fib_lookup refuses, the uplink transmits
+    // (and resolves the neighbour).
+    let (tx0, rx0) = uplink_packets(&world);
+    let from = send(b"by the neighbour path");
+    let (tx1, rx1) = uplink_packets(&world);
+    // (with the ARP request that resolves the neighbour)
+    assert!(
+        tx1 - tx0 >= 1 && tx1 - tx0 == rx1 - rx0,
+        "transmitted by up0: tx +{}, rx +{}",
+        tx1 - tx0,
+        rx1 - rx0
+    );
+
+    // Forwarding on: the next hop (resolved above) comes from the FIB, and the
+    // frame skips up0's transmit.
+    ip(&[
+        "netns",
+        "exec",
+        &world.names[0],
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.up0.forwarding=1",
+    ]);
+    let (tx0, rx0) = uplink_packets(&world);
+    assert_eq!(
+        send(b"straight to the peer"),
+        from,
+        "the same masquerade flow"
+    );
+    let (tx1, rx1) = uplink_packets(&world);
+    assert_eq!(
+        (tx1 - tx0, rx1 - rx0),
+        (0, 1),
+        "handed to wan0, not sent by up0"
+    );
+
+    // A TCP stream (GSO-sized packets) and its replies, on the peer path.
+    let listener = inside(&world.wan_ns, || {
+        std::net::TcpListener::bind(sock(WAN, 7102)).unwrap()
+    });
+    let stream = inside(&world.guest_ns, || {
+        std::net::TcpStream::connect_timeout(
+            &sock(WAN, 7102).into(),
+            std::time::Duration::from_secs(3),
+        )
+    })
+    .expect("TCP connect through the datapath");
+    let (mut accepted, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(UPLINK_IP));
+    accepted
+        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    {
+        use std::io::{Read, Write};
+        let mut stream = stream;
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        // What the socket buffers hold: the reading starts after the writing.
+        let big: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+        stream.write_all(&big).unwrap();
+        let mut got = vec![0; big.len()];
+        accepted.read_exact(&mut got).unwrap();
+        assert!(got == big, "the stream arrived intact");
+        accepted.write_all(b"bye").unwrap();
+        let mut bye = [0; 3];
+        stream.read_exact(&mut bye).unwrap();
+        assert_eq!(&bye, b"bye");
+    }
+
+    // The neighbour gone: the FIB has no MAC, the uplink resolves it again.
+    ip(&["-n", &world.names[0], "neigh", "flush", "dev", "up0"]);
+    let (tx0, _) = uplink_packets(&world);
+    send(b"neighbour flushed");
+    let (tx1, _) = uplink_packets(&world);
+    assert!(
+        tx1 - tx0 >= 1,
+        "transmitted by up0 while the neighbour resolves"
+    );
 }
 
 #[test]

@@ -41,7 +41,9 @@ use aya::programs::{
 };
 use std::net::Ipv4Addr;
 
-use netagent_common::{CONFIG_F_UPLINK, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SlotInfo};
+use netagent_common::{
+    CONFIG_F_UPLINK, CONFIG_F_UPLINK_PEER, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SlotInfo,
+};
 
 use super::netns_cookie::in_netns;
 use super::pins::UPLINK_LINK_PIN;
@@ -472,6 +474,11 @@ impl Datapath {
         global.uplink_ip = ip_to_map(uplink.ipv4);
         global.uplink_ifindex = uplink.ifindex;
         global.flags |= CONFIG_F_UPLINK;
+        if uplink.veth_peer {
+            global.flags |= CONFIG_F_UPLINK_PEER;
+        } else {
+            global.flags &= !CONFIG_F_UPLINK_PEER;
+        }
         self.maps.write_global(&global)?;
         let pin = self.pins.map_path(UPLINK_LINK_PIN);
         let (ebpf, mode, ifindex) = (&mut self.ebpf, self.cfg.attach_mode, uplink.ifindex);
@@ -508,7 +515,7 @@ impl Datapath {
                 Ok(())
             }
             Err(e) => {
-                global.flags &= !CONFIG_F_UPLINK;
+                global.flags &= !(CONFIG_F_UPLINK | CONFIG_F_UPLINK_PEER);
                 let _ = self.maps.write_global(&global);
                 Err(e)
             }
@@ -519,7 +526,7 @@ impl Datapath {
     /// programs stop masquerading. Idempotent.
     pub fn detach_uplink(&mut self) -> Result<(), BpfError> {
         let mut global = self.maps.global()?;
-        global.flags &= !CONFIG_F_UPLINK;
+        global.flags &= !(CONFIG_F_UPLINK | CONFIG_F_UPLINK_PEER);
         self.maps.write_global(&global)?;
         match self.uplink.take() {
             Some(u) => {

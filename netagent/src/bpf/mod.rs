@@ -62,7 +62,7 @@
 //!     pub fn test_run_on(&self, prog: Program, frame: &[u8], ifindex: u32)
 //!         -> Result<TestRunOutput, BpfError>;
 //! }
-//! pub struct Uplink { pub ifindex: u32, pub name: String, pub ipv4: Ipv4Addr }
+//! pub struct Uplink { pub ifindex: u32, pub name: String, pub ipv4: Ipv4Addr, pub veth_peer: bool }
 //! pub struct SlotDatapath<'a> { pub index: u32, pub netns: BorrowedFd<'a>,
 //!     pub veth_ifindex: u32, pub veth_mac: [u8; 6], pub eth0_ifindex: u32,
 //!     pub eth0_mac: [u8; 6], pub tap_ifindex: u32, pub vpeer_ip: Ipv4Addr,   // eth0_ifindex == SLOT_ETH0_IFINDEX
@@ -138,6 +138,10 @@ pub struct Uplink {
     pub name: String,
     /// The masquerade source address.
     pub ipv4: Ipv4Addr,
+    /// The uplink is a veth whose peer is in another namespace: masqueraded
+    /// packets with a resolved next hop go straight to the peer's ingress
+    /// (`CONFIG_F_UPLINK_PEER`).
+    pub veth_peer: bool,
 }
 
 /// What the datapath needs to know about one slot's links.

@@ -27,6 +27,9 @@ pub struct Link {
     pub up: bool,
     /// The kind (`veth`, `tun`, ...) if the kernel reports one.
     pub kind: Option<String>,
+    /// For a link with a peer (a veth), the id of the namespace the peer lives
+    /// in, as this namespace knows it; `None` when the peer is in this namespace.
+    pub peer_netnsid: Option<i32>,
 }
 
 impl Link {
@@ -48,6 +51,7 @@ impl Link {
             txqueuelen: 0,
             up: msg.header.flags.contains(LinkFlags::Up),
             kind: None,
+            peer_netnsid: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -55,6 +59,7 @@ impl Link {
                 LinkAttribute::Address(mac) => link.mac = mac.clone(),
                 LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
                 LinkAttribute::TxQueueLen(len) => link.txqueuelen = *len,
+                LinkAttribute::LinkNetNsId(id) => link.peer_netnsid = Some(*id),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let NlLinkInfo::Kind(kind) = info {

@@ -683,9 +683,11 @@ async fn find_uplink(host: &Netlink, name: Option<&str>) -> Result<Uplink, SlotE
                 link.name
             )))
         })?;
+    let veth_peer = link.kind.as_deref() == Some("veth") && link.peer_netnsid.is_some();
     Ok(Uplink {
         ifindex: link.index,
         name: link.name,
         ipv4,
+        veth_peer,
     })
 }

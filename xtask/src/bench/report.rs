@@ -252,7 +252,11 @@ pub fn render(plan: &Plan, c: &Conditions, r: &Results) -> String {
          slots inserted *ahead* of the measured slot's (a host that created them first).\n\
          - **netagent**: `target/release/netagent up` running in the host namespace (bench prefix, socket, \
          bpffs), slot 1 created through its API with `{{\"guest_link\":\"veth\",\"guest_netns\":…}}`, \
-         N−1 other slots created through the API as real slots (TAP guest side).\n\n\
+         N−1 other slots created through the API as real slots (TAP guest side). The host namespace \
+         has `ip_forward=0` and forwarding on the uplink only (`net.ipv4.conf.up0.forwarding=1`, as on a \
+         host that forwards), which lets `bpf_fib_lookup` give the datapath the next hop so masqueraded \
+         packets enter the wan namespace directly (`bpf_redirect_peer`, the uplink being a veth); \
+         without it they take the uplink's transmit path (`bpf_redirect_neigh`).\n\n\
          **A veth into a guest namespace stands in for the TAP in every path** (the VMM's cost would be \
          the same for all of them). Workloads: sockperf TCP ping-pong (p50/p99/min round trip); \
          iperf3 one TCP stream, and with MSS {SMALL_MSS}; UDP datagrams of {UDP_PAYLOAD} bytes payload \

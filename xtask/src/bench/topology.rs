@@ -9,8 +9,9 @@
 //! floor:    guest[eth0] ─ slot[tap0 169.254.0.22 | eth0 10.12.0.3/31]
 //!                        ─ host[wr-veth-1 10.12.0.2/31 | up0 198.18.0.1/24] ─ wan[eth0 198.18.0.2]
 //! legacy:   same chain, ip_forward=1, the seed's iptables rules (slot and host)
-//! netagent: guest, host and wan made here; the slot namespace, its veth and the
-//!           guest link are made by `netagent up` running in the host namespace
+//! netagent: guest, host and wan made here (forwarding on the host's uplink only,
+//!           ip_forward=0); the slot namespace, its veth and the guest link are
+//!           made by `netagent up` running in the host namespace
 //! ```
 //!
 //! Namespace names: `{prefix}{f|k|l|n}{g|s|h|w}`; the agent's slots
@@ -448,6 +449,12 @@ fn build_agent_world(run: &Run, bin: &std::path::Path) -> Result<(World, Agent)>
         &w,
         &["addr", "add", &format!("{SERVER_IP}/24"), "dev", "eth0"],
     )?;
+    // Forwarding on the uplink, as on a host that forwards (one that ran the
+    // seed must): `bpf_fib_lookup` needs it to give the datapath the next hop, so
+    // masqueraded packets go straight into the wan namespace
+    // (`bpf_redirect_peer`, the uplink being a veth) instead of through the
+    // uplink's transmit path (`bpf_redirect_neigh`). ip_forward stays 0.
+    sysctl_in(&h, &format!("net.ipv4.conf.{UPLINK}.forwarding"), "1")?;
     let mut agent = Agent::start(run, bin, &h)?;
     agent.create_guest_slot(1, &g)?;
     let slot = agent.slot_ns(1);
