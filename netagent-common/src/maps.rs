@@ -41,6 +41,12 @@ pub const MAP_POLICY: &str = "POLICY";
 /// Per-slot bandwidth limit of the guest's frames, `Array<RateLimit>` indexed by
 /// slot index, enforced by `tap_ingress`.
 pub const MAP_RATE: &str = "RATE";
+/// The masquerade port allocator's state, `Array<u64>` of `NAT_PORT_CURSOR_COUNT + 1`
+/// entries, all written by the datapath alone: entries `0..NAT_PORT_CURSOR_COUNT` are
+/// per-destination cursors (RFC 6056 algorithm 4, "double hash"), entry
+/// `NAT_PORT_SECRET_INDEX` the key of [`nat_port_hash`]. Zero means unset: the
+/// datapath seeds either from `bpf_get_prandom_u32` on first use.
+pub const MAP_NAT_PORT_CURSORS: &str = "NAT_PORT_CURSORS";
 
 /// Version of the map layout (the `#[repr(C)]` keys and values below and what
 /// their fields mean). A restarted agent reuses pinned maps only when their
@@ -48,9 +54,18 @@ pub const MAP_RATE: &str = "RATE";
 /// any change to a key or value struct, even one that keeps its size.
 pub const LAYOUT_VERSION: u32 = 1;
 
-/// Bounded retries when a random masquerade port collides (Cilium's
+/// Bounded tries when a masquerade port is taken (Cilium's
 /// `SNAT_COLLISION_RETRIES`).
 pub const NAT_COLLISION_RETRIES: u32 = 32;
+/// The first this many of the `NAT_COLLISION_RETRIES` tries take the next ports
+/// of the destination's cursor (oldest first); the rest jump across the range,
+/// so a run of live ports longer than this does not exhaust the destination.
+pub const NAT_SEQUENTIAL_PROBES: u32 = 16;
+/// Number of per-destination cursors in `MAP_NAT_PORT_CURSORS` (a power of two:
+/// a destination's cursor is `nat_port_hash(..) & (NAT_PORT_CURSOR_COUNT - 1)`).
+pub const NAT_PORT_CURSOR_COUNT: u32 = 4096;
+/// The entry of `MAP_NAT_PORT_CURSORS` holding the key of [`nat_port_hash`].
+pub const NAT_PORT_SECRET_INDEX: u32 = NAT_PORT_CURSOR_COUNT;
 /// A flow entry's `last_seen_ns` is refreshed at most this often, so established
 /// flows do not write to shared map memory on every packet.
 pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
@@ -81,6 +96,26 @@ pub const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
 /// it, so a burst of short connections does not exhaust the ports (the role
 /// TIME_WAIT reuse plays for conntrack).
 pub const NAT_REUSE_CLOSED_AFTER_NS: u64 = 1_000_000_000;
+
+/// The masquerade port allocator's keyed hash of a destination: the remote
+/// `addr`, remote `port` (both network order, as in the reply key) and `proto`.
+/// Its low bits pick the destination's cursor (`& (NAT_PORT_CURSOR_COUNT - 1)`), and
+/// the whole value is added to the cursor, so destinations sharing a cursor still
+/// get unrelated ports; `secret` (random, never leaves the datapath) keeps both
+/// unknown to whoever sees the ports. Two rounds of MurmurHash3's finalizer: not
+/// cryptographic, only unpredictable without the key.
+#[inline(always)]
+pub const fn nat_port_hash(secret: u32, addr: u32, port: u16, proto: u8) -> u32 {
+    const fn fmix32(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+    let h = fmix32(addr ^ secret);
+    fmix32(h ^ ((port as u32) << 8 | proto as u32) ^ secret.rotate_left(16))
+}
 
 /// Highest slot index (DESIGN §1).
 pub const MAX_SLOT_INDEX: u32 = 32767;
@@ -348,6 +383,8 @@ pub struct RateLimit {
     pub next_ns: u64,
 }
 
+const _: () = assert!(NAT_PORT_CURSOR_COUNT.is_power_of_two());
+const _: () = assert!(NAT_SEQUENTIAL_PROBES < NAT_COLLISION_RETRIES);
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyRule>() == 8);

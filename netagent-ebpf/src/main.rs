@@ -3,6 +3,10 @@
 //! one file per concern (see each module).
 #![no_std]
 #![no_main]
+// `nat`'s port cursors: the target has no atomic read-modify-write methods,
+// only the intrinsics.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod addr;
 mod conntrack;

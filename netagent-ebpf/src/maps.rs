@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
 use netagent_common::{
-    FlowKey, GlobalConfig, GuestL2, HOST_VETH_INDEX_BASE, MAX_SLOT_INDEX, NatEntry, PolicyRule,
-    RateLimit, SlotInfo, SlotStats,
+    FlowKey, GlobalConfig, GuestL2, HOST_VETH_INDEX_BASE, MAX_SLOT_INDEX, NAT_PORT_CURSOR_COUNT,
+    NatEntry, PolicyRule, RateLimit, SlotInfo, SlotStats,
 };
 
 /// Placeholder size of the per-slot tables (`max_slots`).
@@ -75,6 +75,11 @@ pub static POLICY: LpmTrie<[u32; 2], PolicyRule> =
 /// `MAP_RATE`: per-slot bandwidth limit of the guest's frames.
 #[map]
 pub static RATE: Array<RateLimit> = Array::with_max_entries(DEFAULT_SLOTS, 0);
+
+/// `MAP_NAT_PORT_CURSORS`: the masquerade port allocator's per-destination
+/// cursors and hash key (a fixed size: `NAT_PORT_CURSOR_COUNT + 1`).
+#[map]
+pub static NAT_PORT_CURSORS: Array<u64> = Array::with_max_entries(NAT_PORT_CURSOR_COUNT + 1, 0);
 
 /// The global configuration, if userspace wrote one with the uplink flag set.
 #[inline(always)]

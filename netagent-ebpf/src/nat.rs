@@ -1,14 +1,35 @@
 //! Masquerade (source NAT to the uplink address): lookup and allocation of the
 //! paired `NAT_EGRESS` (original direction) / `NAT_INGRESS` (reply direction)
 //! entries.
+//!
+//! Ports are handed out per destination in FIFO order, the way Linux picks its
+//! own ephemeral ports (RFC 6056 algorithm 4, "double hash"): the destination
+//! (remote address, remote port, protocol: the fixed part of the reply key)
+//! hashes with a random key (`nat_port_hash`) to one of
+//! `NAT_PORT_CURSOR_COUNT` cursors in `NAT_PORT_CURSORS`; a try takes the
+//! cursor's next value (an atomic add) and its port is
+//! `port_min + (cursor + hash) % range`. So one destination's new flows get
+//! consecutive ports, and a port comes round again only after the whole range
+//! has: the port tried first is the one used longest ago, the best choice for
+//! the remote's TIME_WAIT, and under a stream of short connections it is
+//! usually free, or closed and idle long enough to be reclaimed, at the first
+//! try. The key and every cursor start at a random value
+//! (`bpf_get_prandom_u32`, when found zero), and the hash is added to the
+//! cursor, so ports are neither predictable from zero nor from another
+//! destination's. After `NAT_SEQUENTIAL_PROBES` taken ports in a row the
+//! remaining tries jump across the range, so a run of live ports (say a
+//! connection pool opened at once) does not exhaust the destination.
+
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
 use netagent_common::{
-    DropReason, FlowKey, GlobalConfig, IPPROTO_TCP, NAT_COLLISION_RETRIES,
-    NAT_REUSE_CLOSED_AFTER_NS, NatEntry, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_RST,
+    DropReason, FlowKey, GlobalConfig, IPPROTO_TCP, NAT_COLLISION_RETRIES, NAT_PORT_CURSOR_COUNT,
+    NAT_PORT_SECRET_INDEX, NAT_REUSE_CLOSED_AFTER_NS, NAT_SEQUENTIAL_PROBES, NatEntry,
+    STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_RST, nat_port_hash,
 };
 
-use crate::maps::{NAT_EGRESS, NAT_INGRESS};
+use crate::maps::{NAT_EGRESS, NAT_INGRESS, NAT_PORT_CURSORS};
 
 /// `EEXIST`, as map helpers return it (negated).
 const EEXIST: i32 = 17;
@@ -25,10 +46,73 @@ pub fn rev_snat_v4_lookup(key: &FlowKey) -> Option<*mut NatEntry> {
     NAT_INGRESS.get_ptr_mut(key)
 }
 
+/// A `NAT_PORT_CURSORS` entry, as the pointer of its lookup.
+///
+/// The object is built for `--cpu generic`, whose atomic add (`BPF_XADD`)
+/// returns nothing: the fetching add and compare-and-swap are v3 instructions
+/// (and the target has no `AtomicU64` read-modify-write methods at all, hence
+/// the intrinsic). So a cursor is read, then advanced atomically: CPUs
+/// allocating for one destination at the same moment may read the same value,
+/// and then all but one find that port taken and go on to the next. Seeding is
+/// a plain store for the same reason; CPUs seeding at once each store their
+/// value, the last one stays.
+#[derive(Clone, Copy)]
+struct PortCursor(*mut u64);
+
+impl PortCursor {
+    /// `NAT_PORT_CURSORS[index]`, first set to a random value if it is zero
+    /// (never used).
+    #[inline(always)]
+    fn seeded(index: u32) -> Option<PortCursor> {
+        let entry = PortCursor(NAT_PORT_CURSORS.get_ptr_mut(index)?);
+        if entry.load() == 0 {
+            // SAFETY: a helper call without arguments.
+            let seed = u64::from(unsafe { bpf_get_prandom_u32() });
+            // SAFETY: as in `load`.
+            unsafe { core::ptr::write_volatile(entry.0, seed) };
+        }
+        Some(entry)
+    }
+
+    /// The value (a load of an aligned u64 is single-copy atomic).
+    #[inline(always)]
+    fn load(self) -> u64 {
+        // SAFETY: a pointer to an array map value: non-null, 8-byte aligned,
+        // valid as long as the map (which the program holds); the agent
+        // never writes this map.
+        unsafe { core::ptr::read_volatile(self.0) }
+    }
+
+    /// The value, which is then advanced by one (`BPF_XADD`).
+    #[inline(always)]
+    fn next(self) -> u64 {
+        let value = self.load();
+        // SAFETY: as in `load`; the result is unused, so this compiles to the
+        // non-fetching `BPF_XADD`.
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(self.0, 1) };
+        value
+    }
+}
+
+/// The port cursor of the destination of the reply key `reverse` (its remote
+/// address and port, and protocol), and the hash added to its values.
+#[inline(always)]
+fn snat_v4_port_cursor(reverse: &FlowKey) -> Option<(PortCursor, u64)> {
+    // The key is a `bpf_get_prandom_u32` value: its low half is all of it.
+    let secret = PortCursor::seeded(NAT_PORT_SECRET_INDEX)?.load() as u32;
+    let hash = nat_port_hash(secret, reverse.saddr, reverse.sport, reverse.proto);
+    Some((
+        PortCursor::seeded(hash & (NAT_PORT_CURSOR_COUNT - 1))?,
+        u64::from(hash),
+    ))
+}
+
 /// Allocates a masquerade port for the new flow `key` of `slot`: tries up to
-/// `NAT_COLLISION_RETRIES` random ports of the configured range, claims the first
-/// free one in `NAT_INGRESS` (`BPF_NOEXIST`), then inserts `NAT_EGRESS`; if that
-/// second insert fails the first is undone. Returns the egress entry.
+/// `NAT_COLLISION_RETRIES` ports of the configured range in the destination's
+/// order (see the module doc), claims the first free one in `NAT_INGRESS`
+/// (`BPF_NOEXIST`; a closed idle TCP flow's port is reclaimed first), then
+/// inserts `NAT_EGRESS`; if that second insert fails the first is undone.
+/// Returns the egress entry.
 #[inline(always)]
 pub fn snat_v4_alloc(
     key: &FlowKey,
@@ -57,10 +141,20 @@ pub fn snat_v4_alloc(
         proto: key.proto,
         _pad: [0; 3],
     };
-    for _ in 0..NAT_COLLISION_RETRIES {
-        // SAFETY: a helper call without arguments.
-        let rnd = unsafe { bpf_get_prandom_u32() };
-        let port = (u32::from(cfg.port_min) + rnd % range) as u16;
+    // Every index of the array exists: no lookup fails.
+    let Some((cursor, hash)) = snat_v4_port_cursor(&reverse) else {
+        return Err(DropReason::NatPortsExhausted);
+    };
+    // The jumps after the sequential tries spread over the whole range.
+    let stride = u64::from(range / (NAT_COLLISION_RETRIES - NAT_SEQUENTIAL_PROBES) + 1);
+    let mut at = 0u64;
+    for i in 0..NAT_COLLISION_RETRIES {
+        at = if i < NAT_SEQUENTIAL_PROBES {
+            cursor.next()
+        } else {
+            at.wrapping_add(stride)
+        };
+        let port = (u64::from(cfg.port_min) + at.wrapping_add(hash) % u64::from(range)) as u16;
         reverse.dport = port.to_be();
         match NAT_INGRESS.insert(&reverse, &reverse_value, u64::from(BPF_NOEXIST)) {
             Ok(()) => {}

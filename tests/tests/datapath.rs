@@ -13,10 +13,11 @@ use netagent::bpf::{
 use netagent::config::Timeouts;
 use netagent_common::{
     CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
-    HOST_VETH_INDEX_BASE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_REUSE_CLOSED_AFTER_NS,
-    NatEntry, POLICY_DENY, PolicyKey, PolicyRule, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE,
-    SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_GUEST, STATE_REPLIED, STATE_RST,
-    STATE_SYN, SlotInfo, SlotStats,
+    HOST_VETH_INDEX_BASE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAP_NAT_PORT_CURSORS,
+    NAT_PORT_CURSOR_COUNT, NAT_PORT_SECRET_INDEX, NAT_REUSE_CLOSED_AFTER_NS, NatEntry, POLICY_DENY,
+    PolicyKey, PolicyRule, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG,
+    STATE_FIN_REPLY, STATE_GUEST, STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo, SlotStats,
+    nat_port_hash,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -1103,6 +1104,260 @@ fn veth_reuses_the_port_of_a_closed_idle_flow_but_not_of_a_live_one() {
                 .is_some()
         );
     }
+}
+
+/// `NAT_PORT_CURSORS`, opened through its pin: the agent never touches it, the
+/// datapath alone seeds and advances it (the tests here set it up beforehand).
+fn port_cursors(dp: &Datapath) -> aya::maps::Array<aya::maps::MapData, u64> {
+    let pin = dp.pin_dir().join(MAP_NAT_PORT_CURSORS);
+    let data = aya::maps::MapData::from_pin(&pin).expect("open the NAT_PORT_CURSORS pin");
+    aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap()
+}
+
+/// The cursor index and the hash of the destination `remote` (TCP) under the
+/// allocator's key `secret`.
+fn port_hash(secret: u64, remote: SocketAddrV4) -> (u32, u64) {
+    let h = nat_port_hash(
+        secret as u32,
+        map_ip(*remote.ip()),
+        remote.port().to_be(),
+        IPPROTO_TCP,
+    );
+    (h & (NAT_PORT_CURSOR_COUNT - 1), u64::from(h))
+}
+
+/// The port the cursor value `at` gives a destination of hash `hash` in
+/// `min..=max`.
+fn port_at(at: u64, hash: u64, min: u16, max: u16) -> u16 {
+    (u64::from(min) + at.wrapping_add(hash) % (u64::from(max - min) + 1)) as u16
+}
+
+/// The port after `port` in `min..=max`, wrapping.
+fn next_port(port: u16, min: u16, max: u16) -> u16 {
+    if port == max { min } else { port + 1 }
+}
+
+fn syn_to(sport: u16, remote: SocketAddrV4) -> PacketBuilder {
+    from_vpeer(PacketBuilder::tcp(
+        sock(VPEER, sport),
+        remote,
+        tcp_flags::SYN,
+    ))
+}
+
+#[test]
+fn veth_gives_a_destinations_new_flows_consecutive_ports() {
+    let Some(dp) = datapath() else { return };
+    let range = u64::from(PORT_MAX - PORT_MIN) + 1;
+    let secret = 0x5eed_1234;
+    let a = sock(WAN, 80);
+    let (index_a, hash_a) = port_hash(secret, a);
+    // A second destination with a cursor of its own.
+    let (b, (index_b, hash_b)) = (443..)
+        .map(|p| (sock(WAN, p), port_hash(secret, sock(WAN, p))))
+        .find(|(_, (i, _))| *i != index_a)
+        .unwrap();
+    // Known cursors (the key and cursors are random otherwise): `a` at 5, `b`
+    // two ports before the end of the range, so that it wraps. (Not 0: a
+    // zero cursor is seeded.)
+    let cursor_a = 5;
+    let cursor_b = match (2 * range - 2 - hash_b % range) % range {
+        0 => range,
+        c => c,
+    };
+    let mut cursors = port_cursors(&dp);
+    cursors.set(NAT_PORT_SECRET_INDEX, secret, 0).unwrap();
+    cursors.set(index_a, cursor_a, 0).unwrap();
+    cursors.set(index_b, cursor_b, 0).unwrap();
+
+    // New flows to the two destinations, interleaved.
+    let (mut ports_a, mut ports_b) = (Vec::new(), Vec::new());
+    for i in 0..6u16 {
+        ports_a.push(masquerade(&dp, &syn_to(41000 + i, a)).1);
+        ports_b.push(masquerade(&dp, &syn_to(42000 + i, b)).1);
+    }
+    for ports in [&ports_a, &ports_b] {
+        for w in ports.windows(2) {
+            assert_eq!(
+                w[1],
+                next_port(w[0], PORT_MIN, PORT_MAX),
+                "each destination's flows get consecutive ports: {ports:?}"
+            );
+        }
+    }
+    assert_eq!(
+        ports_b[..4],
+        [PORT_MAX - 1, PORT_MAX, PORT_MIN, PORT_MIN + 1],
+        "wrapping at the end of the range"
+    );
+    // Exactly where the cursor and the destination's hash put them.
+    for i in 0..6 {
+        assert_eq!(
+            ports_a[i],
+            port_at(cursor_a + i as u64, hash_a, PORT_MIN, PORT_MAX)
+        );
+        assert_eq!(
+            ports_b[i],
+            port_at(cursor_b + i as u64, hash_b, PORT_MIN, PORT_MAX)
+        );
+    }
+    // One try each: each cursor advanced by its own flows only.
+    assert_eq!(cursors.get(&index_a, 0).unwrap(), cursor_a + 6);
+    assert_eq!(cursors.get(&index_b, 0).unwrap(), cursor_b + 6);
+    assert_eq!(
+        cursors.get(&NAT_PORT_SECRET_INDEX, 0).unwrap(),
+        secret,
+        "a set key stays"
+    );
+    assert_eq!(stats(&dp).counters[Counter::NAT_ALLOCATIONS], 12);
+}
+
+#[test]
+fn veth_seeds_the_port_cursor_and_the_hash_key_at_random() {
+    let Some(dp) = datapath() else { return };
+    let cursors = port_cursors(&dp);
+    assert!(
+        cursors.iter().all(|v| v.unwrap() == 0),
+        "nothing is set before the first allocation"
+    );
+    let remote = sock(WAN, 80);
+    let (_, port) = masquerade(&dp, &syn_to(40000, remote));
+
+    let secret = cursors.get(&NAT_PORT_SECRET_INDEX, 0).unwrap();
+    assert_ne!(secret, 0, "the hash key was seeded");
+    let (index, hash) = port_hash(secret, remote);
+    let cursor = cursors.get(&index, 0).unwrap();
+    assert_ne!(
+        cursor, 1,
+        "the destination's cursor was seeded before its first use, not counted from zero"
+    );
+    assert_eq!(port, port_at(cursor - 1, hash, PORT_MIN, PORT_MAX));
+    let used: Vec<u32> = (0..NAT_PORT_CURSOR_COUNT)
+        .filter(|i| cursors.get(i, 0).unwrap() != 0)
+        .collect();
+    assert_eq!(used, vec![index], "only the destination's cursor is set");
+}
+
+/// Rewrites the masquerade flow VPEER:`sport` → WAN:80 (uplink `port`) as
+/// closed (FIN both ways) and idle since `last_seen_ns`.
+fn close_tcp_flow(dp: &mut Datapath, sport: u16, port: u16, last_seen_ns: u64) {
+    let entry = |addr: Ipv4Addr, port: u16, state: u32| NatEntry {
+        last_seen_ns,
+        addr: map_ip(addr),
+        port: port.to_be(),
+        _pad: 0,
+        slot: SLOT,
+        state,
+    };
+    dp.maps_mut()
+        .insert_flow(
+            FlowTable::NatEgress,
+            &key(VPEER, sport, WAN, 80, IPPROTO_TCP),
+            &entry(UPLINK_IP, port, STATE_SYN | STATE_FIN_ORIG),
+        )
+        .unwrap();
+    dp.maps_mut()
+        .insert_flow(
+            FlowTable::NatIngress,
+            &key(WAN, 80, UPLINK_IP, port, IPPROTO_TCP),
+            &entry(VPEER, sport, STATE_REPLIED | STATE_FIN_REPLY),
+        )
+        .unwrap();
+}
+
+#[test]
+fn veth_reuses_a_destinations_oldest_closed_port_first() {
+    let mut cfg = small_config();
+    (cfg.port_min, cfg.port_max) = (40000, 40003);
+    let Some(mut dp) = datapath_with(cfg) else {
+        return;
+    };
+    let remote = sock(WAN, 80);
+    // Four flows take the four ports, in order from the (random) cursor.
+    let ports: Vec<u16> = (0..4)
+        .map(|i| masquerade(&dp, &syn_to(3000 + i, remote)).1)
+        .collect();
+    for w in ports.windows(2) {
+        assert_eq!(w[1], next_port(w[0], 40000, 40003), "{ports:?}");
+    }
+    // All four are live: a fifth flow finds none. (Its 16 sequential tries
+    // advance the cursor by 16, a multiple of the range: back to `ports[0]`.)
+    let out = run(&dp, Program::VethIngress, &syn_to(3100, remote).build());
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&dp, DropReason::NatPortsExhausted), 1);
+
+    // Closed and idle, the first allocated having closed first: new flows take
+    // them back oldest first — twice round.
+    let mut sports: Vec<u16> = (3000..3004).collect();
+    for round in 1..=2u16 {
+        let now = netagent_now();
+        for (i, (&sport, &port)) in sports.iter().zip(&ports).enumerate() {
+            let idle = NAT_REUSE_CLOSED_AFTER_NS + (5 - i as u64) * 1_000_000_000;
+            close_tcp_flow(&mut dp, sport, port, now - idle);
+        }
+        let new: Vec<u16> = (0..4).map(|i| 3000 + round * 100 + i).collect();
+        for (i, &sport) in new.iter().enumerate() {
+            let (out, port) = masquerade(&dp, &syn_to(sport, remote));
+            assert_eq!(
+                port, ports[i],
+                "round {round}: flow {i} takes the port used longest ago"
+            );
+            assert_frame(
+                &out,
+                &syn_to(sport, remote).with_src(UPLINK_IP, port).build(),
+            );
+            assert!(
+                dp.maps()
+                    .flow(
+                        FlowTable::NatEgress,
+                        &key(VPEER, sports[i], WAN, 80, IPPROTO_TCP)
+                    )
+                    .unwrap()
+                    .is_none(),
+                "the old flow of port {port} is gone"
+            );
+        }
+        sports = new;
+    }
+    let usage = dp.table_usage().unwrap();
+    assert_eq!((usage.nat_egress, usage.nat_ingress), (4, 4));
+    assert_eq!(stats(&dp).counters[Counter::NAT_ALLOCATIONS], 12);
+}
+
+#[test]
+fn veth_jumps_over_a_run_of_live_ports() {
+    let mut cfg = small_config();
+    (cfg.port_min, cfg.port_max) = (40000, 40063);
+    let Some(mut dp) = datapath_with(cfg) else {
+        return;
+    };
+    let remote = sock(WAN, 80);
+    // 64 live flows hold the 64 ports; the cursor is back at the first one.
+    let ports: Vec<u16> = (0..64)
+        .map(|i| masquerade(&dp, &syn_to(3000 + i, remote)).1)
+        .collect();
+    // The last 24 go away: the 40 ports at the cursor stay live, more than
+    // the sequential tries cover.
+    for (i, &port) in ports.iter().enumerate().skip(40) {
+        let maps = dp.maps_mut();
+        maps.remove_flow(
+            FlowTable::NatEgress,
+            &key(VPEER, 3000 + i as u16, WAN, 80, IPPROTO_TCP),
+        )
+        .unwrap();
+        maps.remove_flow(
+            FlowTable::NatIngress,
+            &key(WAN, 80, UPLINK_IP, port, IPPROTO_TCP),
+        )
+        .unwrap();
+    }
+    let (_, port) = masquerade(&dp, &syn_to(4000, remote));
+    assert!(
+        ports[40..].contains(&port),
+        "port {port} is one of the free ones, past the live run"
+    );
+    assert_eq!(drops(&dp, DropReason::NatPortsExhausted), 0);
+    assert_eq!(stats(&dp).counters[Counter::NAT_ALLOCATIONS], 65);
 }
 
 #[test]
@@ -2562,6 +2817,9 @@ fn maps_are_pinned_and_another_instances_pins_are_left_alone() {
         "LOCAL_ADDRS",
         "STATS",
         "GUEST_L2",
+        "POLICY",
+        "RATE",
+        "NAT_PORT_CURSORS",
     ] {
         assert!(dir.join(map).exists(), "{map} is pinned");
     }

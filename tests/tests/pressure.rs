@@ -716,8 +716,8 @@ fn port_exhaustion_toward_one_destination_never_duplicates_a_tuple() -> Result<(
     servers.udp(&agent.world.wan_ns, 9201)?;
 
     // 24 new flows toward one destination at once, from 4 threads: at most 8
-    // get a port. (Ports are drawn at random with 32 tries, so the last free
-    // port or two may be missed: at least 6 is certain in practice.)
+    // get a port. (Each allocation's 32 tries go round the 8 ports in order,
+    // so none should be missed; the bound of 6 dates from random draws.)
     let attempt = |port: u16, threads: usize, per_thread: usize| -> Result<usize> {
         let sockets: Vec<UdpSocket> = (0..threads * per_thread)
             .map(|_| guest_udp(&guest.name, port))

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use aya::{EbpfLoader, programs::SchedClassifier};
 use netagent_common::{
     MAP_ADDR_SLOTS, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS,
-    MAP_NAT_INGRESS, MAP_POLICY, MAP_RATE, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
+    MAP_NAT_INGRESS, MAP_NAT_PORT_CURSORS, MAP_POLICY, MAP_RATE, MAP_SLOTS, MAP_STATS,
+    MAP_VETH_SLOTS, MAX_SLOT_INDEX, NAT_PORT_CURSOR_COUNT,
 };
 
 use super::attach::{AttachMode, AttachedSlot, AttachedUplink};
@@ -50,7 +51,7 @@ pub struct DatapathConfig {
 }
 
 /// Every map of the object (all pinned in the instance's bpffs directory).
-pub(super) const MAP_NAMES: [&str; 12] = [
+pub(super) const MAP_NAMES: [&str; 13] = [
     MAP_CONFIG,
     MAP_SLOTS,
     MAP_ADDR_SLOTS,
@@ -63,6 +64,7 @@ pub(super) const MAP_NAMES: [&str; 12] = [
     MAP_GUEST_L2,
     MAP_POLICY,
     MAP_RATE,
+    MAP_NAT_PORT_CURSORS,
 ];
 
 /// Entries of LOCAL_ADDRS (addresses of the agent namespace).
@@ -114,6 +116,8 @@ impl DatapathConfig {
             MAP_HOST_FLOWS => self.host_flow_table_size,
             MAP_LOCAL_ADDRS => LOCAL_ADDRS_SIZE,
             MAP_POLICY => self.policy_table_size,
+            // The cursors and the hash key: a fixed size, not configuration.
+            MAP_NAT_PORT_CURSORS => NAT_PORT_CURSOR_COUNT + 1,
             _ => 1,
         }
     }
