@@ -121,6 +121,30 @@ pub fn summarize(samples: &[Sample], path: Path, n: u32, metric: Metric) -> Opti
     Summary::of(&values)
 }
 
+/// The ratio `a / b` of each round in which both paths were measured (the paths of
+/// a round run back to back, so a machine that speeds up or slows down between
+/// rounds moves both alike), summarized over the rounds.
+pub fn paired_ratio(
+    samples: &[Sample],
+    a: Path,
+    b: Path,
+    n: u32,
+    metric: Metric,
+) -> Option<Summary> {
+    let value = |path: Path, round: u32| {
+        samples
+            .iter()
+            .find(|s| s.path == path && s.n == n && s.metric == metric && s.round == round)
+            .map(|s| s.value)
+    };
+    let ratios: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.path == a && s.n == n && s.metric == metric)
+        .filter_map(|s| value(b, s.round).filter(|&v| v != 0.0).map(|v| s.value / v))
+        .collect();
+    Summary::of(&ratios)
+}
+
 /// Every sample as CSV (path, n, metric, round, value).
 pub fn csv(samples: &[Sample]) -> String {
     let mut out = String::from("path,n,metric,round,value\n");
@@ -151,6 +175,42 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_ratio_is_taken_round_by_round() {
+        let sample = |path, round, value| Sample {
+            path,
+            n: 1,
+            metric: Metric::StreamGbps,
+            round,
+            value,
+        };
+        // The machine doubles its speed in round 1: the per-round ratio stays 1.2
+        // while the ratio of the medians would not.
+        let samples = [
+            sample(Path::Netagent, 0, 12.0),
+            sample(Path::Floor, 0, 10.0),
+            sample(Path::Netagent, 1, 24.0),
+            sample(Path::Floor, 1, 20.0),
+            sample(Path::Netagent, 2, 13.2),
+            sample(Path::Floor, 2, 10.0),
+            sample(Path::Netagent, 3, 99.0), // no floor in round 3: left out
+        ];
+        let s = paired_ratio(&samples, Path::Netagent, Path::Floor, 1, Metric::StreamGbps).unwrap();
+        assert_eq!(s.count, 3);
+        assert!((s.median - 1.2).abs() < 1e-9);
+        assert!((s.min - 1.2).abs() < 1e-9 && (s.max - 1.32).abs() < 1e-9);
+        assert!(
+            paired_ratio(
+                &samples,
+                Path::Netagent,
+                Path::Legacy,
+                1,
+                Metric::StreamGbps
+            )
+            .is_none()
+        );
+    }
 
     #[test]
     fn median_and_percentile() {
