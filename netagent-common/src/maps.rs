@@ -88,7 +88,8 @@ pub const SLOT_TAP_IFINDEX_BASE: u32 = 1 << 20;
 /// devices. `veth_ingress` finds its slot from that without a hash lookup:
 /// `(ifindex - HOST_VETH_INDEX_BASE) & 0x7fff`, accepted when that slot is live
 /// and its `SlotInfo::veth_ifindex` is this ifindex; a veth that got another
-/// index is found in `MAP_VETH_SLOTS`.
+/// index (one kept out of the uplink's chain of the kernel's ifindex hash, or
+/// any index when these are taken) is found in `MAP_VETH_SLOTS`.
 pub const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
 
 /// A masquerade port whose TCP flow is closed (RST, or FIN both ways) and idle this

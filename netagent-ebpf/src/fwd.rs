@@ -25,6 +25,8 @@ pub struct Egress {
     pub proto: u8,
     pub sport: u16,
     pub dport: u16,
+    /// The IP datagram's total length (host order).
+    pub tot_len: u16,
 }
 
 /// Sends a masqueraded packet out by the uplink.
@@ -50,6 +52,14 @@ pub fn to_uplink(ctx: &TcContext, cfg: &GlobalConfig, e: &Egress) -> i32 {
         p.sport = e.sport;
         p.dport = e.dport;
         p.ifindex = cfg.uplink_ifindex;
+        // With the length given, the lookup checks it against the route's MTU
+        // itself; without it (a GSO packet, whose segments are what must fit) the
+        // helper checks the skb against the device's MTU, a second look-up of the
+        // device by index.
+        // SAFETY: the context's `__sk_buff`, valid for this run.
+        if unsafe { (*ctx.skb.skb).gso_size } == 0 {
+            p.__bindgen_anon_1.tot_len = e.tot_len;
+        }
         p.__bindgen_anon_3.ipv4_src = e.saddr;
         p.__bindgen_anon_4.ipv4_dst = e.daddr;
         // SAFETY: the skb is this program's context; `p` is a valid, writable

@@ -107,6 +107,7 @@ pub fn snat_and_send(
         proto: ip.proto,
         sport: nat_port,
         dport: l4.dport,
+        tot_len: (ip.end - netagent_common::packet::header::ETH_HLEN) as u16,
     };
     Ok(fwd::to_uplink(ctx, cfg, &egress))
 }

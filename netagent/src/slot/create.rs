@@ -25,12 +25,35 @@ pub const GUEST_VETH_NAME: &str = "eth0";
 /// How many host ifindexes a create tries for slot N's veth.
 const HOST_VETH_INDEX_TRIES: u32 = 8;
 
+/// Where the host veths go whose natural index would share the uplink's chain in
+/// the kernel's ifindex hash (see [`host_veth_indexes`]).
+const HOST_VETH_ALT_INDEX_BASE: u32 = 1 << 23;
+
+/// Buckets of the kernel's per-namespace ifindex hash (`NETDEV_HASHENTRIES`): a
+/// device is found by index by walking the chain of `ifindex & 255`.
+const IFINDEX_HASH_BUCKETS: u32 = 256;
+
 /// The host ifindexes slot `index`'s veth asks for, in order:
 /// `HOST_VETH_INDEX_BASE + index`, then the same plus multiples of 32768 (a
 /// retired veth of the slot keeps its index until the kernel frees its
 /// namespace; see `delete::retire_host_veth`).
-pub(super) fn host_veth_indexes(index: u32) -> impl Iterator<Item = u32> {
-    (0..HOST_VETH_INDEX_TRIES).map(move |k| HOST_VETH_INDEX_BASE + (k << 15) + index)
+///
+/// An index in the uplink's chain of the kernel's ifindex hash is moved to
+/// another chain (`HOST_VETH_ALT_INDEX_BASE + … + index + 128`): the datapath
+/// looks the uplink up by index for every masqueraded packet, and the uplink,
+/// older than every veth, sits at the end of its chain, behind every veth in it
+/// (about 40 at 10,000 slots). Such a veth's slot is found through VETH_SLOTS
+/// rather than from its index.
+pub(super) fn host_veth_indexes(index: u32, uplink_ifindex: u32) -> impl Iterator<Item = u32> {
+    let uplink_bucket = uplink_ifindex % IFINDEX_HASH_BUCKETS;
+    (0..HOST_VETH_INDEX_TRIES).map(move |k| {
+        let natural = HOST_VETH_INDEX_BASE + (k << 15) + index;
+        if natural % IFINDEX_HASH_BUCKETS == uplink_bucket {
+            HOST_VETH_ALT_INDEX_BASE + (k << 15) + index + IFINDEX_HASH_BUCKETS / 2
+        } else {
+            natural
+        }
+    })
 }
 
 /// The ifindex of slot `index`'s `tap0` in its namespace
@@ -227,7 +250,7 @@ async fn build(
     };
     let mut direct = Err(NetlinkError::NotFound("no host veth index to try".into()));
     let mut veth_index = 0;
-    for index in host_veth_indexes(addr.index) {
+    for index in host_veth_indexes(addr.index, mgr.uplink().ifindex) {
         veth_index = index;
         let this = VethEnd {
             name: &addr.veth,
@@ -425,4 +448,30 @@ async fn rollback(mgr: &SlotManager, addr: &SlotAddr, undo: Vec<Undo>) -> Vec<St
         }
     }
     failures
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn host_veth_indexes_stay_out_of_the_uplinks_hash_chain_and_never_repeat() {
+        for uplink in [2u32, 7, 255, 256, 4097] {
+            let mut seen = HashSet::new();
+            for slot in 1..=32767u32 {
+                let natural_in_chain =
+                    (HOST_VETH_INDEX_BASE + slot) % IFINDEX_HASH_BUCKETS == uplink % 256;
+                for (k, index) in host_veth_indexes(slot, uplink).enumerate() {
+                    assert_ne!(index % 256, uplink % 256, "slot {slot} try {k}: {index}");
+                    if !natural_in_chain {
+                        assert_eq!(index, HOST_VETH_INDEX_BASE + ((k as u32) << 15) + slot);
+                    }
+                    assert!(index <= i32::MAX as u32);
+                    assert!(seen.insert(index), "index {index} given twice");
+                }
+            }
+        }
+    }
 }
