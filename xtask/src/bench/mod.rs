@@ -56,9 +56,13 @@ pub struct Options {
     /// Workloads measured at N > 1 (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub scale_workloads: Option<Vec<Workload>>,
-    /// Alternating rounds per N.
+    /// Alternating rounds at the first (smallest) N, where every target ratio is
+    /// judged: more rounds make the medians steadier on a noisy machine.
     #[arg(long)]
     pub rounds: Option<u32>,
+    /// Alternating rounds at the larger N of the scaling runs.
+    #[arg(long)]
+    pub scale_rounds: Option<u32>,
     /// Seconds per workload run.
     #[arg(long)]
     pub duration: Option<u64>,
@@ -94,6 +98,7 @@ pub struct Plan {
     pub paths: Vec<Path>,
     pub slots: Vec<u32>,
     pub rounds: u32,
+    pub scale_rounds: u32,
     pub duration: Duration,
     pub control_plane: bool,
     pub prog_cost: bool,
@@ -131,7 +136,12 @@ impl Plan {
                 .unwrap_or_else(|| vec![Workload::Rr, Workload::Stream, Workload::Crr]),
             paths: o.paths.clone().unwrap_or_else(|| Path::ALL.to_vec()),
             slots,
-            rounds: o.rounds.unwrap_or(if o.quick { 2 } else { 5 }).max(1),
+            rounds: o.rounds.unwrap_or(if o.quick { 2 } else { 9 }).max(1),
+            scale_rounds: o
+                .scale_rounds
+                .or(o.rounds)
+                .unwrap_or(if o.quick { 2 } else { 5 })
+                .max(1),
             duration: Duration::from_secs(o.duration.unwrap_or(if o.quick { 2 } else { 3 }).max(1)),
             control_plane: !o.no_control_plane,
             prog_cost: !o.no_prog_cost,
@@ -297,12 +307,12 @@ fn measure(
                     .push(format!("seed sequence at N={n} failed: {e:#}")),
             }
         }
-        let loads = if i == 0 {
-            &plan.workloads
+        let (loads, rounds) = if i == 0 {
+            (&plan.workloads, plan.rounds)
         } else {
-            &plan.scale_workloads
+            (&plan.scale_workloads, plan.scale_rounds)
         };
-        workloads::alternate(plan, worlds, n, loads, results)?;
+        workloads::alternate(plan, worlds, n, loads, rounds, results)?;
         // The agent's control plane with few slots present; it ends by creating
         // the next N's slots at once (timed, memory measured around it).
         if i == 0

@@ -223,8 +223,10 @@ pub fn render(plan: &Plan, c: &Conditions, r: &Results) -> String {
     );
     let _ = writeln!(
         o,
-        "| rounds | {} alternating rounds of {} s per workload and path (path order rotates each round) |",
+        "| rounds | {} alternating rounds at N = {} and {} at larger N, of {} s per workload and path (path order rotates each round; a target's ratio is the median of the per-round ratios) |",
         plan.rounds,
+        plan.slots.first().copied().unwrap_or(1),
+        plan.scale_rounds,
         plan.duration.as_secs()
     );
     let _ = writeln!(

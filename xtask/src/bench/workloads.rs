@@ -53,16 +53,17 @@ impl Workload {
     }
 }
 
-/// Runs `loads` on every world for `plan.rounds` rounds at slot count `n`.
+/// Runs `loads` on every world for `rounds` rounds at slot count `n`.
 pub fn alternate(
     plan: &Plan,
     worlds: &Worlds,
     n: u32,
     loads: &[Workload],
+    rounds: u32,
     results: &mut Results,
 ) -> Result<()> {
     let paths: Vec<&World> = worlds.worlds.iter().collect();
-    for round in 0..plan.rounds {
+    for round in 0..rounds {
         for &load in loads {
             for i in 0..paths.len() {
                 let w = paths[(i + round as usize) % paths.len()];
