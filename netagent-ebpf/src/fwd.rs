@@ -1,4 +1,5 @@
-//! Forwarding: Ethernet address rewrite and the redirect helpers.
+//! Forwarding: Ethernet address rewrite, the redirect helpers, and the way out
+//! by the uplink (`to_uplink`).
 
 use core::{mem, ptr};
 

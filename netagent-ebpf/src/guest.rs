@@ -6,7 +6,7 @@
 //! `NAT_EGRESS` entry (keyed by the slot's vpeer address, unique per slot, so
 //! guests that all use 169.254.0.21 never share a flow) marked `STATE_GUEST`,
 //! and is touched, translated to the uplink address and port in one rewrite,
-//! counted and sent out with `bpf_redirect_neigh(uplink)` — no `HOST_FLOWS`,
+//! counted and sent out by the uplink (`fwd::to_uplink`) — no `HOST_FLOWS`,
 //! policy or `LOCAL_ADDRS` lookup. That is sound because such an entry is only
 //! made for a destination that passed the egress policy and is not a host
 //! address, and the agent removes the entries a later change of the policy or

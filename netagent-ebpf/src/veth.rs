@@ -6,9 +6,10 @@
 //! (established flows) or meet the egress policy, and are translated there;
 //! packets of the slot
 //! namespace's own stack (source vpeer) to the world are masqueraded here. Both
-//! get the uplink address and a port allocated here and leave with
-//! `bpf_redirect_neigh(uplink)`. Everything else (traffic to host addresses, ARP)
-//! goes up the host stack.
+//! get the uplink address and a port allocated here and leave by the uplink
+//! (`fwd::to_uplink`: `bpf_redirect_neigh`, or straight into a veth uplink's
+//! peer). Everything else (traffic to host addresses, ARP) goes up the host
+//! stack.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use netagent_common::{Counter, DropReason, FlowKey, GUEST_IP_BYTES, GlobalConfig};
