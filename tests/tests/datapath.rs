@@ -995,6 +995,12 @@ fn veth_drops_when_ports_are_exhausted() {
 /// Seeds a masquerade flow WAN:80 ← UPLINK:40000 ← VPEER:1111 with both halves'
 /// TCP state and last-seen time.
 fn seed_tcp_flow(dp: &mut Datapath, fwd_state: u32, rev_state: u32, last_seen_ns: u64) {
+    put_tcp_flow(dp, 1111, 40000, (fwd_state, rev_state), last_seen_ns);
+}
+
+/// Writes both halves of the masquerade flow VPEER:`sport` → WAN:80 (uplink
+/// `port`) with the halves' TCP `states` (forward, reverse) and last-seen time.
+fn put_tcp_flow(dp: &mut Datapath, sport: u16, port: u16, states: (u32, u32), last_seen_ns: u64) {
     let entry = |addr: Ipv4Addr, port: u16, state: u32| NatEntry {
         last_seen_ns,
         addr: map_ip(addr),
@@ -1006,15 +1012,15 @@ fn seed_tcp_flow(dp: &mut Datapath, fwd_state: u32, rev_state: u32, last_seen_ns
     dp.maps_mut()
         .insert_flow(
             FlowTable::NatEgress,
-            &key(VPEER, 1111, WAN, 80, IPPROTO_TCP),
-            &entry(UPLINK_IP, 40000, fwd_state),
+            &key(VPEER, sport, WAN, 80, IPPROTO_TCP),
+            &entry(UPLINK_IP, port, states.0),
         )
         .unwrap();
     dp.maps_mut()
         .insert_flow(
             FlowTable::NatIngress,
-            &key(WAN, 80, UPLINK_IP, 40000, IPPROTO_TCP),
-            &entry(VPEER, 1111, rev_state),
+            &key(WAN, 80, UPLINK_IP, port, IPPROTO_TCP),
+            &entry(VPEER, sport, states.1),
         )
         .unwrap();
 }
@@ -1241,28 +1247,8 @@ fn veth_seeds_the_port_cursor_and_the_hash_key_at_random() {
 /// Rewrites the masquerade flow VPEER:`sport` → WAN:80 (uplink `port`) as
 /// closed (FIN both ways) and idle since `last_seen_ns`.
 fn close_tcp_flow(dp: &mut Datapath, sport: u16, port: u16, last_seen_ns: u64) {
-    let entry = |addr: Ipv4Addr, port: u16, state: u32| NatEntry {
-        last_seen_ns,
-        addr: map_ip(addr),
-        port: port.to_be(),
-        _pad: 0,
-        slot: SLOT,
-        state,
-    };
-    dp.maps_mut()
-        .insert_flow(
-            FlowTable::NatEgress,
-            &key(VPEER, sport, WAN, 80, IPPROTO_TCP),
-            &entry(UPLINK_IP, port, STATE_SYN | STATE_FIN_ORIG),
-        )
-        .unwrap();
-    dp.maps_mut()
-        .insert_flow(
-            FlowTable::NatIngress,
-            &key(WAN, 80, UPLINK_IP, port, IPPROTO_TCP),
-            &entry(VPEER, sport, STATE_REPLIED | STATE_FIN_REPLY),
-        )
-        .unwrap();
+    let states = (STATE_SYN | STATE_FIN_ORIG, STATE_REPLIED | STATE_FIN_REPLY);
+    put_tcp_flow(dp, sport, port, states, last_seen_ns);
 }
 
 #[test]
