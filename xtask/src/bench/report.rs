@@ -674,6 +674,32 @@ fn render_limits(o: &mut String, plan: &Plan, r: &Results) {
             }
         }
     }
+    // RTT at the largest N, relative to f0 of the same N and round.
+    let nmax = plan.slots.last().copied().unwrap_or(n0);
+    if nmax > n0
+        && let (Some(nx), Some(f0x), Some(na), Some(f0)) = (
+            med(r, Path::Netagent, nmax, Metric::RttP50),
+            med(r, Path::F0, nmax, Metric::RttP50),
+            med(r, Path::Netagent, n0, Metric::RttP50),
+            med(r, Path::F0, n0, Metric::RttP50),
+        )
+        && relative_change(r, n0, nmax, Metric::RttP50, (nx / f0x) / (na / f0)) > 5.0
+    {
+        let real = r
+            .real_slots
+            .iter()
+            .find(|(n, _)| *n == nmax)
+            .map_or(nmax, |&(_, reached)| reached);
+        items.push(format!(
+            "**RTT at N = {nmax}.** The datapath's maps are O(1), but the kernel finds a \
+             device by index in a hash of 256 chains per namespace (`dev_get_by_index_rcu`), \
+             and every redirect does so: with {real} host veths in the agent's namespace a \
+             chain holds about {:.0} of them, newest first, and the measured slot's veth — \
+             slot 1, the oldest — is the last of its chain, walked by every reply to it \
+             (the uplink's chain is kept free of veths).",
+            f64::from(real) / 256.0
+        ));
+    }
     if !r.prog_cost.is_empty()
         && let (Some(mss), Some(fl)) = (
             med(r, Path::Netagent, n0, Metric::StreamMssGbps),
