@@ -29,7 +29,7 @@ use crate::{
     conntrack::{self, Dir},
     csum, fwd,
     maps::{GUEST_L2, config, global_config},
-    nat,
+    nat::{self, Known},
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind},
     policy,
     stats::{self, Drop},
@@ -41,9 +41,10 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
     let drop = |reason| Drop::new(slot, reason);
     let l4 = parse::l4(ctx, ip).map_err(drop)?;
     learn_guest_l2(ctx, slot);
-    if let Some(verdict) = established(ctx, ip, &l4, slot, info)? {
-        return Ok(verdict);
-    }
+    let known = match established(ctx, ip, &l4, slot, info)? {
+        Fast::Sent(verdict) => return Ok(verdict),
+        Fast::Slow(known) => known,
+    };
     let Some(cfg) = config() else {
         count_from_guest(ctx, slot);
         return Ok(TC_ACT_OK as i32);
@@ -73,11 +74,20 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
         // For the host stack (or no uplink to masquerade to): as the vpeer.
         return to_host(ctx, &l4, ip, info, info.vpeer_ip).map_err(drop);
     };
-    masquerade(ctx, ip, &l4, slot, info.vpeer_ip, cfg, STATE_GUEST)
+    masquerade(ctx, ip, &l4, slot, info.vpeer_ip, cfg, STATE_GUEST, known)
 }
 
-/// The fast path (module doc): the verdict for a packet of an established
-/// guest flow to the world, `None` for anything else.
+/// What the fast path did with a guest packet.
+enum Fast {
+    /// Translated and sent: the verdict.
+    Sent(i32),
+    /// Not an established guest flow to the world: the slow path's job, with
+    /// what the fast path learned of the flow's masquerade entry.
+    Slow(Known),
+}
+
+/// The fast path (module doc) for a packet of an established guest flow to the
+/// world.
 #[inline(always)]
 fn established(
     ctx: &TcContext,
@@ -85,14 +95,14 @@ fn established(
     l4: &L4,
     slot: u32,
     info: &SlotInfo,
-) -> Result<Option<i32>, Drop> {
+) -> Result<Fast, Drop> {
     // An echo reply never opens a masquerade flow, even where its key (id 0)
     // equals an echo request's.
     if !l4.translatable() || l4.kind == L4Kind::IcmpEchoReply {
-        return Ok(None);
+        return Ok(Fast::Slow(Known::NotLookedUp));
     }
     let Some(cfg) = global_config() else {
-        return Ok(None);
+        return Ok(Fast::Slow(Known::NotLookedUp));
     };
     let key = FlowKey {
         saddr: info.vpeer_ip,
@@ -103,17 +113,20 @@ fn established(
         _pad: [0; 3],
     };
     let Some(entry) = nat::snat_v4_lookup(&key) else {
-        return Ok(None);
+        return Ok(Fast::Slow(Known::Absent));
     };
     // SAFETY: pointer from a successful lookup, valid for this run; copied at once.
     let (state, nat_ip, nat_port) = unsafe { ((*entry).state, (*entry).addr, (*entry).port) };
     if state & STATE_GUEST == 0 {
-        return Ok(None);
+        // The slow path looks the entry up again rather than keep a pointer
+        // across its other lookups (a rare case: the guest's packet on a flow
+        // of the slot's own stack).
+        return Ok(Fast::Slow(Known::NotLookedUp));
     }
     conntrack::touch(entry, l4, Dir::Original, conntrack::now_ns());
     count_from_guest(ctx, slot);
     snat_and_send(ctx, ip, l4, nat_ip, nat_port, cfg)
-        .map(Some)
+        .map(Fast::Sent)
         .map_err(|reason| Drop::new(slot, reason))
 }
 

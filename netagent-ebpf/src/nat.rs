@@ -40,6 +40,27 @@ pub fn snat_v4_lookup(key: &FlowKey) -> Option<*mut NatEntry> {
     NAT_EGRESS.get_ptr_mut(key)
 }
 
+/// What the caller knows of a flow's masquerade entry: nothing yet, or that
+/// there was none a moment ago (the guest's fast path looked), so the slow
+/// path does not repeat the lookup before allocating. (An entry inserted by
+/// another CPU meanwhile is met by `snat_v4_alloc`'s `BPF_NOEXIST` insert.)
+#[derive(Clone, Copy)]
+pub enum Known {
+    NotLookedUp,
+    Absent,
+}
+
+impl Known {
+    /// The entry of `key`, looked up unless it is known to be absent.
+    #[inline(always)]
+    pub fn entry(self, key: &FlowKey) -> Option<*mut NatEntry> {
+        match self {
+            Known::NotLookedUp => snat_v4_lookup(key),
+            Known::Absent => None,
+        }
+    }
+}
+
 /// The reverse entry of a reply arriving on the uplink (`key` as it arrives).
 #[inline(always)]
 pub fn rev_snat_v4_lookup(key: &FlowKey) -> Option<*mut NatEntry> {

@@ -20,7 +20,7 @@ use crate::{
     csum::{self, PortField},
     fwd, guest,
     maps::{global_config, slot_by_veth},
-    nat,
+    nat::{self, Known},
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind, Quoted},
     policy,
     stats::{self, Drop},
@@ -53,7 +53,16 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     if l4.kind == L4Kind::IcmpError {
         return icmp_error(ctx, cfg, &ip, slot);
     }
-    masquerade(ctx, &ip, &l4, slot, info.vpeer_ip, cfg, 0)
+    masquerade(
+        ctx,
+        &ip,
+        &l4,
+        slot,
+        info.vpeer_ip,
+        cfg,
+        0,
+        Known::NotLookedUp,
+    )
 }
 
 /// Masquerades a packet of `slot` toward the world: the flow is keyed by the
@@ -61,8 +70,10 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
 /// guest's 169.254.0.21 or the vpeer itself), the source becomes the uplink
 /// address and an allocated port in one rewrite, and the packet leaves by the
 /// uplink. `guest` is `STATE_GUEST` for the guest's packets (they passed the
-/// egress policy), else 0; the flow's entry gets it.
+/// egress policy), else 0; the flow's entry gets it. `known`: what the caller
+/// already knows of the flow's entry.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn masquerade(
     ctx: &TcContext,
     ip: &Ipv4,
@@ -71,6 +82,7 @@ pub fn masquerade(
     vpeer_ip: u32,
     cfg: &GlobalConfig,
     guest: u32,
+    known: Known,
 ) -> Result<i32, Drop> {
     let drop = |reason| Drop::new(slot, reason);
     // Only what opens a flow can be masqueraded: an echo *reply* to the world
@@ -86,7 +98,7 @@ pub fn masquerade(
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let (nat_ip, nat_port) = snat(&key, l4, slot, cfg, guest)?;
+    let (nat_ip, nat_port) = snat(&key, l4, slot, cfg, guest, known)?;
     snat_and_send(ctx, ip, l4, nat_ip, nat_port, cfg).map_err(drop)
 }
 
@@ -124,7 +136,7 @@ pub fn stays_on_host(cfg: &GlobalConfig, daddr: u32) -> bool {
 /// The masquerade address and port of the outgoing flow `key` (source = the
 /// slot's vpeer address): the known entry, refreshed, or a newly allocated one
 /// (counted as an allocation or a failure). `guest` (`STATE_GUEST` or 0) is
-/// added to the entry's state.
+/// added to the entry's state; `known` spares a lookup the caller made already.
 #[inline(always)]
 pub fn snat(
     key: &FlowKey,
@@ -132,9 +144,10 @@ pub fn snat(
     slot: u32,
     cfg: &GlobalConfig,
     guest: u32,
+    known: Known,
 ) -> Result<(u32, u16), Drop> {
     let now = conntrack::now_ns();
-    match nat::snat_v4_lookup(key) {
+    match known.entry(key) {
         Some(entry) => {
             conntrack::touch(entry, l4, Dir::Original, now);
             // SAFETY: pointer from a successful lookup, valid for this run;
