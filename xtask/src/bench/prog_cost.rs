@@ -170,12 +170,12 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
     };
     // The slot namespace's own flow.
     let vpeer_port = masquerade(
-        "vpeer → world TCP, flow known (masquerade, redirect_neigh)",
+        "vpeer → world TCP, flow known (masquerade, next hop, out by the uplink)",
         &tcp_frame(mac, mac, vpeer, server, VPEER_PORT, SERVER_PORT),
     )?;
     // The guest's flow: the fast path.
     masquerade(
-        "guest → world TCP, established flow (fast path: masquerade, redirect_neigh)",
+        "guest → world TCP, established flow (fast path: masquerade, next hop, out by the uplink)",
         &tcp_frame(TAP_MAC, guest_mac, guest, server, GUEST_PORT, SERVER_PORT),
     )?;
 

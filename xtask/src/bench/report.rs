@@ -374,7 +374,6 @@ fn render_targets(o: &mut String, plan: &Plan, r: &Results) {
     let _ = writeln!(o, "## Targets (issue 4)\n");
     let _ = writeln!(o, "| target | measured | verdict |\n|---|---|---|");
     let n0 = plan.slots.first().copied().unwrap_or(1);
-    let nmax = plan.slots.last().copied().unwrap_or(1);
     let g = |p, n, m| med_at(r, plan, p, n, m);
     // Round trip overhead.
     if let (Some(f0), Some(fl), Some(na)) = (
@@ -404,114 +403,26 @@ fn render_targets(o: &mut String, plan: &Plan, r: &Results) {
                 "–".into()
             },
         );
-        if nmax > n0
-            && let (Some(nx), Some(f0x)) = (
-                med(r, Path::Netagent, nmax, Metric::RttP50),
-                med(r, Path::F0, nmax, Metric::RttP50),
-            )
-        {
-            let ch = relative_change(r, n0, nmax, Metric::RttP50, (nx / f0x) / (na / f0));
-            let _ = writeln!(
-                o,
-                "| RTT p50 unchanged (no more than 5 % slower) at N = {nmax} | {} µs (f0 {} µs) vs {} µs (f0 {} µs) at N = {n0}: {ch:+.1} % relative to f0 of the same N and round, {:+.1} % raw | {} |",
-                num(nx),
-                num(f0x),
-                num(na),
-                num(f0),
-                (nx / na - 1.0) * 100.0,
-                met(ch <= 5.0)
-            );
-        }
+        scale_row(o, plan, r, Metric::RttP50, "RTT p50");
     } else {
         let _ = writeln!(o, "| RTT p50 overhead ≤ 0.5 × floor's | not measured | – |");
     }
-    // Stream.
-    if let (Some(fl), Some(na)) = (
-        g(Path::Floor, n0, Metric::StreamGbps),
-        g(Path::Netagent, n0, Metric::StreamGbps),
-    ) {
-        let (x, per_round) = judged_ratio(
-            r,
-            Path::Netagent,
-            Path::Floor,
-            n0,
-            Metric::StreamGbps,
-            na / fl,
-        );
-        // No datapath beats f0; where f0 itself is below the target, say so.
-        let bound = match paired_ratio(&r.samples, Path::F0, Path::Floor, n0, Metric::StreamGbps) {
-            Some(f0) if f0.median < 1.1 => format!(
-                "; f0 itself (no forwarding at all) is {:.2} × floor here",
-                f0.median
-            ),
-            _ => String::new(),
-        };
-        let _ = writeln!(
-            o,
-            "| TCP stream ≥ 1.1 × floor (N = {n0}) | {} vs {} Gbit/s: {:.2} × the median{per_round}{bound} | {}{} |",
-            num(na),
-            num(fl),
-            na / fl,
-            met(x >= 1.1),
-            if x >= 1.1 {
-                String::new()
-            } else {
-                format!(", {:.0} % short", (1.1 - x) / 1.1 * 100.0)
-            }
-        );
-        if nmax > n0
-            && let (Some(nx), Some(f0x), Some(f0)) = (
-                med(r, Path::Netagent, nmax, Metric::StreamGbps),
-                med(r, Path::F0, nmax, Metric::StreamGbps),
-                med(r, Path::F0, n0, Metric::StreamGbps),
-            )
-        {
-            let ch = relative_change(r, n0, nmax, Metric::StreamGbps, (nx / f0x) / (na / f0));
-            let _ = writeln!(
-                o,
-                "| TCP stream within 5 % at N = {nmax} | {} Gbit/s (f0 {}) vs {} (f0 {}) at N = {n0}: {ch:+.1} % relative to f0 of the same N and round, {:+.1} % raw | {} |",
-                num(nx),
-                num(f0x),
-                num(na),
-                num(f0),
-                (nx / na - 1.0) * 100.0,
-                met(ch >= -5.0)
-            );
-        }
-    } else {
-        let _ = writeln!(o, "| TCP stream ≥ 1.1 × floor | not measured | – |");
-    }
+    ratio_row(
+        o,
+        r,
+        n0,
+        g,
+        Metric::StreamGbps,
+        Path::Floor,
+        1.1,
+        "TCP stream",
+    );
+    scale_row(o, plan, r, Metric::StreamGbps, "TCP stream");
     for (m, what) in [
         (Metric::UdpKpps, "small-packet rate"),
         (Metric::CrrPerSec, "new-connection rate"),
     ] {
-        if let (Some(lg), Some(na)) = (g(Path::Legacy, n0, m), g(Path::Netagent, n0, m)) {
-            let (x, per_round) = judged_ratio(r, Path::Netagent, Path::Legacy, n0, m, na / lg);
-            // No datapath beats f0 (the bare veth pair); where f0 itself is below
-            // the target, say so.
-            let bound = match paired_ratio(&r.samples, Path::F0, Path::Legacy, n0, m) {
-                Some(f0) if f0.median < 1.5 => format!(
-                    "; f0 itself (no forwarding at all) is {:.2} × legacy here",
-                    f0.median
-                ),
-                _ => String::new(),
-            };
-            let _ = writeln!(
-                o,
-                "| {what} ≥ 1.5 × legacy (N = {n0}) | {} vs {}: {:.2} × the median{per_round}{bound} | {}{} |",
-                num(na),
-                num(lg),
-                na / lg,
-                met(x >= 1.5),
-                if x >= 1.5 {
-                    String::new()
-                } else {
-                    format!(", {:.0} % short", (1.5 - x) / 1.5 * 100.0)
-                }
-            );
-        } else {
-            let _ = writeln!(o, "| {what} ≥ 1.5 × legacy | not measured | – |");
-        }
+        ratio_row(o, r, n0, g, m, Path::Legacy, 1.5, what);
     }
     match &r.control {
         Some(cp) => {
@@ -578,6 +489,125 @@ fn render_targets(o: &mut String, plan: &Plan, r: &Results) {
         }
     }
     let _ = writeln!(o);
+}
+
+/// A ratio target: netagent ≥ `target` × `base` at N = `n0`, judged on the
+/// per-round ratios (`judged_ratio`), with f0's own ratio where even f0 is below
+/// the target (no datapath beats the bare veth pair).
+#[allow(clippy::too_many_arguments)]
+fn ratio_row(
+    o: &mut String,
+    r: &Results,
+    n0: u32,
+    g: impl Fn(Path, u32, Metric) -> Option<f64>,
+    m: Metric,
+    base: Path,
+    target: f64,
+    what: &str,
+) {
+    let (Some(b), Some(na)) = (g(base, n0, m), g(Path::Netagent, n0, m)) else {
+        let _ = writeln!(
+            o,
+            "| {what} ≥ {target} × {} | not measured | – |",
+            base.name()
+        );
+        return;
+    };
+    let (x, per_round) = judged_ratio(r, Path::Netagent, base, n0, m, na / b);
+    let bound = match paired_ratio(&r.samples, Path::F0, base, n0, m) {
+        Some(f0) if f0.median < target => format!(
+            "; f0 itself (no forwarding at all) is {:.2} × {} here",
+            f0.median,
+            base.name()
+        ),
+        _ => String::new(),
+    };
+    let unit = m.unit();
+    let _ = writeln!(
+        o,
+        "| {what} ≥ {target} × {} (N = {n0}) | {} vs {}{unit}: {:.2} × the median{per_round}{bound} | {}{} |",
+        base.name(),
+        num(na),
+        num(b),
+        na / b,
+        met(x >= target),
+        if x >= target {
+            String::new()
+        } else {
+            format!(", {:.0} % short", (target - x) / target * 100.0)
+        }
+    );
+}
+
+/// netagent at the largest N against the smallest, each relative to f0 of the
+/// same N.
+struct ScaleChange {
+    n0: u32,
+    nmax: u32,
+    /// netagent and f0 at `nmax`, then at `n0` (medians).
+    nx: f64,
+    f0x: f64,
+    na: f64,
+    f0: f64,
+    /// Per cent, from `relative_change`.
+    change: f64,
+}
+
+fn scale_change(plan: &Plan, r: &Results, m: Metric) -> Option<ScaleChange> {
+    let n0 = plan.slots.first().copied()?;
+    let nmax = plan.slots.last().copied()?;
+    if nmax <= n0 {
+        return None;
+    }
+    let (nx, f0x) = (med(r, Path::Netagent, nmax, m)?, med(r, Path::F0, nmax, m)?);
+    let (na, f0) = (med(r, Path::Netagent, n0, m)?, med(r, Path::F0, n0, m)?);
+    let change = relative_change(r, n0, nmax, m, (nx / f0x) / (na / f0));
+    Some(ScaleChange {
+        n0,
+        nmax,
+        nx,
+        f0x,
+        na,
+        f0,
+        change,
+    })
+}
+
+/// Whether netagent at the largest N is within 5 % of itself at the smallest
+/// (relative to f0): no more than 5 % slower for a latency, no more than 5 %
+/// less for a rate.
+fn scale_ok(m: Metric, change: f64) -> bool {
+    if m.lower_is_better() {
+        change <= 5.0
+    } else {
+        change >= -5.0
+    }
+}
+
+/// The "unchanged at the largest N" target of `m` (round trip, stream).
+fn scale_row(o: &mut String, plan: &Plan, r: &Results, m: Metric, what: &str) {
+    let Some(c) = scale_change(plan, r, m) else {
+        return;
+    };
+    let unit = m.unit();
+    let _ = writeln!(
+        o,
+        "| {what} within 5 % at N = {} ({}) | {}{unit} (f0 {}{unit}) vs {}{unit} (f0 {}{unit}) at N = {}: {:+.1} % relative to f0 of the same N and round, {:+.1} % raw | {} |",
+        c.nmax,
+        if m.lower_is_better() {
+            "no more than 5 % slower"
+        } else {
+            "no more than 5 % less"
+        },
+        num(c.nx),
+        num(c.f0x),
+        num(c.na),
+        num(c.f0),
+        c.n0,
+        c.change,
+        (c.nx / c.na - 1.0) * 100.0,
+        met(scale_ok(m, c.change))
+    );
 }
 
 /// How much netagent's figure relative to f0 changed from N = `n0` to `nmax`, in
@@ -675,16 +705,10 @@ fn render_limits(o: &mut String, plan: &Plan, r: &Results) {
         }
     }
     // RTT at the largest N, relative to f0 of the same N and round.
-    let nmax = plan.slots.last().copied().unwrap_or(n0);
-    if nmax > n0
-        && let (Some(nx), Some(f0x), Some(na), Some(f0)) = (
-            med(r, Path::Netagent, nmax, Metric::RttP50),
-            med(r, Path::F0, nmax, Metric::RttP50),
-            med(r, Path::Netagent, n0, Metric::RttP50),
-            med(r, Path::F0, n0, Metric::RttP50),
-        )
-        && relative_change(r, n0, nmax, Metric::RttP50, (nx / f0x) / (na / f0)) > 5.0
+    if let Some(c) = scale_change(plan, r, Metric::RttP50)
+        && !scale_ok(Metric::RttP50, c.change)
     {
+        let nmax = c.nmax;
         let real = r
             .real_slots
             .iter()
@@ -992,4 +1016,133 @@ fn cp_line(o: &mut String, cp: Option<&ControlPlane>) -> std::fmt::Result {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::bench::stats::Sample;
+
+    fn plan() -> Plan {
+        Plan {
+            quick: false,
+            workloads: Vec::new(),
+            scale_workloads: Vec::new(),
+            paths: Path::ALL.to_vec(),
+            slots: vec![1, 10000],
+            rounds: 3,
+            scale_rounds: 3,
+            duration: Duration::from_secs(1),
+            control_plane: false,
+            prog_cost: false,
+            scale_budget: Duration::from_secs(1),
+            out: std::path::PathBuf::new(),
+            perf: None,
+        }
+    }
+
+    /// Three rounds of `values` (f0, floor, legacy, netagent) for `m` at `n`; the
+    /// machine runs twice as fast in round 1, which per-round ratios cancel.
+    fn rounds(samples: &mut Vec<Sample>, n: u32, m: Metric, values: [f64; 4]) {
+        for round in 0..3 {
+            let speed = if round == 1 { 2.0 } else { 1.0 };
+            for (path, v) in Path::ALL.iter().zip(values) {
+                let value = if m.lower_is_better() {
+                    v / speed
+                } else {
+                    v * speed
+                };
+                samples.push(Sample {
+                    path: *path,
+                    n,
+                    metric: m,
+                    round,
+                    value,
+                });
+            }
+        }
+    }
+
+    fn targets(r: &Results) -> String {
+        let mut o = String::new();
+        render_targets(&mut o, &plan(), r);
+        o
+    }
+
+    fn row<'a>(report: &'a str, starts: &str) -> &'a str {
+        report
+            .lines()
+            .find(|l| l.starts_with(starts))
+            .unwrap_or_else(|| panic!("no row {starts:?} in\n{report}"))
+    }
+
+    #[test]
+    fn ratio_and_scale_targets_are_judged_per_round_with_fs_bound() {
+        let mut r = Results::default();
+        // Stream: netagent 1.2 × floor; small packets 1.4 × legacy, f0 only
+        // 1.3 × legacy; connections 1.6 × legacy.
+        rounds(
+            &mut r.samples,
+            1,
+            Metric::StreamGbps,
+            [30.0, 20.0, 18.0, 24.0],
+        );
+        rounds(
+            &mut r.samples,
+            1,
+            Metric::UdpKpps,
+            [130.0, 120.0, 100.0, 140.0],
+        );
+        rounds(
+            &mut r.samples,
+            1,
+            Metric::CrrPerSec,
+            [200.0, 150.0, 100.0, 160.0],
+        );
+        // Round trip: 10 % slower relative to f0 at N = 10000; stream 3 % less.
+        rounds(&mut r.samples, 1, Metric::RttP50, [10.0, 12.0, 13.0, 10.0]);
+        rounds(
+            &mut r.samples,
+            10000,
+            Metric::RttP50,
+            [10.0, 12.0, 900.0, 11.0],
+        );
+        rounds(
+            &mut r.samples,
+            10000,
+            Metric::StreamGbps,
+            [30.0, 20.0, 1.0, 23.28],
+        );
+        let report = targets(&r);
+
+        let stream = row(&report, "| TCP stream ≥ 1.1 × floor");
+        assert!(stream.contains("per round 1.20 ×"), "{stream}");
+        assert!(stream.ends_with("| **met** |"), "{stream}");
+        let udp = row(&report, "| small-packet rate ≥ 1.5 × legacy");
+        assert!(
+            udp.contains("f0 itself (no forwarding at all) is 1.30 × legacy"),
+            "{udp}"
+        );
+        assert!(udp.contains("**not met**, 7 % short"), "{udp}");
+        let crr = row(&report, "| new-connection rate ≥ 1.5 × legacy");
+        assert!(
+            crr.ends_with("| **met** |") && !crr.contains("f0 itself"),
+            "{crr}"
+        );
+
+        let rtt = row(
+            &report,
+            "| RTT p50 within 5 % at N = 10000 (no more than 5 % slower)",
+        );
+        assert!(rtt.contains("+10.0 % relative to f0"), "{rtt}");
+        assert!(rtt.ends_with("| **not met** |"), "{rtt}");
+        let stream_n = row(
+            &report,
+            "| TCP stream within 5 % at N = 10000 (no more than 5 % less)",
+        );
+        assert!(stream_n.contains("-3.0 % relative to f0"), "{stream_n}");
+        assert!(stream_n.ends_with("| **met** |"), "{stream_n}");
+    }
 }

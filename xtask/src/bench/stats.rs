@@ -61,6 +61,16 @@ impl Metric {
         }
     }
 
+    /// The unit after a figure, with its leading space.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::RttP50 | Metric::RttP99 | Metric::RttMin => " µs",
+            Metric::StreamGbps | Metric::StreamMssGbps => " Gbit/s",
+            Metric::UdpKpps => " kpps",
+            Metric::CrrPerSec => " conn/s",
+        }
+    }
+
     /// Whether lower is better (latencies).
     pub fn lower_is_better(self) -> bool {
         matches!(self, Metric::RttP50 | Metric::RttP99 | Metric::RttMin)
