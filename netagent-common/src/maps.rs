@@ -132,6 +132,11 @@ pub const SLOT_F_ACTIVE: u32 = 1;
 /// `SlotInfo::flags`: `SlotInfo::guest_mac` is set, and the guest's frames must
 /// come from it.
 pub const SLOT_F_GUEST_MAC: u32 = 2;
+/// `SlotInfo::flags`: `tap0` is a veth whose peer is the guest's `eth0` in
+/// another namespace (`guest_link: veth`), so frames for the guest go straight
+/// to the peer's ingress (`bpf_redirect_peer`) instead of through `tap0`'s
+/// transmit and the guest namespace's backlog.
+pub const SLOT_F_GUEST_VETH: u32 = 4;
 /// `GuestL2::flags`: the addresses were learned and may be used.
 pub const GUEST_L2_F_VALID: u32 = 1;
 

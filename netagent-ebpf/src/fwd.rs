@@ -77,14 +77,7 @@ pub fn to_uplink(ctx: &TcContext, cfg: &GlobalConfig, e: &Egress) -> i32 {
             && p.ifindex == cfg.uplink_ifindex
             && set_macs(ctx, &p.smac, &p.dmac).is_ok()
         {
-            // The frame keeps the packet type its first device gave it; the peer's
-            // IP layer drops anything but one addressed to it.
-            // SAFETY: the context's `__sk_buff`, valid for this run.
-            if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
-                // SAFETY: a helper call on this program's context.
-                unsafe { bpf_skb_change_type(ctx.skb.skb as *mut _, PACKET_HOST) };
-            }
-            return redirect_peer(cfg.uplink_ifindex);
+            return redirect_peer_as_host(ctx, cfg.uplink_ifindex);
         }
     }
     redirect_neigh(cfg.uplink_ifindex)
@@ -108,6 +101,19 @@ pub fn set_macs(ctx: &TcContext, src: &[u8; 6], dst: &[u8; 6]) -> Result<(), Dro
 pub fn redirect_peer(ifindex: u32) -> i32 {
     // SAFETY: a plain helper call with scalar arguments.
     unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+}
+
+/// `redirect_peer` for a frame the caller addressed to the peer's MAC: the
+/// frame keeps the packet type its first device gave it, and the peer's IP
+/// layer drops anything but one addressed to it, so it is made `PACKET_HOST`.
+#[inline(always)]
+pub fn redirect_peer_as_host(ctx: &TcContext, ifindex: u32) -> i32 {
+    // SAFETY: the context's `__sk_buff`, valid for this run.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        // SAFETY: a helper call on this program's context.
+        unsafe { bpf_skb_change_type(ctx.skb.skb as *mut _, PACKET_HOST) };
+    }
+    redirect_peer(ifindex)
 }
 
 /// Transmits the packet on `ifindex` after a FIB lookup and neighbour resolution

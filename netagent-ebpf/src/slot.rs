@@ -3,10 +3,16 @@
 //! slot is found by the destination in `ADDR_SLOTS`). Their destination becomes 169.254.0.21 (HostIP
 //! flows are tracked so the guest's replies leave as HostIP again) and they go to
 //! `tap0`: with `bpf_redirect` once `veth_ingress` has learned the guest's MAC,
-//! with `bpf_redirect_neigh` (the kernel resolves it) before that.
+//! with `bpf_redirect_neigh` (the kernel resolves it) before that. When `tap0`
+//! is a veth to a guest namespace (`SLOT_F_GUEST_VETH`), a frame with the
+//! guest's MAC goes straight to the peer's ingress (`bpf_redirect_peer`), as a
+//! TAP's frame goes straight to the VMM: no transmit on `tap0` and no second
+//! backlog pass in the guest's namespace.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use netagent_common::{Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID};
+use netagent_common::{
+    Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, SLOT_F_GUEST_VETH,
+};
 
 use crate::{
     conntrack, csum, fwd,
@@ -71,6 +77,9 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         && l2.flags & GUEST_L2_F_VALID != 0
     {
         fwd::set_macs(ctx, &l2.gateway_mac, &l2.guest_mac).map_err(drop)?;
+        if info.flags & SLOT_F_GUEST_VETH != 0 {
+            return Ok(fwd::redirect_peer_as_host(ctx, info.tap_ifindex));
+        }
         return Ok(fwd::redirect(info.tap_ifindex));
     }
     Ok(fwd::redirect_neigh(info.tap_ifindex))

@@ -2440,6 +2440,7 @@ impl RealWorld {
                     eth0_ifindex: eth0_idx,
                     eth0_mac,
                     tap_ifindex: tap_idx,
+                    tap_is_veth: false,
                     vpeer_ip: VPEER,
                     host_ip: HOST_IP,
                 })

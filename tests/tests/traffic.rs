@@ -421,10 +421,41 @@ fn veth_guest(offload: Offload) -> Result<()> {
         world.in_ns(&guest_ns, || set_checksum_offload("eth0", false))??;
     }
     exercise(&world, &agent, &slot, &guest_ns)?;
+    replies_skip_the_guest_veths_transmit(&world, &slot, &guest_ns)?;
     if offload == Offload::Off {
         wan_drops_a_bad_checksum(&world, &guest_ns)?;
     }
     agent.shutdown()?;
+    Ok(())
+}
+
+/// With a veth guest link, frames for the guest go from `eth0`'s ingress
+/// straight to the guest's end (`bpf_redirect_peer`): the echoes arrive, and
+/// the slot's end (`tap0`) transmits none of them.
+fn replies_skip_the_guest_veths_transmit(
+    world: &World,
+    slot: &SlotAddr,
+    guest_ns: &str,
+) -> Result<()> {
+    let tap_tx = || -> Result<u64> {
+        let v = world.ip_json(
+            Some(&slot.namespace),
+            &["-s", "link", "show", "dev", &slot.tap],
+        )?;
+        v[0]["stats64"]["tx"]["packets"]
+            .as_u64()
+            .context("tap0 tx packets")
+    };
+    let before = tap_tx()?;
+    let n = 10;
+    ensure!(udp_echo(world, guest_ns, n, 64)?.len() == n);
+    let after = tap_tx()?;
+    ensure!(
+        after == before,
+        "{} transmitted {} frames for {n} echoes",
+        slot.tap,
+        after - before
+    );
     Ok(())
 }
 

@@ -42,7 +42,8 @@ use aya::programs::{
 use std::net::Ipv4Addr;
 
 use netagent_common::{
-    CONFIG_F_UPLINK, CONFIG_F_UPLINK_PEER, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SlotInfo,
+    CONFIG_F_UPLINK, CONFIG_F_UPLINK_PEER, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_F_GUEST_VETH,
+    SlotInfo,
 };
 
 use super::netns_cookie::in_netns;
@@ -742,7 +743,11 @@ impl Datapath {
             veth_ifindex: slot.veth_ifindex,
             eth0_ifindex: slot.eth0_ifindex,
             tap_ifindex: slot.tap_ifindex,
-            flags: SLOT_F_ACTIVE,
+            flags: if slot.tap_is_veth {
+                SLOT_F_ACTIVE | SLOT_F_GUEST_VETH
+            } else {
+                SLOT_F_ACTIVE
+            },
             veth_mac: slot.veth_mac,
             eth0_mac: slot.eth0_mac,
             guest_mac: [0; 6],

@@ -65,8 +65,8 @@
 //! pub struct Uplink { pub ifindex: u32, pub name: String, pub ipv4: Ipv4Addr, pub veth_peer: bool }
 //! pub struct SlotDatapath<'a> { pub index: u32, pub netns: BorrowedFd<'a>,
 //!     pub veth_ifindex: u32, pub veth_mac: [u8; 6], pub eth0_ifindex: u32,
-//!     pub eth0_mac: [u8; 6], pub tap_ifindex: u32, pub vpeer_ip: Ipv4Addr,   // eth0_ifindex == SLOT_ETH0_IFINDEX
-//!     pub host_ip: Ipv4Addr }
+//!     pub eth0_mac: [u8; 6], pub tap_ifindex: u32, pub tap_is_veth: bool,
+//!     pub vpeer_ip: Ipv4Addr, pub host_ip: Ipv4Addr }   // eth0_ifindex == SLOT_ETH0_IFINDEX
 //! ```
 //!
 //! One instance of each program serves every slot; a slot costs three tc
@@ -161,6 +161,8 @@ pub struct SlotDatapath<'a> {
     pub eth0_mac: [u8; 6],
     /// `tap0` ifindex in the slot namespace.
     pub tap_ifindex: u32,
+    /// `tap0` is a veth whose peer is the guest's `eth0` (`guest_link: veth`).
+    pub tap_is_veth: bool,
     /// Slot-side veth address.
     pub vpeer_ip: Ipv4Addr,
     /// Host-reachable address of the slot.

@@ -273,6 +273,7 @@ async fn adopt_one(mgr: &SlotManager, index: u32) -> Result<Slot, String> {
         eth0_ifindex: found.eth0.index,
         eth0_mac: found.eth0.mac6(),
         tap_ifindex: found.tap.index,
+        tap_is_veth: found.tap.kind.as_deref() == Some(KIND_VETH),
         vpeer_ip: addr.vpeer_ip,
         host_ip: addr.host_ip,
     };

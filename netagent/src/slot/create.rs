@@ -384,6 +384,7 @@ async fn build(
         eth0_ifindex: eth0.index,
         eth0_mac: eth0.mac,
         tap_ifindex: tap_index,
+        tap_is_veth: guest_ns.is_some(),
         vpeer_ip: addr.vpeer_ip,
         host_ip: addr.host_ip,
     };
