@@ -47,6 +47,11 @@ pub const MAP_RATE: &str = "RATE";
 /// `NAT_PORT_SECRET_INDEX` the key of [`nat_port_hash`]. Zero means unset: the
 /// datapath seeds either from `bpf_get_prandom_u32` on first use.
 pub const MAP_NAT_PORT_CURSORS: &str = "NAT_PORT_CURSORS";
+/// Next hops of masqueraded packets on a veth uplink (`CONFIG_F_UPLINK_PEER`),
+/// `PerCpuArray<NextHop>` of `NEXT_HOP_CACHE_SIZE` entries per CPU indexed by
+/// `next_hop_index` of the destination: what `bpf_fib_lookup` answered for it,
+/// reused for `NEXT_HOP_CACHE_NS`. Written and read by the datapath alone.
+pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
 
 /// Version of the map layout (the `#[repr(C)]` keys and values below and what
 /// their fields mean). A restarted agent reuses pinned maps only when their
@@ -66,6 +71,20 @@ pub const NAT_SEQUENTIAL_PROBES: u32 = 16;
 pub const NAT_PORT_CURSOR_COUNT: u32 = 4096;
 /// The entry of `MAP_NAT_PORT_CURSORS` holding the key of [`nat_port_hash`].
 pub const NAT_PORT_SECRET_INDEX: u32 = NAT_PORT_CURSOR_COUNT;
+/// Entries per CPU of `MAP_NEXT_HOPS` (a power of two).
+pub const NEXT_HOP_CACHE_SIZE: u32 = 64;
+/// How long a next hop from `bpf_fib_lookup` is reused (coarse clock): the
+/// longest a route, neighbour or MTU change on the uplink goes unseen by the
+/// masquerade's fast path. One lookup per destination, CPU and period.
+pub const NEXT_HOP_CACHE_NS: u64 = 20_000_000;
+
+/// The `MAP_NEXT_HOPS` entry of destination `daddr` (network order): a
+/// multiplicative hash's top bits.
+#[inline(always)]
+pub const fn next_hop_index(daddr: u32) -> u32 {
+    daddr.wrapping_mul(0x9e37_79b1) >> (32 - NEXT_HOP_CACHE_SIZE.trailing_zeros())
+}
+
 /// A flow entry's `last_seen_ns` is refreshed at most this often, so established
 /// flows do not write to shared map memory on every packet.
 pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
@@ -399,6 +418,27 @@ const _: () = assert!(core::mem::size_of::<GuestL2>() == 16);
 const _: () = assert!(core::mem::size_of::<SlotInfo>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
+
+/// A `MAP_NEXT_HOPS` entry: the next hop `bpf_fib_lookup` gave for packets
+/// from `saddr` to `daddr` (network order) on the uplink, and the sizes it
+/// confirmed fit the route's MTU. Unused while `expires_ns` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub daddr: u32,
+    pub saddr: u32,
+    /// Coarse-clock time after which the entry is looked up again.
+    pub expires_ns: u64,
+    /// The next hop's MAC.
+    pub dmac: [u8; 6],
+    /// The uplink's MAC.
+    pub smac: [u8; 6],
+    /// The largest IP datagram (a packet without GSO) a lookup let through.
+    pub max_len: u16,
+    /// The largest GSO segment size a lookup let through.
+    pub max_gso: u16,
+}
 
 #[cfg(feature = "user")]
 mod pod {
@@ -415,6 +455,8 @@ mod pod {
     unsafe impl aya::Pod for crate::counters::SlotStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GuestL2 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NextHop {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyKey {}
     // SAFETY: as above.

@@ -13,6 +13,8 @@ use aya_ebpf::{
 };
 use netagent_common::{CONFIG_F_UPLINK_PEER, DropReason, GlobalConfig};
 
+use crate::next_hop;
+
 /// `AF_INET`, as `bpf_fib_lookup` wants the family.
 const AF_INET: u8 = 2;
 /// `PACKET_HOST`: a frame addressed to the receiving device.
@@ -34,7 +36,8 @@ pub struct Egress {
 ///
 /// With `CONFIG_F_UPLINK_PEER` (the uplink is a veth whose peer is in another
 /// namespace) the next hop comes from `bpf_fib_lookup` (the kernel's routes and
-/// neighbours, as an output lookup on the uplink); when it is on the uplink with
+/// neighbours, as an output lookup on the uplink), cached per CPU and
+/// destination for a moment (`next_hop`); when it is on the uplink with
 /// a resolved neighbour, both MACs are written and the frame goes straight to the
 /// peer's ingress (`bpf_redirect_peer`): no transmit queue and no backlog pass,
 /// which on a veth uplink is one softirq round per packet less. In every other
@@ -45,6 +48,14 @@ pub struct Egress {
 #[inline(always)]
 pub fn to_uplink(ctx: &TcContext, cfg: &GlobalConfig, e: &Egress) -> i32 {
     if cfg.flags & CONFIG_F_UPLINK_PEER != 0 {
+        // SAFETY: the context's `__sk_buff`, valid for this run.
+        let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+        let hop = next_hop::Lookup::new(e.saddr, e.daddr, e.tot_len, gso_size);
+        if let Some((smac, dmac)) = hop.cached()
+            && set_macs(ctx, &smac, &dmac).is_ok()
+        {
+            return redirect_peer_as_host(ctx, cfg.uplink_ifindex);
+        }
         // SAFETY: `bpf_fib_lookup` is plain old data; all zeros is a valid value
         // (and means "no TOS, no VLAN, no mark").
         let mut p: bpf_fib_lookup = unsafe { mem::zeroed() };
@@ -57,8 +68,7 @@ pub fn to_uplink(ctx: &TcContext, cfg: &GlobalConfig, e: &Egress) -> i32 {
         // itself; without it (a GSO packet, whose segments are what must fit) the
         // helper checks the skb against the device's MTU, a second look-up of the
         // device by index.
-        // SAFETY: the context's `__sk_buff`, valid for this run.
-        if unsafe { (*ctx.skb.skb).gso_size } == 0 {
+        if gso_size == 0 {
             p.__bindgen_anon_1.tot_len = e.tot_len;
         }
         p.__bindgen_anon_3.ipv4_src = e.saddr;
@@ -77,6 +87,7 @@ pub fn to_uplink(ctx: &TcContext, cfg: &GlobalConfig, e: &Egress) -> i32 {
             && p.ifindex == cfg.uplink_ifindex
             && set_macs(ctx, &p.smac, &p.dmac).is_ok()
         {
+            hop.remember(&p);
             return redirect_peer_as_host(ctx, cfg.uplink_ifindex);
         }
     }

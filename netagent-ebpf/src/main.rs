@@ -16,6 +16,7 @@ mod guest;
 mod l2;
 mod maps;
 mod nat;
+mod next_hop;
 mod parse;
 mod policy;
 mod ratelimit;

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use netagent_common::{
     FlowKey, GlobalConfig, GuestL2, HOST_VETH_INDEX_BASE, MAX_SLOT_INDEX, NAT_PORT_CURSOR_COUNT,
-    NatEntry, PolicyRule, RateLimit, SlotInfo, SlotStats,
+    NEXT_HOP_CACHE_SIZE, NatEntry, NextHop, PolicyRule, RateLimit, SlotInfo, SlotStats,
 };
 
 /// Placeholder size of the per-slot tables (`max_slots`).
@@ -80,6 +80,11 @@ pub static RATE: Array<RateLimit> = Array::with_max_entries(DEFAULT_SLOTS, 0);
 /// cursors and hash key (a fixed size: `NAT_PORT_CURSOR_COUNT + 1`).
 #[map]
 pub static NAT_PORT_CURSORS: Array<u64> = Array::with_max_entries(NAT_PORT_CURSOR_COUNT + 1, 0);
+
+/// `MAP_NEXT_HOPS`: per CPU, the uplink's next hop of recent destinations
+/// (`next_hop`; a fixed size: `NEXT_HOP_CACHE_SIZE`).
+#[map]
+pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(NEXT_HOP_CACHE_SIZE, 0);
 
 /// The global configuration, if userspace wrote one with the uplink flag set.
 #[inline(always)]

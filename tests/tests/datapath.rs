@@ -14,10 +14,10 @@ use netagent::config::Timeouts;
 use netagent_common::{
     CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
     HOST_VETH_INDEX_BASE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAP_NAT_PORT_CURSORS,
-    NAT_PORT_CURSOR_COUNT, NAT_PORT_SECRET_INDEX, NAT_REUSE_CLOSED_AFTER_NS, NatEntry, POLICY_DENY,
-    PolicyKey, PolicyRule, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG,
-    STATE_FIN_REPLY, STATE_GUEST, STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo, SlotStats,
-    nat_port_hash,
+    MAP_NEXT_HOPS, NAT_PORT_CURSOR_COUNT, NAT_PORT_SECRET_INDEX, NAT_REUSE_CLOSED_AFTER_NS,
+    NEXT_HOP_CACHE_NS, NatEntry, NextHop, POLICY_DENY, PolicyKey, PolicyRule, SLOT_ETH0_IFINDEX,
+    SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_GUEST,
+    STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo, SlotStats, nat_port_hash, next_hop_index,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -2771,8 +2771,10 @@ fn veth_uplink_hands_masqueraded_frames_to_the_peer_with_the_next_hops_macs() {
         assert_eq!(&bye, b"bye");
     }
 
-    // The neighbour gone: the FIB has no MAC, the uplink resolves it again.
+    // The neighbour gone: once the cached next hop has expired, the FIB has no
+    // MAC and the uplink resolves it again.
     ip(&["-n", &world.names[0], "neigh", "flush", "dev", "up0"]);
+    std::thread::sleep(std::time::Duration::from_nanos(2 * NEXT_HOP_CACHE_NS));
     let (tx0, _) = uplink_packets(&world);
     send(b"neighbour flushed");
     let (tx1, _) = uplink_packets(&world);
@@ -2780,6 +2782,131 @@ fn veth_uplink_hands_masqueraded_frames_to_the_peer_with_the_next_hops_macs() {
         tx1 - tx0 >= 1,
         "transmitted by up0 while the neighbour resolves"
     );
+}
+
+/// `NEXT_HOPS`, opened through its pin (the datapath alone writes it; the test
+/// below plants entries to see which the datapath uses).
+fn next_hops(dp: &Datapath) -> aya::maps::PerCpuArray<aya::maps::MapData, NextHop> {
+    let pin = dp.pin_dir().join(MAP_NEXT_HOPS);
+    let data = aya::maps::MapData::from_pin(&pin).expect("open the NEXT_HOPS pin");
+    aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).unwrap()
+}
+
+/// `CLOCK_MONOTONIC_COARSE`, the datapath's flow and cache clock, in ns.
+fn coarse_now_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).unwrap();
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// On the veth uplink's peer path the next hop `bpf_fib_lookup` gives is kept
+/// per CPU and destination and used, for packets no larger than the lookups let
+/// through, until it expires; then the FIB is asked again.
+#[test]
+fn next_hops_are_reused_for_their_lifetime_and_size_then_looked_up_again() {
+    let Some(world) = RealWorld::build('n', AttachMode::Auto, true) else {
+        return;
+    };
+    ip(&[
+        "netns",
+        "exec",
+        &world.names[0],
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.up0.forwarding=1",
+    ]);
+    let (_, up_mac) = link_info(&world.names[0], "up0");
+    let (_, wan_mac) = link_info(&world.names[1], "wan0");
+    let server = udp_socket(&world.wan_ns, sock(WAN, 7104));
+    let client = udp_socket(&world.guest_ns, sock(GUEST, 0));
+    let capture = wan_capture(&world);
+    // The destination MAC the wan saw on a datagram of `len` bytes of payload.
+    let send = |len: usize| -> [u8; 6] {
+        drain(&capture);
+        let payload = vec![0x5a; len];
+        client.send_to(&payload, sock(WAN, 7104)).unwrap();
+        let (data, _) = recv(&server).expect("the wan server got the datagram");
+        assert_eq!(data, payload);
+        let frame = captured_udp_to(&capture, 7104).expect("the frame on wan0");
+        assert_eq!(&frame[6..12], &up_mac, "source MAC: the uplink's");
+        frame[0..6].try_into().unwrap()
+    };
+    let index = next_hop_index(map_ip(WAN));
+    let cache = next_hops(&world.dp);
+    let nr_cpus = aya::util::nr_cpus().unwrap();
+    let plant = |hop: NextHop| {
+        let mut cache = next_hops(&world.dp);
+        let values = aya::maps::PerCpuValues::try_from(vec![hop; nr_cpus]).unwrap();
+        cache.set(index, values, 0).unwrap();
+    };
+
+    // The first datagram resolves the neighbour (the uplink's transmit path);
+    // the next one's lookup succeeds and is remembered on its CPU.
+    assert_eq!(send(10), wan_mac);
+    let before = coarse_now_ns();
+    assert_eq!(send(10), wan_mac);
+    let remembered: Vec<NextHop> = cache
+        .get(&index, 0)
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|h| h.expires_ns != 0)
+        .collect();
+    assert_eq!(remembered.len(), 1, "one CPU's entry: {remembered:?}");
+    let hop = remembered[0];
+    assert_eq!(
+        (
+            hop.daddr,
+            hop.saddr,
+            hop.dmac,
+            hop.smac,
+            hop.max_len,
+            hop.max_gso
+        ),
+        (
+            map_ip(WAN),
+            map_ip(UPLINK_IP),
+            wan_mac,
+            up_mac,
+            20 + 8 + 10,
+            0
+        )
+    );
+    assert!(
+        hop.expires_ns > before && hop.expires_ns <= coarse_now_ns() + NEXT_HOP_CACHE_NS,
+        "expires {} (looked up after {before})",
+        hop.expires_ns
+    );
+
+    // A live entry answers for packets no larger than it allows: the planted
+    // MAC goes on the wire (and the wan stack still takes the frame).
+    let planted = [0x02, 0, 0, 0, 0x4e, 0x48];
+    let live = NextHop {
+        daddr: map_ip(WAN),
+        saddr: map_ip(UPLINK_IP),
+        expires_ns: coarse_now_ns() + 60_000_000_000,
+        dmac: planted,
+        smac: up_mac,
+        max_len: 20 + 8 + 100,
+        max_gso: 0,
+    };
+    plant(live);
+    assert_eq!(send(100), planted, "a live entry is used");
+    // Larger than any lookup let through: the FIB again, whose answer replaces
+    // the entry.
+    assert_eq!(send(101), wan_mac, "a larger datagram is looked up");
+    assert_eq!(send(10), wan_mac, "and the FIB's answer is kept");
+    // Another destination's entry (same slot of the array) is not used.
+    plant(NextHop {
+        daddr: map_ip(Ipv4Addr::new(198, 18, 9, 9)),
+        ..live
+    });
+    assert_eq!(send(10), wan_mac, "an entry of another destination");
+    // Expired: looked up again.
+    plant(NextHop {
+        expires_ns: coarse_now_ns().saturating_sub(1),
+        ..live
+    });
+    assert_eq!(send(10), wan_mac, "an expired entry");
 }
 
 #[test]
@@ -2807,6 +2934,7 @@ fn maps_are_pinned_and_another_instances_pins_are_left_alone() {
         "POLICY",
         "RATE",
         "NAT_PORT_CURSORS",
+        "NEXT_HOPS",
     ] {
         assert!(dir.join(map).exists(), "{map} is pinned");
     }

@@ -21,8 +21,8 @@ use aya::maps::{Array, Map, MapData, MapInfo, MapType};
 use netagent_common::{
     FlowKey, GlobalConfig, GuestL2, LAYOUT_VERSION, MAP_ADDR_SLOTS, MAP_CONFIG, MAP_GUEST_L2,
     MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_NAT_PORT_CURSORS,
-    MAP_POLICY, MAP_RATE, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, NatEntry, PolicyKey, PolicyRule,
-    RateLimit, SlotInfo, SlotStats,
+    MAP_NEXT_HOPS, MAP_POLICY, MAP_RATE, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, NatEntry, NextHop,
+    PolicyKey, PolicyRule, RateLimit, SlotInfo, SlotStats,
 };
 
 use super::BpfError;
@@ -71,6 +71,7 @@ pub fn expected_maps(cfg: &DatapathConfig) -> Vec<MapLayout> {
                 MAP_POLICY => (MapType::LpmTrie, size::<PolicyKey>(), size::<PolicyRule>()),
                 MAP_RATE => (MapType::Array, 4, size::<RateLimit>()),
                 MAP_NAT_PORT_CURSORS => (MapType::Array, 4, size::<u64>()),
+                MAP_NEXT_HOPS => (MapType::PerCpuArray, 4, size::<NextHop>()),
                 _ => (MapType::Unspecified, 0, 0),
             };
             MapLayout {

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use aya::{EbpfLoader, programs::SchedClassifier};
 use netagent_common::{
     MAP_ADDR_SLOTS, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS,
-    MAP_NAT_INGRESS, MAP_NAT_PORT_CURSORS, MAP_POLICY, MAP_RATE, MAP_SLOTS, MAP_STATS,
-    MAP_VETH_SLOTS, MAX_SLOT_INDEX, NAT_PORT_CURSOR_COUNT,
+    MAP_NAT_INGRESS, MAP_NAT_PORT_CURSORS, MAP_NEXT_HOPS, MAP_POLICY, MAP_RATE, MAP_SLOTS,
+    MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX, NAT_PORT_CURSOR_COUNT, NEXT_HOP_CACHE_SIZE,
 };
 
 use super::attach::{AttachMode, AttachedSlot, AttachedUplink};
@@ -51,7 +51,7 @@ pub struct DatapathConfig {
 }
 
 /// Every map of the object (all pinned in the instance's bpffs directory).
-pub(super) const MAP_NAMES: [&str; 13] = [
+pub(super) const MAP_NAMES: [&str; 14] = [
     MAP_CONFIG,
     MAP_SLOTS,
     MAP_ADDR_SLOTS,
@@ -65,6 +65,7 @@ pub(super) const MAP_NAMES: [&str; 13] = [
     MAP_POLICY,
     MAP_RATE,
     MAP_NAT_PORT_CURSORS,
+    MAP_NEXT_HOPS,
 ];
 
 /// Entries of LOCAL_ADDRS (addresses of the agent namespace).
@@ -118,6 +119,7 @@ impl DatapathConfig {
             MAP_POLICY => self.policy_table_size,
             // The cursors and the hash key: a fixed size, not configuration.
             MAP_NAT_PORT_CURSORS => NAT_PORT_CURSOR_COUNT + 1,
+            MAP_NEXT_HOPS => NEXT_HOP_CACHE_SIZE,
             _ => 1,
         }
     }
