@@ -754,8 +754,7 @@ fn render_limits(o: &mut String, plan: &Plan, r: &Results) {
                  the {} ns a small-MSS segment takes end to end at the measured {} Gbit/s — but a \
                  stream's packets are GSO batches of up to 64 KiB, so the programs run once per \
                  batch, not per segment. The rest is the kernel's share of the path (the guest's \
-                 veth hop and its backlog pass, the next hop's FIB lookup, the TCP stacks and \
-                 their copies) and the noise of a shared 2-vCPU machine, which moves single runs \
+                 veth hop and its backlog pass, the TCP stacks and their copies) and the noise of a shared 2-vCPU machine, which moves single runs \
                  by more than the 10 % asked for (see the per-round ratios).",
                 num(egress),
                 egress / budget * 100.0,
@@ -763,6 +762,9 @@ fn render_limits(o: &mut String, plan: &Plan, r: &Results) {
                 num(mss),
             ));
         }
+    }
+    if let Some(item) = crr_limit(r, n0) {
+        items.push(item);
     }
     if let Some(m) = r.control.as_ref().and_then(|cp| cp.memory.as_ref())
         && let Some(&(n, reached)) = r.real_slots.iter().find(|(n, reached)| reached < n)
@@ -824,6 +826,36 @@ fn render_limits(o: &mut String, plan: &Plan, r: &Results) {
         let _ = writeln!(o, "- {i}");
     }
     let _ = writeln!(o);
+}
+
+/// The new-connection target's limit, when it is missed: how far f0 itself is
+/// ahead of legacy (so what share of f0's rate 1.5 × legacy asks for), the share
+/// netagent reached, and the time per connection that makes the difference.
+fn crr_limit(r: &Results, n0: u32) -> Option<String> {
+    let m = Metric::CrrPerSec;
+    let per_round = |a, b| paired_ratio(&r.samples, a, b, n0, m).filter(|p| p.count >= 3);
+    let vs_legacy = per_round(Path::Netagent, Path::Legacy)?;
+    if vs_legacy.median >= 1.5 {
+        return None;
+    }
+    let f0_vs_legacy = per_round(Path::F0, Path::Legacy)?;
+    let vs_f0 = per_round(Path::Netagent, Path::F0)?;
+    let (na, f0) = (med(r, Path::Netagent, n0, m)?, med(r, Path::F0, n0, m)?);
+    Some(format!(
+        "**New connections.** f0 itself, with no forwarding at all, reached {:.2} × legacy per \
+         round, so 1.5 × legacy asks netagent for {:.0} % of f0's rate; it reached {:.0} % (per \
+         round), {} µs per connection against f0's {} µs (medians). A connection here is about \
+         ten packets through the datapath, each a program run on either side of two namespace \
+         crossings, and its first packet allocates a masquerade port (the FIFO reuse of the \
+         destination's oldest closed port: a failed insert, two lookups, two deletes and two \
+         inserts in the default 262,144-entry tables, which miss the CPU caches); \
+         `cargo xtask bench --perf DIR` shows where each run's time goes.",
+        f0_vs_legacy.median,
+        150.0 / f0_vs_legacy.median,
+        vs_f0.median * 100.0,
+        num(1e6 / na),
+        num(1e6 / f0),
+    ))
 }
 
 fn render_control(o: &mut String, r: &Results) {
@@ -1147,5 +1179,36 @@ mod tests {
         );
         assert!(stream_n.contains("-3.0 % relative to f0"), "{stream_n}");
         assert!(stream_n.ends_with("| **met** |"), "{stream_n}");
+    }
+
+    #[test]
+    fn a_missed_connection_target_says_what_share_of_f0_it_asks_for() {
+        let mut r = Results::default();
+        rounds(
+            &mut r.samples,
+            1,
+            Metric::CrrPerSec,
+            [200.0, 150.0, 100.0, 140.0],
+        );
+        let item = crr_limit(&r, 1).expect("missed: an item");
+        assert!(
+            item.contains("reached 2.00 × legacy per round")
+                && item.contains("asks netagent for 75 % of f0's rate; it reached 70 %"),
+            "{item}"
+        );
+        // Medians: 140 and 200 conn/s (round 1 runs twice as fast).
+        assert!(
+            item.contains("7143 µs per connection against f0's 5000 µs"),
+            "{item}"
+        );
+
+        let mut met = Results::default();
+        rounds(
+            &mut met.samples,
+            1,
+            Metric::CrrPerSec,
+            [200.0, 150.0, 100.0, 160.0],
+        );
+        assert!(crr_limit(&met, 1).is_none());
     }
 }
