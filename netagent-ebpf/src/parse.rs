@@ -71,7 +71,10 @@ fn pull_headers(ctx: &TcContext) {
     if let Some(vihl) = Skb(ctx).load::<u8>(ETH_HLEN) {
         let ihl = usize::from(vihl & 0x0f) * 4;
         if ihl > IPV4_MIN_HLEN {
-            pull_to(ctx, core::cmp::min(ETH_HLEN + ihl + TCP_HLEN, MAX_PARSE_LEN));
+            pull_to(
+                ctx,
+                core::cmp::min(ETH_HLEN + ihl + TCP_HLEN, MAX_PARSE_LEN),
+            );
         }
     }
 }
@@ -109,6 +112,9 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, DropReason> {
 pub fn icmp_error_quote(ctx: &TcContext, ip: &Ipv4) -> Result<Quoted, DropReason> {
     // The quote: ICMP header, the quoted IPv4 header (options included) and
     // the 8 bytes of its L4 header.
-    pull_to(ctx, ip.l4_off() + ICMP_QUOTED_L4 + IPV4_MAX_HLEN + ICMP_QUOTED_L4);
+    pull_to(
+        ctx,
+        ip.l4_off() + ICMP_QUOTED_L4 + IPV4_MAX_HLEN + ICMP_QUOTED_L4,
+    );
     packet::icmp_error_quote(&Skb(ctx), ip)
 }

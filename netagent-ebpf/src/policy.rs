@@ -35,9 +35,7 @@ fn longest_match(slot: u32, daddr: u32) -> Option<&'static PolicyRule> {
 /// reason to drop it if not.
 #[inline(always)]
 pub fn egress_check(cfg: &GlobalConfig, slot: u32, daddr: u32) -> Result<(), DropReason> {
-    egress_verdict(
-        longest_match(slot, daddr),
-        is_host_addr(cfg, daddr),
-        || longest_match(0, daddr).copied(),
-    )
+    egress_verdict(longest_match(slot, daddr), is_host_addr(cfg, daddr), || {
+        longest_match(0, daddr).copied()
+    })
 }

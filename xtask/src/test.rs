@@ -50,11 +50,24 @@ pub fn run(opts: &Options) -> Result<()> {
     suites.and(smoke)
 }
 
-/// `cargo fmt --check` and clippy with warnings denied, as the project keeps them.
+/// `cargo fmt --check` and clippy with warnings denied, as the project keeps them;
+/// the eBPF crate (outside the workspace, on a toolchain without rustfmt) is
+/// checked with the workspace's `rustfmt` and `rustfmt.toml`.
 fn lint(root: &std::path::Path) -> Result<()> {
     run_cmd(
         Command::new("cargo")
             .args(["fmt", "--all", "--check"])
+            .current_dir(root),
+    )?;
+    let mut ebpf_sources: Vec<_> = std::fs::read_dir(root.join("netagent-ebpf/src"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .collect();
+    ebpf_sources.sort();
+    run_cmd(
+        Command::new("rustfmt")
+            .args(["--check", "--edition", "2024"])
+            .args(&ebpf_sources)
             .current_dir(root),
     )?;
     run_cmd(
