@@ -78,11 +78,12 @@ pub const NEXT_HOP_CACHE_SIZE: u32 = 64;
 /// masquerade's fast path. One lookup per destination, CPU and period.
 pub const NEXT_HOP_CACHE_NS: u64 = 20_000_000;
 
-/// The `MAP_NEXT_HOPS` entry of destination `daddr` (network order): a
-/// multiplicative hash's top bits.
+/// The `MAP_NEXT_HOPS` entry of destination `daddr`, `dport` (network order)
+/// and protocol `proto`: a multiplicative hash's top bits.
 #[inline(always)]
-pub const fn next_hop_index(daddr: u32) -> u32 {
-    daddr.wrapping_mul(0x9e37_79b1) >> (32 - NEXT_HOP_CACHE_SIZE.trailing_zeros())
+pub const fn next_hop_index(daddr: u32, dport: u16, proto: u8) -> u32 {
+    let x = daddr ^ ((dport as u32) << 16) ^ ((proto as u32) << 8);
+    x.wrapping_mul(0x9e37_79b1) >> (32 - NEXT_HOP_CACHE_SIZE.trailing_zeros())
 }
 
 /// A flow entry's `last_seen_ns` is refreshed at most this often, so established
@@ -418,11 +419,13 @@ const _: () = assert!(core::mem::size_of::<GuestL2>() == 16);
 const _: () = assert!(core::mem::size_of::<SlotInfo>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
-const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
 
 /// A `MAP_NEXT_HOPS` entry: the next hop `bpf_fib_lookup` gave for packets
-/// from `saddr` to `daddr` (network order) on the uplink, and the sizes it
-/// confirmed fit the route's MTU. Unused while `expires_ns` is 0.
+/// from `saddr` to `daddr`:`dport` over `proto` (network order) on the uplink
+/// (the destination port and protocol are part of the key because routing rules
+/// may select by them), and the sizes it confirmed fit the route's MTU. Unused
+/// while `expires_ns` is 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
@@ -438,6 +441,10 @@ pub struct NextHop {
     pub max_len: u16,
     /// The largest GSO segment size a lookup let through.
     pub max_gso: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 5],
 }
 
 #[cfg(feature = "user")]

@@ -37,7 +37,7 @@ pub struct Egress {
 /// With `CONFIG_F_UPLINK_PEER` (the uplink is a veth whose peer is in another
 /// namespace) the next hop comes from `bpf_fib_lookup` (the kernel's routes and
 /// neighbours, as an output lookup on the uplink), cached per CPU and
-/// destination for a moment (`next_hop`); when it is on the uplink with
+/// destination (address, port, protocol) for a moment (`next_hop`); when it is on the uplink with
 /// a resolved neighbour, both MACs are written and the frame goes straight to the
 /// peer's ingress (`bpf_redirect_peer`): no transmit queue and no backlog pass,
 /// which on a veth uplink is one softirq round per packet less. In every other
@@ -50,7 +50,7 @@ pub fn to_uplink(ctx: &TcContext, cfg: &GlobalConfig, e: &Egress) -> i32 {
     if cfg.flags & CONFIG_F_UPLINK_PEER != 0 {
         // SAFETY: the context's `__sk_buff`, valid for this run.
         let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-        let hop = next_hop::Lookup::new(e.saddr, e.daddr, e.tot_len, gso_size);
+        let hop = next_hop::Lookup::new(e, gso_size);
         if let Some((smac, dmac)) = hop.cached()
             && set_macs(ctx, &smac, &dmac).is_ok()
         {

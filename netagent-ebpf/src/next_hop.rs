@@ -3,7 +3,9 @@
 //! the MTU check) is the largest part of a masqueraded packet's fast path, and
 //! a flow's packets, like most of a host's, go to few destinations.
 //!
-//! An entry is used only for the same source and destination, before it
+//! An entry is used only for the same source, destination, destination port
+//! and protocol (what routing rules may select by, besides the source port,
+//! which is the masquerade's own choice), before it
 //! expires, and for a packet no larger than the lookups let through (the
 //! datagram's length, or the GSO segment size): anything else is looked up
 //! again, and a lookup that fails leaves the entry alone (the packet takes
@@ -14,7 +16,7 @@
 use aya_ebpf::bindings::bpf_fib_lookup;
 use netagent_common::{NEXT_HOP_CACHE_NS, NextHop, next_hop_index};
 
-use crate::{conntrack, maps::NEXT_HOPS};
+use crate::{conntrack, fwd::Egress, maps::NEXT_HOPS};
 
 /// A packet's claim on the cache: its destination's entry and the sizes that
 /// must fit.
@@ -22,6 +24,8 @@ pub struct Lookup {
     entry: Option<*mut NextHop>,
     saddr: u32,
     daddr: u32,
+    dport: u16,
+    proto: u8,
     /// The datagram's length, or 0 for a GSO packet.
     tot_len: u16,
     /// The GSO segment size, or 0.
@@ -30,14 +34,17 @@ pub struct Lookup {
 }
 
 impl Lookup {
-    /// The cache entry of `daddr` for a packet from `saddr`.
+    /// The cache entry of packet `e`'s destination (`gso_size` from its skb).
     #[inline(always)]
-    pub fn new(saddr: u32, daddr: u32, tot_len: u16, gso_size: u32) -> Self {
+    pub fn new(e: &Egress, gso_size: u32) -> Self {
         let gso_size = gso_size.min(u32::from(u16::MAX)) as u16;
+        let tot_len = e.tot_len;
         Lookup {
-            entry: NEXT_HOPS.get_ptr_mut(next_hop_index(daddr)),
-            saddr,
-            daddr,
+            entry: NEXT_HOPS.get_ptr_mut(next_hop_index(e.daddr, e.dport, e.proto)),
+            saddr: e.saddr,
+            daddr: e.daddr,
+            dport: e.dport,
+            proto: e.proto,
             tot_len: if gso_size == 0 { tot_len } else { 0 },
             gso_size,
             now: conntrack::now_ns(),
@@ -55,8 +62,16 @@ impl Lookup {
         } else {
             self.gso_size <= hop.max_gso
         };
-        (hop.daddr == self.daddr && hop.saddr == self.saddr && self.now < hop.expires_ns && fits)
-            .then_some((hop.smac, hop.dmac))
+        (self.same_key(hop) && self.now < hop.expires_ns && fits).then_some((hop.smac, hop.dmac))
+    }
+
+    /// Whether `hop` is this packet's destination's entry.
+    #[inline(always)]
+    fn same_key(&self, hop: &NextHop) -> bool {
+        hop.daddr == self.daddr
+            && hop.saddr == self.saddr
+            && hop.dport == self.dport
+            && hop.proto == self.proto
     }
 
     /// Records a successful lookup's answer (`p`) for this packet: widens the
@@ -68,8 +83,7 @@ impl Lookup {
         };
         // SAFETY: as in `cached`.
         let hop = unsafe { &mut *entry };
-        if hop.daddr == self.daddr
-            && hop.saddr == self.saddr
+        if self.same_key(hop)
             && self.now < hop.expires_ns
             && hop.dmac == p.dmac
             && hop.smac == p.smac
@@ -86,6 +100,9 @@ impl Lookup {
             smac: p.smac,
             max_len: self.tot_len,
             max_gso: self.gso_size,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 5],
         };
     }
 }

@@ -2830,7 +2830,7 @@ fn next_hops_are_reused_for_their_lifetime_and_size_then_looked_up_again() {
         assert_eq!(&frame[6..12], &up_mac, "source MAC: the uplink's");
         frame[0..6].try_into().unwrap()
     };
-    let index = next_hop_index(map_ip(WAN));
+    let index = next_hop_index(map_ip(WAN), 7104u16.to_be(), IPPROTO_UDP);
     let cache = next_hops(&world.dp);
     let nr_cpus = aya::util::nr_cpus().unwrap();
     let plant = |hop: NextHop| {
@@ -2854,22 +2854,19 @@ fn next_hops_are_reused_for_their_lifetime_and_size_then_looked_up_again() {
     assert_eq!(remembered.len(), 1, "one CPU's entry: {remembered:?}");
     let hop = remembered[0];
     assert_eq!(
-        (
-            hop.daddr,
-            hop.saddr,
-            hop.dmac,
-            hop.smac,
-            hop.max_len,
-            hop.max_gso
-        ),
-        (
-            map_ip(WAN),
-            map_ip(UPLINK_IP),
-            wan_mac,
-            up_mac,
-            20 + 8 + 10,
-            0
-        )
+        hop,
+        NextHop {
+            daddr: map_ip(WAN),
+            saddr: map_ip(UPLINK_IP),
+            expires_ns: hop.expires_ns,
+            dmac: wan_mac,
+            smac: up_mac,
+            max_len: 20 + 8 + 10,
+            max_gso: 0,
+            dport: 7104u16.to_be(),
+            proto: IPPROTO_UDP,
+            _pad: [0; 5],
+        }
     );
     assert!(
         hop.expires_ns > before && hop.expires_ns <= coarse_now_ns() + NEXT_HOP_CACHE_NS,
@@ -2888,6 +2885,9 @@ fn next_hops_are_reused_for_their_lifetime_and_size_then_looked_up_again() {
         smac: up_mac,
         max_len: 20 + 8 + 100,
         max_gso: 0,
+        dport: 7104u16.to_be(),
+        proto: IPPROTO_UDP,
+        _pad: [0; 5],
     };
     plant(live);
     assert_eq!(send(100), planted, "a live entry is used");
@@ -2895,12 +2895,25 @@ fn next_hops_are_reused_for_their_lifetime_and_size_then_looked_up_again() {
     // the entry.
     assert_eq!(send(101), wan_mac, "a larger datagram is looked up");
     assert_eq!(send(10), wan_mac, "and the FIB's answer is kept");
-    // Another destination's entry (same slot of the array) is not used.
-    plant(NextHop {
-        daddr: map_ip(Ipv4Addr::new(198, 18, 9, 9)),
-        ..live
-    });
-    assert_eq!(send(10), wan_mac, "an entry of another destination");
+    // Another destination's entry in the same place of the array is not used:
+    // another address, port (routing rules may select by it) or protocol.
+    for other in [
+        NextHop {
+            daddr: map_ip(Ipv4Addr::new(198, 18, 9, 9)),
+            ..live
+        },
+        NextHop {
+            dport: 7105u16.to_be(),
+            ..live
+        },
+        NextHop {
+            proto: IPPROTO_TCP,
+            ..live
+        },
+    ] {
+        plant(other);
+        assert_eq!(send(10), wan_mac, "the entry of {other:?}");
+    }
     // Expired: looked up again.
     plant(NextHop {
         expires_ns: coarse_now_ns().saturating_sub(1),

@@ -258,7 +258,7 @@ pub fn render(plan: &Plan, c: &Conditions, r: &Results) -> String {
          has `ip_forward=0` and forwarding on the uplink only (`net.ipv4.conf.up0.forwarding=1`, as on a \
          host that forwards), which lets `bpf_fib_lookup` give the datapath the next hop so masqueraded \
          packets enter the wan namespace directly (`bpf_redirect_peer`, the uplink being a veth, the \
-         next hop kept per CPU and destination for 20 ms); without it they take the uplink's transmit \
+         next hop kept per CPU and destination address, port and protocol for 20 ms); without it they take the uplink's transmit \
          path (`bpf_redirect_neigh`). Slot 1's guest link being a veth, frames for the guest go from \
          `eth0`'s ingress straight to the guest end (`bpf_redirect_peer`, as a TAP's would go to the \
          VMM) rather than out of the slot's end and through a backlog pass.\n\n\
