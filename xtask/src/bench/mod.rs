@@ -18,6 +18,7 @@ mod agent;
 mod chart;
 mod control_plane;
 mod legacy;
+mod live_cost;
 mod proc;
 mod prog_cost;
 mod report;
@@ -164,6 +165,8 @@ pub struct Results {
     pub real_slots: Vec<(u32, u32)>,
     pub control: Option<control_plane::ControlPlane>,
     pub prog_cost: Vec<prog_cost::ProgCost>,
+    /// The agent's programs' time per run under each workload (N = 1).
+    pub live_cost: Vec<live_cost::LiveCost>,
     /// The seed's command sequence for one slot, timed with N slots' rules present.
     pub seed: Vec<(u32, Vec<legacy::SeedTiming>)>,
     /// The agent's slot creations for the scaling runs: (N, slots reached, wall time).
@@ -313,6 +316,15 @@ fn measure(
             (&plan.scale_workloads, plan.scale_rounds)
         };
         workloads::alternate(plan, worlds, n, loads, rounds, results)?;
+        if i == 0 && plan.prog_cost {
+            proc::check_interrupted()?;
+            match live_cost::measure(plan, worlds) {
+                Ok(costs) => results.live_cost = costs,
+                Err(e) => results
+                    .notes
+                    .push(format!("program time in the live runs not measured: {e:#}")),
+            }
+        }
         // The agent's control plane with few slots present; it ends by creating
         // the next N's slots at once (timed, memory measured around it).
         if i == 0

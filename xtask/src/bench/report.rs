@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::process::Command;
 
 use super::control_plane::ControlPlane;
+use super::live_cost;
 use super::stats::{Metric, Path, Summary, paired_ratio, percentile, summarize};
 use super::workloads::{SMALL_MSS, UDP_PAYLOAD};
 use super::{Plan, Results};
@@ -348,6 +349,7 @@ pub fn render(plan: &Plan, c: &Conditions, r: &Results) -> String {
     render_limits(&mut o, plan, r);
     render_control(&mut o, r);
     render_prog_cost(&mut o, r);
+    render_live_cost(&mut o, r);
     if let Some(c) = &r.agent_counters {
         let _ = writeln!(
             o,
@@ -977,6 +979,47 @@ fn render_control(o: &mut String, r: &Results) {
     }
 }
 
+fn render_live_cost(o: &mut String, r: &Results) {
+    if r.live_cost.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "## Program time in the live runs (N = 1)\n");
+    let _ = writeln!(
+        o,
+        "One extra netagent run of each workload after the rounds above, with the kernel's \
+         per-program run-time statistics on (`BPF_ENABLE_STATS`; `run_time_ns / run_cnt` as \
+         `bpftool prog show` reports them): each program's time per run under real traffic, cache \
+         misses, unclones of cloned skbs and helper calls included, the redirect's delivery not. \
+         The statistics add two clock reads to every run, so these runs are not among the samples.\n"
+    );
+    let mut header = String::from("| workload |");
+    let mut rule = String::from("|---|");
+    for p in live_cost::PROGRAMS {
+        let _ = write!(header, " `{p}` ns per run (runs) |");
+        rule.push_str("---|");
+    }
+    let _ = writeln!(o, "{header}\n{rule}");
+    let mut loads: Vec<_> = r.live_cost.iter().map(|c| c.workload).collect();
+    loads.dedup();
+    for load in loads {
+        let mut line = format!("| {} |", load.label());
+        for p in live_cost::PROGRAMS {
+            match r
+                .live_cost
+                .iter()
+                .find(|c| c.workload == load && c.program == p)
+            {
+                Some(c) => {
+                    let _ = write!(line, " {} ({}) |", num(c.ns_per_run), c.runs);
+                }
+                None => line.push_str(" – |"),
+            }
+        }
+        let _ = writeln!(o, "{line}");
+    }
+    let _ = writeln!(o);
+}
+
 fn render_prog_cost(o: &mut String, r: &Results) {
     let _ = writeln!(o, "## Program cost (BPF_PROG_TEST_RUN)\n");
     if r.prog_cost.is_empty() {
@@ -1059,6 +1102,7 @@ mod tests {
 
     use super::*;
     use crate::bench::stats::Sample;
+    use crate::bench::workloads::Workload;
 
     fn plan() -> Plan {
         Plan {
@@ -1210,5 +1254,36 @@ mod tests {
             [200.0, 150.0, 100.0, 160.0],
         );
         assert!(crr_limit(&met, 1).is_none());
+    }
+
+    #[test]
+    fn live_program_time_is_one_row_per_workload() {
+        let cost = |workload, program, runs, ns_per_run| live_cost::LiveCost {
+            workload,
+            program,
+            runs,
+            ns_per_run,
+        };
+        let r = Results {
+            live_cost: vec![
+                cost(Workload::Udp, "tap_ingress", 1000, 59.2),
+                cost(Workload::Udp, "veth_ingress", 1000, 187.0),
+                cost(Workload::Crr, "uplink_ingress", 50, 452.0),
+            ],
+            ..Results::default()
+        };
+        let mut o = String::new();
+        render_live_cost(&mut o, &r);
+        assert_eq!(
+            row(&o, "| UDP small packets |"),
+            "| UDP small packets | 59.2 (1000) | 187 (1000) | – | – |"
+        );
+        assert_eq!(
+            row(&o, "| new TCP connections |"),
+            "| new TCP connections | – | – | 452 (50) | – |"
+        );
+        let mut none = String::new();
+        render_live_cost(&mut none, &Results::default());
+        assert!(none.is_empty());
     }
 }

@@ -51,6 +51,17 @@ impl Workload {
             Workload::Crr => "crr",
         }
     }
+
+    /// What the workload is, for the report.
+    pub fn label(self) -> &'static str {
+        match self {
+            Workload::Rr => "TCP ping-pong",
+            Workload::Stream => "TCP stream",
+            Workload::StreamMss => "TCP stream, small MSS",
+            Workload::Udp => "UDP small packets",
+            Workload::Crr => "new TCP connections",
+        }
+    }
 }
 
 /// Runs `loads` on every world for `rounds` rounds at slot count `n`.
@@ -155,10 +166,10 @@ fn profile(
 }
 
 /// What one run measured, and anything worth a note.
-type RunOutcome = (Vec<(Metric, f64)>, Vec<String>);
+pub(super) type RunOutcome = (Vec<(Metric, f64)>, Vec<String>);
 
 /// Runs one workload on one path.
-fn run_one(plan: &Plan, w: &World, load: Workload) -> Result<RunOutcome> {
+pub(super) fn run_one(plan: &Plan, w: &World, load: Workload) -> Result<RunOutcome> {
     let secs = plan.duration.as_secs();
     let limit = plan.duration + Duration::from_secs(30);
     match load {
