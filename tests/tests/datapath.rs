@@ -2595,6 +2595,19 @@ fn uplink_packets(world: &RealWorld) -> (u64, u64) {
     )
 }
 
+/// Forwarding on on the uplink `up0` only (`bpf_fib_lookup` requires it; the
+/// namespace's `ip_forward` stays 0), as on a host that forwards.
+fn uplink_forwarding_on(world: &RealWorld) {
+    ip(&[
+        "netns",
+        "exec",
+        &world.names[0],
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.up0.forwarding=1",
+    ]);
+}
+
 /// A raw socket on the wan end of the uplink: the frames as they arrive.
 fn wan_capture(world: &RealWorld) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
@@ -2716,14 +2729,7 @@ fn veth_uplink_hands_masqueraded_frames_to_the_peer_with_the_next_hops_macs() {
 
     // Forwarding on: the next hop (resolved above) comes from the FIB, and the
     // frame skips up0's transmit.
-    ip(&[
-        "netns",
-        "exec",
-        &world.names[0],
-        "sysctl",
-        "-qw",
-        "net.ipv4.conf.up0.forwarding=1",
-    ]);
+    uplink_forwarding_on(&world);
     let (tx0, rx0) = uplink_packets(&world);
     assert_eq!(
         send(b"straight to the peer"),
@@ -2806,14 +2812,7 @@ fn next_hops_are_reused_for_their_lifetime_and_size_then_looked_up_again() {
     let Some(world) = RealWorld::build('n', AttachMode::Auto, true) else {
         return;
     };
-    ip(&[
-        "netns",
-        "exec",
-        &world.names[0],
-        "sysctl",
-        "-qw",
-        "net.ipv4.conf.up0.forwarding=1",
-    ]);
+    uplink_forwarding_on(&world);
     let (_, up_mac) = link_info(&world.names[0], "up0");
     let (_, wan_mac) = link_info(&world.names[1], "wan0");
     let server = udp_socket(&world.wan_ns, sock(WAN, 7104));
@@ -2853,21 +2852,20 @@ fn next_hops_are_reused_for_their_lifetime_and_size_then_looked_up_again() {
         .collect();
     assert_eq!(remembered.len(), 1, "one CPU's entry: {remembered:?}");
     let hop = remembered[0];
-    assert_eq!(
-        hop,
-        NextHop {
-            daddr: map_ip(WAN),
-            saddr: map_ip(UPLINK_IP),
-            expires_ns: hop.expires_ns,
-            dmac: wan_mac,
-            smac: up_mac,
-            max_len: 20 + 8 + 10,
-            max_gso: 0,
-            dport: 7104u16.to_be(),
-            proto: IPPROTO_UDP,
-            _pad: [0; 5],
-        }
-    );
+    // The destination's entry, as the datapath writes it.
+    let entry = NextHop {
+        daddr: map_ip(WAN),
+        saddr: map_ip(UPLINK_IP),
+        expires_ns: hop.expires_ns,
+        dmac: wan_mac,
+        smac: up_mac,
+        max_len: 20 + 8 + 10,
+        max_gso: 0,
+        dport: 7104u16.to_be(),
+        proto: IPPROTO_UDP,
+        _pad: [0; 5],
+    };
+    assert_eq!(hop, entry);
     assert!(
         hop.expires_ns > before && hop.expires_ns <= coarse_now_ns() + NEXT_HOP_CACHE_NS,
         "expires {} (looked up after {before})",
@@ -2878,16 +2876,10 @@ fn next_hops_are_reused_for_their_lifetime_and_size_then_looked_up_again() {
     // MAC goes on the wire (and the wan stack still takes the frame).
     let planted = [0x02, 0, 0, 0, 0x4e, 0x48];
     let live = NextHop {
-        daddr: map_ip(WAN),
-        saddr: map_ip(UPLINK_IP),
         expires_ns: coarse_now_ns() + 60_000_000_000,
         dmac: planted,
-        smac: up_mac,
         max_len: 20 + 8 + 100,
-        max_gso: 0,
-        dport: 7104u16.to_be(),
-        proto: IPPROTO_UDP,
-        _pad: [0; 5],
+        ..entry
     };
     plant(live);
     assert_eq!(send(100), planted, "a live entry is used");
