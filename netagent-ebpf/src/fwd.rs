@@ -30,6 +30,8 @@ pub struct Egress {
     pub dport: u16,
     /// The IP datagram's total length (host order).
     pub tot_len: u16,
+    /// Now, by the flows' coarse clock (`conntrack::now_ns`, read once per packet).
+    pub now: u64,
 }
 
 /// Sends a masqueraded packet out by the uplink.
@@ -37,8 +39,8 @@ pub struct Egress {
 /// With `CONFIG_F_UPLINK_PEER` (the uplink is a veth whose peer is in another
 /// namespace) the next hop comes from `bpf_fib_lookup` (the kernel's routes and
 /// neighbours, as an output lookup on the uplink), cached per CPU and
-/// destination (address, port, protocol) for a moment (`next_hop`); when it is on the uplink with
-/// a resolved neighbour, both MACs are written and the frame goes straight to the
+/// destination (address, port, protocol) for a moment (`next_hop`); when it is
+/// on the uplink with a resolved neighbour, both MACs are written and the frame goes straight to the
 /// peer's ingress (`bpf_redirect_peer`): no transmit queue and no backlog pass,
 /// which on a veth uplink is one softirq round per packet less. In every other
 /// case — an uplink of another kind, forwarding off on the uplink (which

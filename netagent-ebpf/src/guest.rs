@@ -123,9 +123,10 @@ fn established(
         // of the slot's own stack).
         return Ok(Fast::Slow(Known::NotLookedUp));
     }
-    conntrack::touch(entry, l4, Dir::Original, conntrack::now_ns());
+    let now = conntrack::now_ns();
+    conntrack::touch(entry, l4, Dir::Original, now);
     count_from_guest(ctx, slot);
-    snat_and_send(ctx, ip, l4, nat_ip, nat_port, cfg)
+    snat_and_send(ctx, ip, l4, nat_ip, nat_port, cfg, now)
         .map(Fast::Sent)
         .map_err(|reason| Drop::new(slot, reason))
 }

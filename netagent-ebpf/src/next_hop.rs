@@ -5,10 +5,9 @@
 //!
 //! An entry is used only for the same source, destination, destination port
 //! and protocol (what routing rules may select by, besides the source port,
-//! which is the masquerade's own choice), before it
-//! expires, and for a packet no larger than the lookups let through (the
-//! datagram's length, or the GSO segment size): anything else is looked up
-//! again, and a lookup that fails leaves the entry alone (the packet takes
+//! which is the masquerade's own choice), before it expires, and for a packet
+//! no larger than the lookups let through (the datagram's length, or the GSO
+//! segment size): anything else is looked up again, and a lookup that fails leaves the entry alone (the packet takes
 //! `bpf_redirect_neigh`). A route, neighbour or MTU change on the uplink is
 //! therefore seen within `NEXT_HOP_CACHE_NS`. The map is per CPU and TC
 //! programs do not nest on one CPU, so an entry is never written concurrently.
@@ -16,7 +15,7 @@
 use aya_ebpf::bindings::bpf_fib_lookup;
 use netagent_common::{NEXT_HOP_CACHE_NS, NextHop, next_hop_index};
 
-use crate::{conntrack, fwd::Egress, maps::NEXT_HOPS};
+use crate::{fwd::Egress, maps::NEXT_HOPS};
 
 /// A packet's claim on the cache: its destination's entry and the sizes that
 /// must fit.
@@ -38,16 +37,15 @@ impl Lookup {
     #[inline(always)]
     pub fn new(e: &Egress, gso_size: u32) -> Self {
         let gso_size = gso_size.min(u32::from(u16::MAX)) as u16;
-        let tot_len = e.tot_len;
         Lookup {
             entry: NEXT_HOPS.get_ptr_mut(next_hop_index(e.daddr, e.dport, e.proto)),
             saddr: e.saddr,
             daddr: e.daddr,
             dport: e.dport,
             proto: e.proto,
-            tot_len: if gso_size == 0 { tot_len } else { 0 },
+            tot_len: if gso_size == 0 { e.tot_len } else { 0 },
             gso_size,
-            now: conntrack::now_ns(),
+            now: e.now,
         }
     }
 

@@ -98,11 +98,13 @@ pub fn masquerade(
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let (nat_ip, nat_port) = snat(&key, l4, slot, cfg, guest, known)?;
-    snat_and_send(ctx, ip, l4, nat_ip, nat_port, cfg).map_err(drop)
+    let now = conntrack::now_ns();
+    let (nat_ip, nat_port) = snat(&key, l4, slot, cfg, guest, known, now)?;
+    snat_and_send(ctx, ip, l4, nat_ip, nat_port, cfg, now).map_err(drop)
 }
 
-/// Source := `nat_ip`:`nat_port` in one rewrite, and out by the uplink.
+/// Source := `nat_ip`:`nat_port` in one rewrite, and out by the uplink. `now`:
+/// the packet's coarse clock reading (`conntrack::now_ns`).
 #[inline(always)]
 pub fn snat_and_send(
     ctx: &TcContext,
@@ -111,6 +113,7 @@ pub fn snat_and_send(
     nat_ip: u32,
     nat_port: u16,
     cfg: &GlobalConfig,
+    now: u64,
 ) -> Result<i32, DropReason> {
     csum::ipv4_addr_rewrite(ctx, l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip)?;
     csum::l4_port_rewrite(ctx, l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)?;
@@ -121,6 +124,7 @@ pub fn snat_and_send(
         sport: nat_port,
         dport: l4.dport,
         tot_len: (ip.end - netagent_common::packet::header::ETH_HLEN) as u16,
+        now,
     };
     Ok(fwd::to_uplink(ctx, cfg, &egress))
 }
@@ -136,7 +140,8 @@ pub fn stays_on_host(cfg: &GlobalConfig, daddr: u32) -> bool {
 /// The masquerade address and port of the outgoing flow `key` (source = the
 /// slot's vpeer address): the known entry, refreshed, or a newly allocated one
 /// (counted as an allocation or a failure). `guest` (`STATE_GUEST` or 0) is
-/// added to the entry's state; `known` spares a lookup the caller made already.
+/// added to the entry's state; `known` spares a lookup the caller made already;
+/// `now` is the packet's coarse clock reading.
 #[inline(always)]
 pub fn snat(
     key: &FlowKey,
@@ -145,8 +150,8 @@ pub fn snat(
     cfg: &GlobalConfig,
     guest: u32,
     known: Known,
+    now: u64,
 ) -> Result<(u32, u16), Drop> {
-    let now = conntrack::now_ns();
     match known.entry(key) {
         Some(entry) => {
             conntrack::touch(entry, l4, Dir::Original, now);
