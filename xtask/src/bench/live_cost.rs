@@ -76,7 +76,10 @@ fn deltas(
 /// `bpf(BPF_ENABLE_STATS, { .type = BPF_STATS_RUN_TIME })`: the statistics
 /// are on while the returned fd is open.
 fn enable_run_time_stats() -> Result<OwnedFd> {
-    const SYS_BPF: std::ffi::c_long = 321; // x86_64
+    #[cfg(target_arch = "x86_64")]
+    const SYS_BPF: std::ffi::c_long = 321;
+    #[cfg(target_arch = "aarch64")]
+    const SYS_BPF: std::ffi::c_long = 280;
     const BPF_ENABLE_STATS: std::ffi::c_long = 32;
     unsafe extern "C" {
         fn syscall(number: std::ffi::c_long, ...) -> std::ffi::c_long;

@@ -74,7 +74,8 @@ pub struct Options {
     /// Skip the control-plane measurements.
     #[arg(long)]
     pub no_control_plane: bool,
-    /// Skip the BPF_PROG_TEST_RUN program cost.
+    /// Skip the program costs: BPF_PROG_TEST_RUN, and the extra netagent runs
+    /// with the kernel's run-time statistics (program time in the live runs).
     #[arg(long)]
     pub no_prog_cost: bool,
     /// Report path (Markdown); the chart goes next to it as bench.svg.
