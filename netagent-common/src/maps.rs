@@ -112,6 +112,18 @@ pub const SLOT_TAP_IFINDEX_BASE: u32 = 1 << 20;
 /// any index when these are taken) is found in `MAP_VETH_SLOTS`.
 pub const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
 
+/// `skb->mark` of a reply `uplink_ingress` translated for the guest itself
+/// (destination 169.254.0.21 and original port, the guest's MACs) before
+/// handing it to the slot's `eth0` with `bpf_redirect_peer`, which keeps the
+/// mark (the kernel scrubs the skb without clearing it: same host). The low
+/// 16 bits are the slot index. `slot_ingress` sends such a packet on to `tap0`
+/// as it is and clears the mark: one translation on the reply path, no lookup
+/// by address in the slot namespace. Frames that reach `eth0` any other way
+/// come through the veth's transmit, which clears the mark between namespaces.
+pub const TO_GUEST_MARK: u32 = 0x6e61_0000;
+/// The bits of `skb->mark` that say `TO_GUEST_MARK`; the others are the slot.
+pub const TO_GUEST_MARK_MASK: u32 = 0xffff_0000;
+
 /// A masquerade port whose TCP flow is closed (RST, or FIN both ways) and idle this
 /// long may be taken by a new flow to the same destination before the reaper frees
 /// it, so a burst of short connections does not exhaust the ports (the role

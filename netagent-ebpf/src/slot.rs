@@ -1,4 +1,6 @@
 //! `slot_ingress` (on `eth0`, every slot namespace, one shared instance):
+//! a reply `uplink_ingress` already translated for the guest (`TO_GUEST_MARK`,
+//! which names the slot) goes on to `tap0` untouched. Other
 //! packets for a slot's vpeer address or HostIP are for that slot's guest (the
 //! slot is found by the destination in `ADDR_SLOTS`). Their destination becomes 169.254.0.21 (HostIP
 //! flows are tracked so the guest's replies leave as HostIP again) and they go to
@@ -9,20 +11,29 @@
 //! TAP's frame goes straight to the VMM: no transmit on `tap0` and no second
 //! backlog pass in the guest's namespace.
 
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
 use netagent_common::{
     Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, SLOT_F_GUEST_VETH,
+    TO_GUEST_MARK, TO_GUEST_MARK_MASK,
 };
 
 use crate::{
     conntrack, csum, fwd,
-    maps::{GUEST_L2, slot_by_addr},
+    maps::{GUEST_L2, slot_by_addr, slot_info},
     parse::{self, IP_DST_OFF, L4Kind},
     stats::{self, Drop},
 };
 
 #[inline(always)]
 pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
+    // SAFETY: reading a field of the context the kernel passed in.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & TO_GUEST_MARK_MASK == TO_GUEST_MARK {
+        return Ok(pass_translated(ctx, mark & !TO_GUEST_MARK_MASK));
+    }
     let ip = match parse::ipv4(ctx) {
         Ok(Some(ip)) => ip,
         Ok(None) => return Ok(TC_ACT_OK as i32),
@@ -83,4 +94,22 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         return Ok(fwd::redirect(info.tap_ifindex));
     }
     Ok(fwd::redirect_neigh(info.tap_ifindex))
+}
+
+/// A reply `uplink_ingress` already translated for the guest of `slot` and
+/// addressed to it (`TO_GUEST_MARK`): counted and sent on to `tap0` as it is.
+/// The mark is cleared first, so the guest's side never sees it. (A slot
+/// deleted meanwhile has no `tap0` left: the packet is dropped.)
+#[inline(always)]
+fn pass_translated(ctx: &TcContext, slot: u32) -> i32 {
+    ctx.set_mark(0);
+    let Some(info) = slot_info(slot) else {
+        return TC_ACT_SHOT as i32;
+    };
+    stats::count_packet(slot, Counter::TO_GUEST_PACKETS, ctx.len());
+    if info.flags & SLOT_F_GUEST_VETH != 0 {
+        fwd::redirect_peer_as_host(ctx, info.tap_ifindex)
+    } else {
+        fwd::redirect(info.tap_ifindex)
+    }
 }

@@ -1,16 +1,18 @@
 //! `uplink_ingress` (on the uplink, agent namespace): replies to masqueraded
-//! flows get their vpeer address and original port back and go straight to the
-//! slot's `eth0` ingress with `bpf_redirect_peer(host veth)`. Everything else is
-//! the host's own traffic and passes untouched.
+//! flows get their original port back and go straight to the slot's `eth0`
+//! ingress with `bpf_redirect_peer(host veth)`: translated for the guest
+//! (169.254.0.21, the guest's MACs, `TO_GUEST_MARK`) once its addresses are
+//! known, else to the vpeer address for `slot_ingress` to translate. Everything
+//! else is the host's own traffic and passes untouched.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use netagent_common::{FlowKey, GlobalConfig};
+use netagent_common::{FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig, TO_GUEST_MARK};
 
 use crate::{
     conntrack::{self, Dir},
     csum::{self, PortField},
     fwd,
-    maps::{global_config, slot_info},
+    maps::{GUEST_L2, global_config, slot_info},
     nat,
     parse::{self, IP_DST_OFF, Ipv4, L4Kind},
     stats::Drop,
@@ -61,7 +63,19 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         return pass;
     };
     let drop = |reason| Drop::new(slot, reason);
-    csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_DST_OFF, ip.daddr, vpeer).map_err(drop)?;
+    // Once the guest's addresses are known (it has sent since the slot came
+    // up), the reply is translated for the guest right here and `slot_ingress`
+    // only passes it on (`TO_GUEST_MARK`); before, it goes to the vpeer address
+    // and `slot_ingress` translates it again.
+    let guest_l2 = match GUEST_L2.get(slot) {
+        Some(l2) if l2.flags & GUEST_L2_F_VALID != 0 => Some((l2.gateway_mac, l2.guest_mac)),
+        _ => None,
+    };
+    let daddr = match guest_l2 {
+        Some(_) => u32::from_ne_bytes(GUEST_IP_BYTES),
+        None => vpeer,
+    };
+    csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_DST_OFF, ip.daddr, daddr).map_err(drop)?;
     csum::l4_port_rewrite(
         ctx,
         &l4,
@@ -71,7 +85,13 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         orig_port,
     )
     .map_err(drop)?;
-    fwd::set_macs(ctx, &info.veth_mac, &info.eth0_mac).map_err(drop)?;
+    match guest_l2 {
+        Some((gateway_mac, guest_mac)) => {
+            fwd::set_macs(ctx, &gateway_mac, &guest_mac).map_err(drop)?;
+            ctx.set_mark(TO_GUEST_MARK | slot);
+        }
+        None => fwd::set_macs(ctx, &info.veth_mac, &info.eth0_mac).map_err(drop)?,
+    }
     Ok(fwd::redirect_peer(info.veth_ifindex))
 }
 

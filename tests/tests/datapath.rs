@@ -17,7 +17,8 @@ use netagent_common::{
     MAP_NEXT_HOPS, NAT_PORT_CURSOR_COUNT, NAT_PORT_SECRET_INDEX, NAT_REUSE_CLOSED_AFTER_NS,
     NEXT_HOP_CACHE_NS, NatEntry, NextHop, POLICY_DENY, PolicyKey, PolicyRule, SLOT_ETH0_IFINDEX,
     SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_GUEST,
-    STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo, SlotStats, nat_port_hash, next_hop_index,
+    STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo, SlotStats, TO_GUEST_MARK, nat_port_hash,
+    next_hop_index,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -1504,6 +1505,8 @@ fn uplink_restores_vpeer_on_a_reply() {
             .with_dst(VPEER, 40010)
             .build(),
     );
+    // The guest's MACs unknown: slot_ingress translates again, unmarked.
+    assert_eq!(out.mark, 0);
     let ingress = dp
         .maps()
         .flow(
@@ -1868,6 +1871,41 @@ fn slot_passes_other_traffic_untouched() {
     }
 }
 
+/// A reply `uplink_ingress` translated and marked goes on to the TAP as it is,
+/// counted for the mark's slot, with the mark cleared; one marked for a slot
+/// that is gone is dropped; the same frame unmarked is not the datapath's.
+#[test]
+fn slot_passes_marked_replies_on_untouched() {
+    let Some(dp) = datapath() else { return };
+    let frame = PacketBuilder::tcp(sock(WAN, 443), sock(GUEST, 33333), tcp_flags::ACK)
+        .macs(TAP_MAC, GUEST_MAC)
+        .payload(b"for the guest")
+        .build();
+    let out = dp
+        .test_run_marked(Program::SlotIngress, &frame, TO_GUEST_MARK | SLOT)
+        .unwrap();
+    assert_eq!(
+        (out.verdict, &out.frame, out.mark),
+        (TC_ACT_REDIRECT, &frame, 0)
+    );
+    assert_eq!(
+        (
+            stats(&dp).counters[Counter::TO_GUEST_PACKETS],
+            stats(&dp).counters[Counter::TO_GUEST_BYTES]
+        ),
+        (1, frame.len() as u64)
+    );
+
+    let gone = dp
+        .test_run_marked(Program::SlotIngress, &frame, TO_GUEST_MARK | (SLOT + 1))
+        .unwrap();
+    assert_eq!((gone.verdict, gone.mark), (TC_ACT_SHOT, 0));
+
+    let unmarked = run(&dp, Program::SlotIngress, &frame);
+    assert_eq!((unmarked.verdict, &unmarked.frame), (TC_ACT_OK, &frame));
+    assert_eq!(stats(&dp).counters[Counter::TO_GUEST_PACKETS], 1);
+}
+
 #[test]
 fn slot_drops_malformed_and_fragments_for_the_guest() {
     let Some(dp) = datapath() else { return };
@@ -1910,17 +1948,21 @@ fn guest_to_world_and_back_through_all_four_programs() {
     .macs(WAN_MAC, UPLINK_MAC);
     let at_eth0 = run(&dp, Program::UplinkIngress, &reply.build());
     assert_eq!(at_eth0.verdict, TC_ACT_REDIRECT);
-    let to_guest = run(&dp, Program::SlotIngress, &at_eth0.frame);
+    // The guest's SYN taught veth_ingress the guest's MACs, so the reply is
+    // translated for the guest in one go, addressed to it from the TAP's MAC,
+    // and marked for the slot: slot_ingress only passes it on to the TAP.
+    let for_guest = reply
+        .macs(TAP_MAC, GUEST_MAC)
+        .with_dst(GUEST, 33333)
+        .build();
+    assert_frame(&at_eth0, &for_guest);
+    assert_eq!(at_eth0.mark, TO_GUEST_MARK | SLOT);
+    let to_guest = dp
+        .test_run_marked(Program::SlotIngress, &at_eth0.frame, at_eth0.mark)
+        .unwrap();
     assert_eq!(to_guest.verdict, TC_ACT_REDIRECT);
-    assert_frame(
-        &to_guest,
-        // The guest's SYN taught tap_ingress the guest's MAC: the frame is
-        // addressed to it from the TAP's MAC and redirected straight to the TAP.
-        &reply
-            .macs(TAP_MAC, GUEST_MAC)
-            .with_dst(GUEST, 33333)
-            .build(),
-    );
+    assert_frame(&to_guest, &for_guest);
+    assert_eq!(to_guest.mark, 0, "the mark stays on the host side");
     let s = stats(&dp);
     assert_eq!(
         (

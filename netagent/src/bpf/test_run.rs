@@ -54,6 +54,9 @@ pub struct TestRunOutput {
     pub verdict: i32,
     /// The frame after the program ran.
     pub frame: Vec<u8>,
+    /// `skb->mark` after the program ran (`TO_GUEST_MARK` hands a reply from
+    /// `uplink_ingress` to `slot_ingress`).
+    pub mark: u32,
 }
 
 impl Datapath {
@@ -78,7 +81,22 @@ impl Datapath {
         frame: &[u8],
         repeat: u32,
     ) -> Result<(TestRunOutput, Duration), BpfError> {
-        run(&self.ebpf, prog, frame, None, repeat)
+        run(&self.ebpf, prog, frame, SkbCtx::default(), repeat)
+    }
+
+    /// Runs `prog` once on `frame` carrying `skb->mark` `mark`, as a packet
+    /// another program marked (`TestRunOutput::mark`) arrives.
+    pub fn test_run_marked(
+        &self,
+        prog: Program,
+        frame: &[u8],
+        mark: u32,
+    ) -> Result<TestRunOutput, BpfError> {
+        let ctx = SkbCtx {
+            mark,
+            ..SkbCtx::default()
+        };
+        run(&self.ebpf, prog, frame, ctx, 1).map(|(out, _)| out)
     }
 
     /// Runs `prog` once on `frame` as if it arrived on device `ifindex` of the
@@ -104,25 +122,53 @@ impl Datapath {
         ifindex: u32,
         repeat: u32,
     ) -> Result<(TestRunOutput, Duration), BpfError> {
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_IFINDEX_OFF..].copy_from_slice(&ifindex.to_ne_bytes());
-        run(&self.ebpf, prog, frame, Some(&ctx), repeat)
+        let ctx = SkbCtx {
+            ifindex,
+            ..SkbCtx::default()
+        };
+        run(&self.ebpf, prog, frame, ctx, repeat)
     }
 }
 
+/// Offset of `mark` in `struct __sk_buff`.
+const SKB_MARK_OFF: usize = 8;
 /// Offset of `ifindex` in `struct __sk_buff`.
 const SKB_IFINDEX_OFF: usize = 40;
 /// `struct __sk_buff` up to and including `ifindex`: the kernel zero-fills
 /// the rest of the context.
 const SKB_CTX_LEN: usize = SKB_IFINDEX_OFF + 4;
 
-/// One BPF_PROG_TEST_RUN of `prog` on `frame`, with the `__sk_buff` context
-/// `ctx` if given.
+/// Room for the whole `struct __sk_buff` the kernel writes back (it refuses a
+/// shorter buffer; 192 bytes in 6.x).
+const SKB_CTX_OUT_LEN: usize = 256;
+
+/// The `__sk_buff` fields a test run sets (the kernel takes these from the
+/// context it is given).
+#[derive(Debug, Clone, Copy, Default)]
+struct SkbCtx {
+    /// `skb->mark`.
+    mark: u32,
+    /// The device the skb arrives on, in the caller's namespace; 0 for the
+    /// loopback (`TEST_RUN_IFINDEX`).
+    ifindex: u32,
+}
+
+impl SkbCtx {
+    fn bytes(self) -> [u8; SKB_CTX_LEN] {
+        let mut ctx = [0u8; SKB_CTX_LEN];
+        ctx[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&self.mark.to_ne_bytes());
+        ctx[SKB_IFINDEX_OFF..].copy_from_slice(&self.ifindex.to_ne_bytes());
+        ctx
+    }
+}
+
+/// One BPF_PROG_TEST_RUN of `prog` on `frame` with the `__sk_buff` context
+/// `ctx`.
 fn run(
     ebpf: &aya::Ebpf,
     prog: Program,
     frame: &[u8],
-    ctx: Option<&[u8]>,
+    ctx: SkbCtx,
     repeat: u32,
 ) -> Result<(TestRunOutput, Duration), BpfError> {
     let name = prog.name();
@@ -135,20 +181,29 @@ fn run(
         .try_into()
         .map_err(|e| BpfError::program(name, "type check", e))?;
     let mut out = vec![0u8; frame.len() + OUTPUT_HEADROOM];
+    let ctx_in = ctx.bytes();
+    let mut ctx_out = [0u8; SKB_CTX_OUT_LEN];
     let result = p
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
-            ctx_in: ctx,
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
             repeat: repeat.max(1),
             ..TestRunOptions::default()
         })
         .map_err(|e| BpfError::program(name, "BPF_PROG_TEST_RUN", e))?;
     out.truncate(result.data_size_out as usize);
+    let mark = u32::from_ne_bytes(
+        ctx_out[SKB_MARK_OFF..SKB_MARK_OFF + 4]
+            .try_into()
+            .expect("four bytes"),
+    );
     Ok((
         TestRunOutput {
             verdict: result.return_value as i32,
             frame: out,
+            mark,
         },
         result.duration,
     ))
