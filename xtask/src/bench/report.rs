@@ -5,7 +5,7 @@ use std::process::Command;
 
 use super::control_plane::ControlPlane;
 use super::live_cost;
-use super::stats::{Metric, Path, Summary, paired_ratio, percentile, summarize};
+use super::stats::{Metric, Path, Summary, paired_difference, paired_ratio, percentile, summarize};
 use super::workloads::{SMALL_MSS, UDP_PAYLOAD};
 use super::{Plan, Results};
 
@@ -386,7 +386,7 @@ fn render_targets(o: &mut String, plan: &Plan, r: &Results) {
         g(Path::Floor, n0, Metric::RttP50),
         g(Path::Netagent, n0, Metric::RttP50),
     ) {
-        let (oh_na, oh_fl) = (na - f0, fl - f0);
+        let (oh_na, oh_fl, per_round) = judged_overheads(r, n0, na - f0, fl - f0);
         let ok = oh_na <= 0.5 * oh_fl;
         let verdict = if oh_fl <= 0.0 {
             "inconclusive: floor's overhead is within the noise of this run".to_string()
@@ -397,11 +397,9 @@ fn render_targets(o: &mut String, plan: &Plan, r: &Results) {
         };
         let _ = writeln!(
             o,
-            "| RTT p50 overhead over f0 ≤ 0.5 × floor's (N = {n0}) | netagent {}{} µs, floor {}{} µs: {} × floor's | {verdict} |",
-            if oh_na >= 0.0 { "+" } else { "" },
-            num(oh_na),
-            if oh_fl >= 0.0 { "+" } else { "" },
-            num(oh_fl),
+            "| RTT p50 overhead over f0 ≤ 0.5 × floor's (N = {n0}) | netagent {} µs, floor {} µs{per_round}: {} × floor's | {verdict} |",
+            signed(oh_na),
+            signed(oh_fl),
             if oh_fl > 0.0 {
                 format!("{:.2}", oh_na / oh_fl)
             } else {
@@ -647,6 +645,38 @@ fn judged_ratio(
             ),
         ),
         _ => (of_medians, String::new()),
+    }
+}
+
+/// `v` with its sign, as an overhead is written (`+1.29`, `-0.40`).
+fn signed(v: f64) -> String {
+    format!("{}{}", if v >= 0.0 { "+" } else { "" }, num(v))
+}
+
+/// The round-trip overheads over f0 (netagent's, floor's) a target is judged
+/// by: the medians of the per-round differences (each path against f0 of the
+/// same round) when there are at least three rounds, else the differences of
+/// the medians (`of_medians`). With the text that says which.
+fn judged_overheads(
+    r: &Results,
+    n: u32,
+    na_of_medians: f64,
+    fl_of_medians: f64,
+) -> (f64, f64, String) {
+    let at =
+        |p| paired_difference(&r.samples, p, Path::F0, n, Metric::RttP50).filter(|d| d.count >= 3);
+    match (at(Path::Netagent), at(Path::Floor)) {
+        (Some(na), Some(fl)) => (
+            na.median,
+            fl.median,
+            format!(
+                " (medians of {} per-round overheads, each over f0 of its round — the verdict's figures; of the medians {} and {} µs)",
+                na.count,
+                signed(na_of_medians),
+                signed(fl_of_medians)
+            ),
+        ),
+        _ => (na_of_medians, fl_of_medians, String::new()),
     }
 }
 
@@ -1223,6 +1253,41 @@ mod tests {
         );
         assert!(stream_n.contains("-3.0 % relative to f0"), "{stream_n}");
         assert!(stream_n.ends_with("| **met** |"), "{stream_n}");
+    }
+
+    #[test]
+    fn the_round_trip_overhead_is_judged_round_by_round() {
+        let mut r = Results::default();
+        // f0 drifts between rounds; netagent's overhead is +2.0, +0.5, +0.4
+        // (median +0.5), floor's +1.5 every round. The medians of the paths
+        // (f0 10, netagent 11, floor 11.5) would say +1.0 against +1.5.
+        let per_path = [
+            (Path::F0, [9.0, 12.0, 10.0]),
+            (Path::Floor, [10.5, 13.5, 11.5]),
+            (Path::Netagent, [11.0, 12.5, 10.4]),
+        ];
+        for (path, values) in per_path {
+            for (round, value) in values.into_iter().enumerate() {
+                r.samples.push(Sample {
+                    path,
+                    n: 1,
+                    metric: Metric::RttP50,
+                    round: round as u32,
+                    value,
+                });
+            }
+        }
+        let report = targets(&r);
+        let rtt = row(
+            &report,
+            "| RTT p50 overhead over f0 ≤ 0.5 × floor's (N = 1)",
+        );
+        assert!(
+            rtt.contains("netagent +0.50 µs, floor +1.50 µs (medians of 3 per-round overheads"),
+            "{rtt}"
+        );
+        assert!(rtt.contains("of the medians +1.00 and +1.50 µs"), "{rtt}");
+        assert!(rtt.ends_with("| **met** |"), "{rtt}");
     }
 
     #[test]

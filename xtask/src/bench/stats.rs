@@ -155,6 +155,31 @@ pub fn paired_ratio(
     Summary::of(&ratios)
 }
 
+/// The difference `a - b` of each round in which both paths were measured,
+/// summarized over the rounds: an overhead over f0 taken round by round, so a
+/// drift of the machine between rounds (which moves every path of a round
+/// alike) does not land on one path's median and not on another's.
+pub fn paired_difference(
+    samples: &[Sample],
+    a: Path,
+    b: Path,
+    n: u32,
+    metric: Metric,
+) -> Option<Summary> {
+    let value = |path: Path, round: u32| {
+        samples
+            .iter()
+            .find(|s| s.path == path && s.n == n && s.metric == metric && s.round == round)
+            .map(|s| s.value)
+    };
+    let differences: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.path == a && s.n == n && s.metric == metric)
+        .filter_map(|s| value(b, s.round).map(|v| s.value - v))
+        .collect();
+    Summary::of(&differences)
+}
+
 /// Every sample as CSV (path, n, metric, round, value).
 pub fn csv(samples: &[Sample]) -> String {
     let mut out = String::from("path,n,metric,round,value\n");
