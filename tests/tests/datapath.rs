@@ -2397,6 +2397,14 @@ impl RealWorld {
         for ns in &names {
             ip(&["netns", "add", ns]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
+            // No IPv6 on the links to come: their router solicitations and MLD
+            // reports would land in the uplink's packet counts the tests read.
+            inside(&netns_file(ns), || {
+                for conf in ["all", "default"] {
+                    let _ =
+                        std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1");
+                }
+            });
         }
         let veth = format!("{p}-veth-7");
         ip(&[
