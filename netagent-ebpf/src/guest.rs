@@ -28,7 +28,7 @@ use netagent_common::{
 use crate::{
     conntrack::{self, Dir},
     csum, fwd,
-    maps::{GUEST_L2, config, global_config},
+    maps::{GUEST_L2, config, global_config, has_uplink},
     nat::{self, Known},
     parse::{self, IP_SRC_OFF, Ipv4, L4, L4Kind},
     policy,
@@ -68,12 +68,15 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
         }
     }
     // Everything else the guest opens itself.
-    policy::egress_check(cfg, slot, ip.daddr).map_err(drop)?;
+    let host = policy::is_host_addr(cfg, ip.daddr);
+    policy::egress_check(slot, ip.daddr, host).map_err(drop)?;
     count_from_guest(ctx, slot);
-    let Some(cfg) = global_config().filter(|_| !stays_on_host(cfg, ip.daddr)) else {
+    // (A bool, not an `Option` of the config: LLVM turns a filtered map
+    // pointer into masking it, which the verifier refuses.)
+    if stays_on_host(ip.daddr, host) || !has_uplink(cfg) {
         // For the host stack (or no uplink to masquerade to): as the vpeer.
         return to_host(ctx, &l4, ip, info, info.vpeer_ip).map_err(drop);
-    };
+    }
     masquerade(ctx, ip, &l4, slot, info.vpeer_ip, cfg, STATE_GUEST, known)
 }
 
@@ -177,7 +180,8 @@ fn icmp_error(
         tcp_flags: 0,
     };
     let quote = parse::icmp_error_quote(ctx, ip);
-    let uplink = global_config().filter(|_| !stays_on_host(cfg, ip.daddr));
+    let host = policy::is_host_addr(cfg, ip.daddr);
+    let uplink = !stays_on_host(ip.daddr, host) && has_uplink(cfg);
     // The original direction of a host → guest flow the quote belongs to.
     let host_flow = match &quote {
         Ok(q) if q.daddr == guest => conntrack::host_flow_lookup(&FlowKey {
@@ -192,7 +196,7 @@ fn icmp_error(
         _ => false,
     };
     if !host_flow {
-        policy::egress_check(cfg, slot, ip.daddr).map_err(drop)?;
+        policy::egress_check(slot, ip.daddr, host).map_err(drop)?;
     }
     count_from_guest(ctx, slot);
     if let Ok(q) = &quote
@@ -200,7 +204,7 @@ fn icmp_error(
     {
         let new_src = if host_flow {
             info.host_ip
-        } else if uplink.is_none() {
+        } else if !uplink {
             info.vpeer_ip
         } else {
             0
@@ -211,9 +215,9 @@ fn icmp_error(
             return to_host(ctx, &outer, ip, info, new_src).map_err(drop);
         }
     }
-    let Some(cfg) = uplink else {
+    if !uplink {
         return to_host(ctx, &outer, ip, info, info.vpeer_ip).map_err(drop);
-    };
+    }
     let q = quote.map_err(drop)?;
     if q.daddr != guest {
         return Err(drop(DropReason::UnsupportedProtocol));

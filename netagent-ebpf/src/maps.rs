@@ -90,10 +90,16 @@ pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(NEXT_
 #[inline(always)]
 pub fn global_config() -> Option<&'static GlobalConfig> {
     let cfg = CONFIG.get(0)?;
-    if cfg.flags & netagent_common::CONFIG_F_UPLINK == 0 {
+    if !has_uplink(cfg) {
         return None;
     }
     Some(cfg)
+}
+
+/// Whether the uplink is configured, so masquerade may run.
+#[inline(always)]
+pub fn has_uplink(cfg: &GlobalConfig) -> bool {
+    cfg.flags & netagent_common::CONFIG_F_UPLINK != 0
 }
 
 /// A live slot's configuration.

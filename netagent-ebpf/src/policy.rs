@@ -32,10 +32,11 @@ fn longest_match(slot: u32, daddr: u32) -> Option<&'static PolicyRule> {
 }
 
 /// Whether `slot`'s guest may open traffic to `daddr` (network order); the
-/// reason to drop it if not.
+/// reason to drop it if not. `host`: `is_host_addr` of `daddr`, which the
+/// caller needs as well (one `LOCAL_ADDRS` lookup per packet).
 #[inline(always)]
-pub fn egress_check(cfg: &GlobalConfig, slot: u32, daddr: u32) -> Result<(), DropReason> {
-    egress_verdict(longest_match(slot, daddr), is_host_addr(cfg, daddr), || {
+pub fn egress_check(slot: u32, daddr: u32, host: bool) -> Result<(), DropReason> {
+    egress_verdict(longest_match(slot, daddr), host, || {
         longest_match(0, daddr).copied()
     })
 }

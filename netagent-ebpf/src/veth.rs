@@ -46,7 +46,7 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     let Some(cfg) = global_config() else {
         return Ok(TC_ACT_OK as i32);
     };
-    if stays_on_host(cfg, ip.daddr) {
+    if stays_on_host(ip.daddr, policy::is_host_addr(cfg, ip.daddr)) {
         return Ok(TC_ACT_OK as i32);
     }
     let l4 = parse::l4(ctx, &ip).map_err(drop)?;
@@ -130,11 +130,11 @@ pub fn snat_and_send(
 }
 
 /// Whether slot traffic to `daddr` stays on the host (the host stack takes it)
-/// instead of being masqueraded: the host's addresses (`policy::is_host_addr`),
-/// multicast and broadcast.
+/// instead of being masqueraded: the host's addresses (`host`, the caller's
+/// `policy::is_host_addr` of it), multicast and broadcast.
 #[inline(always)]
-pub fn stays_on_host(cfg: &GlobalConfig, daddr: u32) -> bool {
-    is_multicast_or_broadcast(daddr) || policy::is_host_addr(cfg, daddr)
+pub fn stays_on_host(daddr: u32, host: bool) -> bool {
+    host || is_multicast_or_broadcast(daddr)
 }
 
 /// The masquerade address and port of the outgoing flow `key` (source = the
