@@ -11,9 +11,9 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use netagent_common::{CONFIG_F_UPLINK_PEER, DropReason, GlobalConfig};
+use netagent_common::{CONFIG_F_UPLINK_PEER, DropReason, GlobalConfig, packet::PacketWrite};
 
-use crate::next_hop;
+use crate::{csum::DirectWriter, next_hop};
 
 /// `AF_INET`, as `bpf_fib_lookup` wants the family.
 const AF_INET: u8 = 2;
@@ -34,7 +34,8 @@ pub struct Egress {
     pub now: u64,
 }
 
-/// Sends a masqueraded packet out by the uplink.
+/// Sends a masqueraded packet out by the uplink (from `veth_ingress`: the MACs
+/// are written directly, see `csum::DirectWriter`).
 ///
 /// With `CONFIG_F_UPLINK_PEER` (the uplink is a veth whose peer is in another
 /// namespace) the next hop comes from `bpf_fib_lookup` (the kernel's routes and
@@ -54,7 +55,7 @@ pub fn to_uplink(ctx: &TcContext, cfg: &GlobalConfig, e: &Egress) -> i32 {
         let gso_size = unsafe { (*ctx.skb.skb).gso_size };
         let hop = next_hop::Lookup::new(e, gso_size);
         if let Some((smac, dmac)) = hop.cached()
-            && set_macs(ctx, &smac, &dmac).is_ok()
+            && set_macs_direct(ctx, &smac, &dmac).is_ok()
         {
             return redirect_peer_as_host(ctx, cfg.uplink_ifindex);
         }
@@ -87,7 +88,7 @@ pub fn to_uplink(ctx: &TcContext, cfg: &GlobalConfig, e: &Egress) -> i32 {
         };
         if rc == BPF_FIB_LKUP_RET_SUCCESS as i64
             && p.ifindex == cfg.uplink_ifindex
-            && set_macs(ctx, &p.smac, &p.dmac).is_ok()
+            && set_macs_direct(ctx, &p.smac, &p.dmac).is_ok()
         {
             hop.remember(&p);
             return redirect_peer_as_host(ctx, cfg.uplink_ifindex);
@@ -96,15 +97,26 @@ pub fn to_uplink(ctx: &TcContext, cfg: &GlobalConfig, e: &Egress) -> i32 {
     redirect_neigh(cfg.uplink_ifindex)
 }
 
+/// The first 12 bytes of a frame: destination, then source MAC.
+#[inline(always)]
+fn frame_macs(src: &[u8; 6], dst: &[u8; 6]) -> [u8; 12] {
+    [
+        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], src[0], src[1], src[2], src[3], src[4],
+        src[5],
+    ]
+}
+
 /// Writes destination and source MAC (the first 12 bytes of the frame).
 #[inline(always)]
 pub fn set_macs(ctx: &TcContext, src: &[u8; 6], dst: &[u8; 6]) -> Result<(), DropReason> {
-    let macs: [u8; 12] = [
-        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], src[0], src[1], src[2], src[3], src[4],
-        src[5],
-    ];
-    ctx.store(0, &macs, 0)
+    ctx.store(0, &frame_macs(src, dst), 0)
         .map_err(|_| DropReason::RewriteFailed)
+}
+
+/// `set_macs` with a direct store (`csum::DirectWriter`, for `veth_ingress`).
+#[inline(always)]
+fn set_macs_direct(ctx: &TcContext, src: &[u8; 6], dst: &[u8; 6]) -> Result<(), DropReason> {
+    DirectWriter(ctx).store(0, &frame_macs(src, dst))
 }
 
 /// Hands the packet to the ingress of `ifindex`'s veth peer (in the peer's

@@ -115,8 +115,13 @@ pub fn snat_and_send(
     cfg: &GlobalConfig,
     now: u64,
 ) -> Result<i32, DropReason> {
-    csum::ipv4_addr_rewrite(ctx, l4, ip.l4_off(), IP_SRC_OFF, ip.saddr, nat_ip)?;
-    csum::l4_port_rewrite(ctx, l4, ip.l4_off(), PortField::Source, l4.sport, nat_port)?;
+    csum::source_rewrite_direct(
+        ctx,
+        l4,
+        ip.l4_off(),
+        (ip.saddr, nat_ip),
+        (l4.sport, nat_port),
+    )?;
     let egress = fwd::Egress {
         saddr: nat_ip,
         daddr: ip.daddr,
