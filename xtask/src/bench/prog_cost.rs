@@ -46,9 +46,14 @@ pub struct ProgCost {
 
 /// Offset of `ifindex` in `struct __sk_buff`.
 const SKB_IFINDEX_OFFSET: usize = 40;
+/// Offset of `mark` in `struct __sk_buff`.
+const SKB_MARK_OFFSET: usize = 8;
 const TAP_MAC: [u8; 6] = [0x02, 0xfc, 0, 0, 0, 5];
 /// `tap0` of slot N has ifindex `SLOT_TAP_IFINDEX_BASE + N` (netagent-common).
 const SLOT_TAP_IFINDEX_BASE: u32 = 1 << 20;
+/// `skb->mark` of a reply `uplink_ingress` translated for the guest, plus the
+/// slot (netagent-common's `TO_GUEST_MARK`).
+const TO_GUEST_MARK: u32 = 0x6e61_0000;
 const TC_ACT_OK: i64 = 0;
 const TC_ACT_REDIRECT: i64 = 7;
 /// The guest's crafted flow; the slot namespace's own flow uses another port,
@@ -98,7 +103,7 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
     let mut case = |program: &str,
                     what: &str,
                     ns: &str,
-                    ifindex: Option<u32>,
+                    ctx: SkbCtx,
                     frame: &[u8],
                     timing: Timing,
                     check: &dyn Fn(i64, &[u8]) -> bool|
@@ -106,11 +111,11 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
         let prog = id(program)?;
         let (ns_per_packet, verdict, took_path, data, how) = match timing {
             Timing::Repeat(n) => {
-                let (v, t, data) = prog_run(dir, ns, prog, frame, ifindex, n)?;
+                let (v, t, data) = prog_run(dir, ns, prog, frame, ctx, n)?;
                 (t, v, check(v, &data), data, format!("repeat {n}"))
             }
             Timing::Singles(n) => {
-                let runs = prog_run_singles(dir, ns, prog, frame, ifindex, n)?;
+                let runs = prog_run_singles(dir, ns, prog, frame, ctx, n)?;
                 let ok = runs.iter().all(|(v, _, data)| check(*v, data));
                 let mut times: Vec<f64> = runs.iter().map(|r| r.1).collect();
                 times.sort_by(f64::total_cmp);
@@ -135,7 +140,7 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
         "tap_ingress",
         "guest → world TCP on slot 1's tap0 (checks, redirect_peer, frame untouched)",
         &slot_ns,
-        Some(tap_ifindex),
+        SkbCtx::on(tap_ifindex),
         &frame,
         repeat,
         &|v, data| v == TC_ACT_REDIRECT && data == frame,
@@ -149,7 +154,7 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
             &agent.host_ns,
             id("veth_ingress")?,
             frame,
-            Some(veth_ifindex),
+            SkbCtx::on(veth_ifindex),
             1,
         )?;
         let port = port_at(&first.2, 34).context("veth_ingress output too short")?;
@@ -157,7 +162,7 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
             "veth_ingress",
             what,
             &agent.host_ns,
-            Some(veth_ifindex),
+            SkbCtx::on(veth_ifindex),
             frame,
             singles,
             &|v, data| {
@@ -179,18 +184,21 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
         &tcp_frame(TAP_MAC, guest_mac, guest, server, GUEST_PORT, SERVER_PORT),
     )?;
 
+    // The guest's MACs are known (learned above), so the reply is translated
+    // for the guest here, addressed to it and marked for the slot.
     let frame = tcp_frame(mac, mac, server, uplink, SERVER_PORT, vpeer_port);
-    case(
+    let reply = case(
         "uplink_ingress",
-        "world → slot TCP reply (reverse NAT, redirect_peer)",
+        "world → slot TCP reply, guest L2 known (reverse NAT to the guest, MACs, mark, redirect_peer)",
         &agent.host_ns,
-        Some(uplink_ifindex),
+        SkbCtx::on(uplink_ifindex),
         &frame,
         singles,
         &|v, data| {
             v == TC_ACT_REDIRECT
-                && addr_at(data, 30) == Some(vpeer)
+                && addr_at(data, 30) == Some(guest)
                 && port_at(data, 36) == Some(VPEER_PORT)
+                && data.get(0..6) == Some(&guest_mac[..])
         },
     )?;
 
@@ -199,19 +207,35 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
         "uplink_ingress",
         "host's own TCP traffic (untouched, TC_ACT_OK)",
         &agent.host_ns,
-        Some(uplink_ifindex),
+        SkbCtx::on(uplink_ifindex),
         &frame,
         repeat,
         &|v, data| v == TC_ACT_OK && data == frame,
     )?;
 
-    // The guest's MACs are known (learned above): addressed here, bpf_redirect.
+    // That reply on the slot's eth0: passed on as it is (the program clears
+    // the mark, so a repeat would time another path: single runs).
+    case(
+        "slot_ingress",
+        "world → guest TCP reply, translated and marked on the uplink (passed on, redirect)",
+        &slot_ns,
+        SkbCtx {
+            ifindex: None,
+            mark: TO_GUEST_MARK | 1,
+        },
+        &reply,
+        singles,
+        &|v, data| v == TC_ACT_REDIRECT && data == reply,
+    )?;
+
+    // A packet for the vpeer address (one the uplink did not translate):
+    // translated here, addressed to the guest's known MACs, bpf_redirect.
     let frame = tcp_frame(mac, mac, server, vpeer, SERVER_PORT, GUEST_PORT);
     case(
         "slot_ingress",
-        "world → guest TCP, guest L2 known (DNAT to guest, MACs, redirect)",
+        "world → guest TCP to the vpeer address, guest L2 known (DNAT to guest, MACs, redirect)",
         &slot_ns,
-        None,
+        SkbCtx::default(),
         &frame,
         singles,
         &|v, data| {
@@ -318,13 +342,44 @@ fn ifindex(ns: &str, dev: &str) -> Result<u32> {
         .with_context(|| format!("no ifindex for {dev} in {ns}"))
 }
 
+/// The `__sk_buff` fields a test run is given.
+#[derive(Debug, Clone, Copy, Default)]
+struct SkbCtx {
+    /// The device the skb arrives on (`None`: the namespace's loopback).
+    ifindex: Option<u32>,
+    /// `skb->mark`.
+    mark: u32,
+}
+
+impl SkbCtx {
+    fn on(ifindex: u32) -> SkbCtx {
+        SkbCtx {
+            ifindex: Some(ifindex),
+            mark: 0,
+        }
+    }
+
+    /// The `ctx_in` file of program `id` for these fields, if any is set.
+    fn file(self, dir: &std::path::Path, id: u32) -> Result<Option<std::path::PathBuf>> {
+        if self.ifindex.is_none() && self.mark == 0 {
+            return Ok(None);
+        }
+        let mut ctx = vec![0u8; SKB_IFINDEX_OFFSET + 4];
+        ctx[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&self.mark.to_ne_bytes());
+        ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&self.ifindex.unwrap_or(0).to_ne_bytes());
+        let path = dir.join(format!("prog-{id}.ctx"));
+        std::fs::write(&path, ctx)?;
+        Ok(Some(path))
+    }
+}
+
 /// Runs `bpftool prog run` `repeat` times; returns (verdict, ns per run, frame out).
 fn prog_run(
     dir: &std::path::Path,
     ns: &str,
     id: u32,
     frame: &[u8],
-    ifindex: Option<u32>,
+    ctx: SkbCtx,
     repeat: u32,
 ) -> Result<(i64, f64, Vec<u8>)> {
     let data_in = dir.join(format!("prog-{id}.in"));
@@ -336,11 +391,7 @@ fn prog_run(
         .arg("data_out")
         .arg(&data_out)
         .args(["data_size_out", "2048"]);
-    if let Some(ifindex) = ifindex {
-        let mut ctx = vec![0u8; SKB_IFINDEX_OFFSET + 4];
-        ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
-        let ctx_in = dir.join(format!("prog-{id}.ctx"));
-        std::fs::write(&ctx_in, ctx)?;
+    if let Some(ctx_in) = ctx.file(dir, id)? {
         cmd.arg("ctx_in").arg(ctx_in);
     }
     cmd.args(["repeat", &repeat.to_string()]);
@@ -379,19 +430,13 @@ fn prog_run_singles(
     ns: &str,
     id: u32,
     frame: &[u8],
-    ifindex: Option<u32>,
+    ctx: SkbCtx,
     n: u32,
 ) -> Result<Vec<(i64, f64, Vec<u8>)>> {
     let data_in = dir.join(format!("prog-{id}.in"));
     std::fs::write(&data_in, frame)?;
-    let ctx = match ifindex {
-        Some(ifindex) => {
-            let mut ctx = vec![0u8; SKB_IFINDEX_OFFSET + 4];
-            ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
-            let ctx_in = dir.join(format!("prog-{id}.ctx"));
-            std::fs::write(&ctx_in, ctx)?;
-            format!(" ctx_in {}", ctx_in.display())
-        }
+    let ctx = match ctx.file(dir, id)? {
+        Some(ctx_in) => format!(" ctx_in {}", ctx_in.display()),
         None => String::new(),
     };
     let outs: Vec<std::path::PathBuf> = (0..n)

@@ -260,9 +260,11 @@ pub fn render(plan: &Plan, c: &Conditions, r: &Results) -> String {
          host that forwards), which lets `bpf_fib_lookup` give the datapath the next hop so masqueraded \
          packets enter the wan namespace directly (`bpf_redirect_peer`, the uplink being a veth, the \
          next hop kept per CPU and destination address, port and protocol for 20 ms); without it they take the uplink's transmit \
-         path (`bpf_redirect_neigh`). Slot 1's guest link being a veth, frames for the guest go from \
-         `eth0`'s ingress straight to the guest end (`bpf_redirect_peer`, as a TAP's would go to the \
-         VMM) rather than out of the slot's end and through a backlog pass.\n\n\
+         path (`bpf_redirect_neigh`). Replies are translated for the guest once, on the uplink's \
+         ingress, and marked for the slot; the program on the slot's `eth0` only passes them on. Slot \
+         1's guest link being a veth, frames for the guest go from `eth0`'s ingress straight to the \
+         guest end (`bpf_redirect_peer`, as a TAP's would go to the VMM) rather than out of the \
+         slot's end and through a backlog pass.\n\n\
          **A veth into a guest namespace stands in for the TAP in every path** (the VMM's cost would be \
          the same for all of them). Workloads: sockperf TCP ping-pong (p50/p99/min round trip); \
          iperf3 one TCP stream, and with MSS {SMALL_MSS}; UDP datagrams of {UDP_PAYLOAD} bytes payload \
