@@ -159,6 +159,13 @@ pub const CONFIG_F_UPLINK: u32 = 1;
 /// namespace, so masqueraded packets with a resolved next hop may be handed
 /// straight to the peer's ingress (`bpf_redirect_peer`).
 pub const CONFIG_F_UPLINK_PEER: u32 = 2;
+/// `GlobalConfig::flags`: every slot's `eth0` runs a `slot_ingress` that knows
+/// `TO_GUEST_MARK`, so `uplink_ingress` may translate a reply for the guest and
+/// mark it. Set at load on fresh maps; on maps reused from a previous run it is
+/// cleared at load and set once every slot is adopted (its hooks replaced by this
+/// build's programs): until then an older `slot_ingress` may be on a slot's
+/// `eth0`, and it gets replies for the vpeer address, as it expects.
+pub const CONFIG_F_TO_GUEST_MARK: u32 = 4;
 /// `SlotInfo::flags`: the slot is live; anything else makes programs pass packets.
 pub const SLOT_F_ACTIVE: u32 = 1;
 /// `SlotInfo::flags`: `SlotInfo::guest_mac` is set, and the guest's frames must

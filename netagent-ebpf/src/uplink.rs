@@ -2,11 +2,14 @@
 //! flows get their original port back and go straight to the slot's `eth0`
 //! ingress with `bpf_redirect_peer(host veth)`: translated for the guest
 //! (169.254.0.21, the guest's MACs, `TO_GUEST_MARK`) once its addresses are
-//! known, else to the vpeer address for `slot_ingress` to translate. Everything
+//! known (and `CONFIG_F_TO_GUEST_MARK` says every `slot_ingress` knows the
+//! mark), else to the vpeer address for `slot_ingress` to translate. Everything
 //! else is the host's own traffic and passes untouched.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use netagent_common::{FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig, TO_GUEST_MARK};
+use netagent_common::{
+    CONFIG_F_TO_GUEST_MARK, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig, TO_GUEST_MARK,
+};
 
 use crate::{
     conntrack::{self, Dir},
@@ -67,9 +70,13 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     // up), the reply is translated for the guest right here and `slot_ingress`
     // only passes it on (`TO_GUEST_MARK`); before, it goes to the vpeer address
     // and `slot_ingress` translates it again.
-    let guest_l2 = match GUEST_L2.get(slot) {
-        Some(l2) if l2.flags & GUEST_L2_F_VALID != 0 => Some((l2.gateway_mac, l2.guest_mac)),
-        _ => None,
+    let guest_l2 = if cfg.flags & CONFIG_F_TO_GUEST_MARK == 0 {
+        None // an older slot_ingress may be on eth0 (an upgrade adopting slots)
+    } else {
+        match GUEST_L2.get(slot) {
+            Some(l2) if l2.flags & GUEST_L2_F_VALID != 0 => Some((l2.gateway_mac, l2.guest_mac)),
+            _ => None,
+        }
     };
     let daddr = match guest_l2 {
         Some(_) => u32::from_ne_bytes(GUEST_IP_BYTES),

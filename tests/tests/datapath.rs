@@ -12,13 +12,13 @@ use netagent::bpf::{
 };
 use netagent::config::Timeouts;
 use netagent_common::{
-    CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
-    HOST_VETH_INDEX_BASE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAP_NAT_PORT_CURSORS,
-    MAP_NEXT_HOPS, NAT_PORT_CURSOR_COUNT, NAT_PORT_SECRET_INDEX, NAT_REUSE_CLOSED_AFTER_NS,
-    NEXT_HOP_CACHE_NS, NatEntry, NextHop, POLICY_DENY, PolicyKey, PolicyRule, SLOT_ETH0_IFINDEX,
-    SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_GUEST,
-    STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo, SlotStats, TO_GUEST_MARK, nat_port_hash,
-    next_hop_index,
+    CONFIG_F_TO_GUEST_MARK, CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID,
+    GlobalConfig, GuestL2, HOST_VETH_INDEX_BASE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    MAP_NAT_PORT_CURSORS, MAP_NEXT_HOPS, NAT_PORT_CURSOR_COUNT, NAT_PORT_SECRET_INDEX,
+    NAT_REUSE_CLOSED_AFTER_NS, NEXT_HOP_CACHE_NS, NatEntry, NextHop, POLICY_DENY, PolicyKey,
+    PolicyRule, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG,
+    STATE_FIN_REPLY, STATE_GUEST, STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo, SlotStats,
+    TO_GUEST_MARK, nat_port_hash, next_hop_index,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -168,7 +168,8 @@ fn datapath_with(cfg: DatapathConfig) -> Option<Dp> {
         uplink_ifindex: UPLINK_IFINDEX,
         port_min: cfg.port_min,
         port_max: cfg.port_max,
-        flags: CONFIG_F_UPLINK,
+        // As a fresh load leaves it: replies translated for the guest on the uplink.
+        flags: CONFIG_F_UPLINK | CONFIG_F_TO_GUEST_MARK,
         host_base: map_ip(cfg.host_base),
         vrt_base: map_ip(cfg.vrt_base),
     };
@@ -1971,6 +1972,51 @@ fn guest_to_world_and_back_through_all_four_programs() {
         ),
         (1, 1)
     );
+}
+
+/// On maps reused from a previous run, an older `slot_ingress` may still be on a
+/// slot's eth0 until the slot is adopted: until the agent says every slot has
+/// this build's programs (`CONFIG_F_TO_GUEST_MARK`), replies go to the vpeer
+/// address unmarked, as an older `slot_ingress` expects, even with the guest's
+/// MACs known; then they are translated for the guest on the uplink.
+#[test]
+fn replies_go_to_the_vpeer_address_until_every_slot_knows_the_mark() {
+    let Some(mut dp) = datapath() else { return };
+    let syn = guest_frame(PacketBuilder::tcp(
+        sock(GUEST, 33334),
+        sock(WAN, 443),
+        tcp_flags::SYN,
+    ));
+    let wire = packet::parse(&from_tap(&dp, &syn.build()).frame).unwrap();
+    let reply = PacketBuilder::tcp(sock(WAN, 443), wire.src_sock(), tcp_flags::ACK)
+        .macs(WAN_MAC, UPLINK_MAC)
+        .payload(b"reply");
+
+    dp.set_to_guest_mark(false).unwrap();
+    let at_eth0 = run(&dp, Program::UplinkIngress, &reply.build());
+    assert_eq!(at_eth0.verdict, TC_ACT_REDIRECT);
+    assert_frame(
+        &at_eth0,
+        &reply
+            .clone()
+            .macs(VETH_MAC, ETH0_MAC)
+            .with_dst(VPEER, 33334)
+            .build(),
+    );
+    assert_eq!(at_eth0.mark, 0);
+    let for_guest = reply
+        .clone()
+        .macs(TAP_MAC, GUEST_MAC)
+        .with_dst(GUEST, 33334)
+        .build();
+    let to_guest = run(&dp, Program::SlotIngress, &at_eth0.frame);
+    assert_eq!(to_guest.verdict, TC_ACT_REDIRECT);
+    assert_frame(&to_guest, &for_guest);
+
+    dp.set_to_guest_mark(true).unwrap();
+    let at_eth0 = run(&dp, Program::UplinkIngress, &reply.build());
+    assert_frame(&at_eth0, &for_guest);
+    assert_eq!(at_eth0.mark, TO_GUEST_MARK | SLOT);
 }
 
 #[test]

@@ -21,8 +21,9 @@ use netagent::bpf::{
     Program, RateLimit, TEST_RUN_IFINDEX, TestRunOutput,
 };
 use netagent_common::{
-    CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GlobalConfig, IPPROTO_UDP, NatEntry,
-    SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_GUEST, SlotInfo, SlotStats,
+    CONFIG_F_TO_GUEST_MARK, CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GlobalConfig,
+    IPPROTO_UDP, NatEntry, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_GUEST,
+    SlotInfo, SlotStats,
 };
 use netagent_tests::packet::{
     self, ETHERTYPE_IPV4, PacketBuilder, arp_request, ethernet_header, ipv6_udp_frame, tcp_flags,
@@ -158,7 +159,7 @@ fn world() -> Option<World> {
         uplink_ifindex: UPLINK_IFINDEX,
         port_min: cfg.port_min,
         port_max: cfg.port_max,
-        flags: CONFIG_F_UPLINK,
+        flags: CONFIG_F_UPLINK | CONFIG_F_TO_GUEST_MARK,
         host_base: map_ip(cfg.host_base),
         vrt_base: map_ip(cfg.vrt_base),
     })

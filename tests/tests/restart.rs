@@ -18,7 +18,10 @@ use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
 use aya::programs::{SchedClassifier, TcAttachType};
 use netagent::bpf::EgressRules;
 use netagent::slot::{CreateStep, DeleteStep, GuestLink, GuestMac, PolicyRequest, RateLimitSpec};
-use netagent_common::{FlowKey, MAP_NAT_EGRESS, MAP_SLOTS, NatEntry, SlotInfo};
+use netagent_common::{
+    CONFIG_F_TO_GUEST_MARK, FlowKey, GlobalConfig, MAP_CONFIG, MAP_NAT_EGRESS, MAP_SLOTS, NatEntry,
+    SlotInfo,
+};
 use netagent_tests::daemon::{Daemon, Netns, UPLINK, WAN_IP, in_netns, spawn_in_netns};
 use netagent_tests::leaks::{Strictness, Target, settled_leaks, snapshot};
 use serde_json::Value;
@@ -352,6 +355,13 @@ fn connections_survive_kill_and_restart_and_programs_are_replaced() -> Result<()
         "{line}"
     );
     ensure!(line.contains("uplink hook taken over"), "{line}");
+    // The maps were reused, so the reply translation on the uplink was off
+    // until the slot was adopted; now it is on again.
+    let config = Array::<_, GlobalConfig>::try_from(Map::Array(open_pin(&d, MAP_CONFIG)?))?;
+    ensure!(
+        config.get(&0, 0)?.flags & CONFIG_F_TO_GUEST_MARK != 0,
+        "after the adoption, replies are not translated for the guest on the uplink"
+    );
     let ids_after = hook_prog_ids(&d, 1)?;
     for (hook, before) in &ids_before {
         let after = ids_after[hook];

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use aya::{EbpfLoader, programs::SchedClassifier};
 use netagent_common::{
-    MAP_ADDR_SLOTS, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS, MAP_LOCAL_ADDRS, MAP_NAT_EGRESS,
-    MAP_NAT_INGRESS, MAP_NAT_PORT_CURSORS, MAP_NEXT_HOPS, MAP_POLICY, MAP_RATE, MAP_SLOTS,
-    MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX, NAT_PORT_CURSOR_COUNT, NEXT_HOP_CACHE_SIZE,
+    CONFIG_F_TO_GUEST_MARK, MAP_ADDR_SLOTS, MAP_CONFIG, MAP_GUEST_L2, MAP_HOST_FLOWS,
+    MAP_LOCAL_ADDRS, MAP_NAT_EGRESS, MAP_NAT_INGRESS, MAP_NAT_PORT_CURSORS, MAP_NEXT_HOPS,
+    MAP_POLICY, MAP_RATE, MAP_SLOTS, MAP_STATS, MAP_VETH_SLOTS, MAX_SLOT_INDEX,
+    NAT_PORT_CURSOR_COUNT, NEXT_HOP_CACHE_SIZE,
 };
 
 use super::attach::{AttachMode, AttachedSlot, AttachedUplink};
@@ -268,6 +269,14 @@ impl Datapath {
         global.port_max = cfg.port_max;
         global.host_base = ip_to_map(cfg.host_base);
         global.vrt_base = ip_to_map(cfg.vrt_base);
+        // Replies are translated for the guest on the uplink only once every
+        // slot's eth0 runs this build's slot_ingress: at once on fresh maps,
+        // after adoption on reused ones (`enable_to_guest_mark`).
+        if reused {
+            global.flags &= !CONFIG_F_TO_GUEST_MARK;
+        } else {
+            global.flags |= CONFIG_F_TO_GUEST_MARK;
+        }
         maps.write_global(&global)?;
         Ok(Datapath {
             ebpf,
@@ -295,6 +304,20 @@ impl Datapath {
     /// Whether the maps are a previous run's, reused (their layout matched).
     pub fn reused_pins(&self) -> bool {
         self.reused
+    }
+
+    /// Lets `uplink_ingress` translate replies for the guest and mark them for
+    /// `slot_ingress` (`CONFIG_F_TO_GUEST_MARK`), or makes it hand them to the
+    /// vpeer address again: call it with `true` once every slot adopted from a
+    /// previous run has this build's programs on its hooks.
+    pub fn set_to_guest_mark(&mut self, on: bool) -> Result<(), BpfError> {
+        let mut global = self.maps.global()?;
+        if on {
+            global.flags |= CONFIG_F_TO_GUEST_MARK;
+        } else {
+            global.flags &= !CONFIG_F_TO_GUEST_MARK;
+        }
+        self.maps.write_global(&global)
     }
 
     /// Why a previous run's pinned maps were not reused: one line per
