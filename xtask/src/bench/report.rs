@@ -5,7 +5,10 @@ use std::process::Command;
 
 use super::control_plane::ControlPlane;
 use super::live_cost;
-use super::stats::{Metric, Path, Summary, paired_difference, paired_ratio, percentile, summarize};
+use super::stats::{
+    Metric, Path, Summary, paired_difference, paired_ratio, paired_ratio_values, percentile,
+    summarize,
+};
 use super::workloads::{SMALL_MSS, UDP_PAYLOAD};
 use super::{Plan, Results};
 
@@ -875,10 +878,17 @@ fn crr_limit(r: &Results, n0: u32) -> Option<String> {
     let f0_vs_legacy = per_round(Path::F0, Path::Legacy)?;
     let vs_f0 = per_round(Path::Netagent, Path::F0)?;
     let (na, f0) = (med(r, Path::Netagent, n0, m)?, med(r, Path::F0, n0, m)?);
+    // Rounds in which netagent reached 1.5 × that round's legacy (the medians
+    // above come from different rounds and need not agree with the verdict).
+    let rounds_met = paired_ratio_values(&r.samples, Path::Netagent, Path::Legacy, n0, m)
+        .iter()
+        .filter(|&&x| x >= 1.5)
+        .count();
     Some(format!(
         "**New connections.** f0 itself, with no forwarding at all, reached {:.2} × legacy per \
          round, so 1.5 × legacy asks netagent for {:.0} % of f0's rate; it reached {:.0} % (per \
-         round), {} µs per connection against f0's {} µs (medians). A connection here is about \
+         round; each a median over the rounds), and 1.5 × legacy in {rounds_met} of {} rounds; \
+         {} µs per connection against f0's {} µs (medians). A connection here is about \
          ten packets through the datapath, each a program run on either side of two namespace \
          crossings, and its first packet allocates a masquerade port (the FIFO reuse of the \
          destination's oldest closed port: a failed insert, two lookups, two deletes and two \
@@ -887,6 +897,7 @@ fn crr_limit(r: &Results, n0: u32) -> Option<String> {
         f0_vs_legacy.median,
         150.0 / f0_vs_legacy.median,
         vs_f0.median * 100.0,
+        vs_legacy.count,
         num(1e6 / na),
         num(1e6 / f0),
     ))
@@ -1304,7 +1315,8 @@ mod tests {
         let item = crr_limit(&r, 1).expect("missed: an item");
         assert!(
             item.contains("reached 2.00 × legacy per round")
-                && item.contains("asks netagent for 75 % of f0's rate; it reached 70 %"),
+                && item.contains("asks netagent for 75 % of f0's rate; it reached 70 %")
+                && item.contains("and 1.5 × legacy in 0 of 3 rounds"),
             "{item}"
         );
         // Medians: 140 and 200 conn/s (round 1 runs twice as fast).

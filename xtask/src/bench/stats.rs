@@ -141,18 +141,40 @@ pub fn paired_ratio(
     n: u32,
     metric: Metric,
 ) -> Option<Summary> {
+    Summary::of(&paired_ratio_values(samples, a, b, n, metric))
+}
+
+/// The per-round ratios `a / b` that `paired_ratio` summarizes, in round order.
+pub fn paired_ratio_values(
+    samples: &[Sample],
+    a: Path,
+    b: Path,
+    n: u32,
+    metric: Metric,
+) -> Vec<f64> {
+    paired(samples, a, b, n, metric, |x, y| (y != 0.0).then(|| x / y))
+}
+
+/// `f(a, b)` of each round in which both paths were measured, in round order.
+fn paired(
+    samples: &[Sample],
+    a: Path,
+    b: Path,
+    n: u32,
+    metric: Metric,
+    f: impl Fn(f64, f64) -> Option<f64>,
+) -> Vec<f64> {
     let value = |path: Path, round: u32| {
         samples
             .iter()
             .find(|s| s.path == path && s.n == n && s.metric == metric && s.round == round)
             .map(|s| s.value)
     };
-    let ratios: Vec<f64> = samples
+    samples
         .iter()
         .filter(|s| s.path == a && s.n == n && s.metric == metric)
-        .filter_map(|s| value(b, s.round).filter(|&v| v != 0.0).map(|v| s.value / v))
-        .collect();
-    Summary::of(&ratios)
+        .filter_map(|s| value(b, s.round).and_then(|v| f(s.value, v)))
+        .collect()
 }
 
 /// The difference `a - b` of each round in which both paths were measured,
@@ -166,18 +188,7 @@ pub fn paired_difference(
     n: u32,
     metric: Metric,
 ) -> Option<Summary> {
-    let value = |path: Path, round: u32| {
-        samples
-            .iter()
-            .find(|s| s.path == path && s.n == n && s.metric == metric && s.round == round)
-            .map(|s| s.value)
-    };
-    let differences: Vec<f64> = samples
-        .iter()
-        .filter(|s| s.path == a && s.n == n && s.metric == metric)
-        .filter_map(|s| value(b, s.round).map(|v| s.value - v))
-        .collect();
-    Summary::of(&differences)
+    Summary::of(&paired(samples, a, b, n, metric, |x, y| Some(x - y)))
 }
 
 /// Every sample as CSV (path, n, metric, round, value).
