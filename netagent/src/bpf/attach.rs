@@ -46,7 +46,7 @@ use netagent_common::{
     SlotInfo,
 };
 
-use super::netns_cookie::in_netns;
+use super::netns::in_netns;
 use super::pins::UPLINK_LINK_PIN;
 use super::test_run::Program;
 use super::{BpfError, Datapath, SlotDatapath, Uplink, ip_to_map};

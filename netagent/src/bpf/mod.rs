@@ -81,7 +81,8 @@
 //! slot namespace); `veth_ingress` finds the slot by its ifindex (read off
 //! `HOST_VETH_INDEX_BASE + (k << 15) + N`, else VETH_SLOTS),
 //! applies the egress policy and translates them there; `slot_ingress` finds
-//! the slot by the destination address (ADDR_SLOTS).
+//! the slot by the mark `uplink_ingress` gives a reply it translated
+//! (`TO_GUEST_MARK`), else by the destination address (ADDR_SLOTS).
 //! The maps are pinned in `DatapathConfig::pin_dir` (for inspection and a
 //! restarted agent).
 //!
@@ -91,7 +92,7 @@
 //! in-place program replacement of a previous run's hooks, netns hopping), `maps`
 //! (typed map access), `batch` (whole-table reads in a few system calls),
 //! `reap` (flow expiry), `stats` (counters, table usage, LOCAL_ADDRS),
-//! `netns_cookie` (running code inside a slot namespace, `SO_NETNS_COOKIE`),
+//! `netns` (running code inside a slot namespace),
 //! `policy` (egress rules and their userspace evaluation, bandwidth limit,
 //! guest MAC), `purge` (cutting the guest flows a policy or LOCAL_ADDRS change
 //! denies) and `test_run` (BPF_PROG_TEST_RUN, also with the
@@ -104,7 +105,7 @@ mod flow_tables;
 pub mod layout;
 mod load;
 mod maps;
-mod netns_cookie;
+mod netns;
 mod pins;
 mod policy;
 mod purge;
@@ -120,7 +121,7 @@ pub use error::BpfError;
 pub use flow_tables::FlowTables;
 pub use load::{Datapath, DatapathConfig};
 pub use maps::{FlowTable, Maps};
-pub use netns_cookie::{current_netns_cookie, in_netns};
+pub use netns::in_netns;
 pub use pins::UPLINK_LINK_PIN;
 pub use policy::{
     Cidr, CidrError, DEFAULT_EGRESS_DENY, EgressRules, EgressView, MIN_BURST_BYTES, RateLimit,
