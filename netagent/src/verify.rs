@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use futures::TryStreamExt;
-use netagent_common::{CONFIG_F_UPLINK, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SlotInfo};
+use netagent_common::{
+    CONFIG_F_UPLINK, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_F_GUEST_VETH, SlotInfo,
+};
 use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
 use serde::{Deserialize, Serialize};
 
@@ -624,6 +626,14 @@ fn check_slot_maps(d: &mut Diffs, dp: &Datapath, slot: &Slot, seen: &Observed) {
                 "tap_ifindex",
                 t.index.to_string(),
                 info.tap_ifindex.to_string(),
+            );
+            // A veth guest link gets its frames by bpf_redirect_peer, a TAP's
+            // by bpf_redirect: the flag must follow tap0's kind.
+            let flag = |veth: bool| if veth { "set" } else { "clear" }.to_string();
+            field(
+                "flags.GUEST_VETH",
+                flag(t.kind.as_deref() == Some("veth")),
+                flag(info.flags & SLOT_F_GUEST_VETH != 0),
             );
         }
     }

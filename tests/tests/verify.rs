@@ -6,10 +6,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use netagent::slot::GuestLink;
 use netagent::verify::{DiffKind, Difference, VerifyReport};
-use netagent_common::{FlowKey, MAP_NAT_EGRESS, MAP_VETH_SLOTS, NatEntry};
+use netagent_common::{
+    FlowKey, MAP_NAT_EGRESS, MAP_SLOTS, MAP_VETH_SLOTS, NatEntry, SLOT_F_GUEST_VETH, SlotInfo,
+};
 use netagent_tests::daemon::{Daemon, Netns, ip};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -132,8 +134,15 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
         "02:00:00:00:00:44",
     ])?;
     ip(&["-n", &ns4, "link", "set", "tap0", "txqueuelen", "10"])?;
-    //    and its tap_ingress is detached (`tc filter del`).
+    //    and its tap_ingress is detached (`tc filter del`),
     detach_filters(&ns4, "tap0")?;
+    //    and its SLOTS entry says its TAP is a veth.
+    let mut slots: Array<MapData, SlotInfo> = Array::try_from(aya::maps::Map::Array(
+        MapData::from_pin(pins.join(MAP_SLOTS)).context("open the SLOTS pin")?,
+    ))?;
+    let mut info4 = slots.get(&4, 0)?;
+    info4.flags |= SLOT_F_GUEST_VETH;
+    slots.set(4, info4, 0)?;
     // 5. Orphans: a namespace and a veth of slot 999, a host route of slot 998,
     //    a NAT entry of slot 777.
     ip(&["netns", "add", &format!("{p}-ns-999")])?;
@@ -214,6 +223,11 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
             Some(4),
             DiffKind::Mismatch,
             "program tap_ingress on tap0".into(),
+        ),
+        (
+            Some(4),
+            DiffKind::Mismatch,
+            "map SLOTS[4].flags.GUEST_VETH".into(),
         ),
         (Some(999), DiffKind::Orphan, format!("namespace {p}-ns-999")),
         (Some(999), DiffKind::Orphan, format!("link {orphan_veth}")),
