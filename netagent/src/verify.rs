@@ -8,7 +8,9 @@
 //! on eth0, `veth_ingress` on the host veth); `eth0`'s ifindex
 //! (`SLOT_ETH0_IFINDEX`, which the shared `tap_ingress` redirects to); and its
 //! SLOTS, VETH_SLOTS and ADDR_SLOTS entries (ifindices, MACs and addresses must
-//! match the links and the address plan); and its slot record (`slot::adopt`). Then the uplink (`uplink_ingress`
+//! match the links and the address plan, the guest-veth flag `tap0`'s kind); its
+//! policy in the maps (guest MAC, POLICY rules, RATE) against the agent's; and
+//! its slot record (`slot::adopt`). Then the uplink (`uplink_ingress`
 //! attached, CONFIG pointing at it) and everything of the prefix the agent does not know: namespaces, host veths,
 //! routes through them or into the HostIP /16, active SLOTS entries, lookup
 //! entries and flows of unknown slots.
@@ -636,6 +638,20 @@ fn check_slot_maps(d: &mut Diffs, dp: &Datapath, slot: &Slot, seen: &Observed) {
                 flag(info.flags & SLOT_F_GUEST_VETH != 0),
             );
         }
+    }
+    let policy = &slot.policy;
+    match dp.policy_differences(
+        n,
+        policy.guest_mac.map(|m| m.0),
+        &policy.egress,
+        policy.rate_limit.map(|r| r.limit()),
+    ) {
+        Ok(differences) => {
+            for p in differences {
+                d.mismatch(Some(n), p.object, p.expected, p.found);
+            }
+        }
+        Err(e) => d.mismatch(Some(n), "the slot's policy maps", "readable", e),
     }
     if let Some(v) = &seen.veth {
         match maps.veth_slots() {

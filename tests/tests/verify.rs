@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use aya::maps::{Array, HashMap, MapData};
-use netagent::slot::GuestLink;
+use netagent::bpf::EgressRules;
+use netagent::slot::{GuestLink, RateLimitSpec};
 use netagent::verify::{DiffKind, Difference, VerifyReport};
 use netagent_common::{
-    FlowKey, MAP_NAT_EGRESS, MAP_SLOTS, MAP_VETH_SLOTS, NatEntry, SLOT_F_GUEST_VETH, SlotInfo,
+    FlowKey, MAP_NAT_EGRESS, MAP_RATE, MAP_SLOTS, MAP_VETH_SLOTS, NatEntry, SLOT_F_GUEST_VETH,
+    SlotInfo,
 };
 use netagent_tests::daemon::{Daemon, Netns, ip};
 
@@ -91,6 +93,22 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
         guest_netns: guest.name.clone(),
     };
     rt.block_on(c.create_slot(6, &veth_guest))?;
+    // With a policy (egress rules in a different order than the maps keep
+    // them, a bandwidth limit): read back from the maps, it matches.
+    rt.block_on(c.set_egress(
+        6,
+        &EgressRules {
+            allow: vec!["198.18.0.0/15".parse()?],
+            deny: vec!["198.51.100.0/24".parse()?, "10.0.0.0/8".parse()?],
+        },
+    ))?;
+    rt.block_on(c.set_rate_limit(
+        6,
+        Some(&RateLimitSpec {
+            bits_per_second: 123_456_784,
+            burst_bytes: 65_537,
+        }),
+    ))?;
     let started = Instant::now();
     let r = rt.block_on(c.verify())?;
     let took = started.elapsed();
@@ -143,6 +161,19 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
     let mut info4 = slots.get(&4, 0)?;
     info4.flags |= SLOT_F_GUEST_VETH;
     slots.set(4, info4, 0)?;
+    //    and a bandwidth limit the agent never set.
+    let mut rate: Array<MapData, netagent_common::RateLimit> = Array::try_from(
+        aya::maps::Map::Array(MapData::from_pin(pins.join(MAP_RATE)).context("open the RATE pin")?),
+    )?;
+    rate.set(
+        4,
+        netagent_common::RateLimit {
+            rate_bytes_per_sec: 1000,
+            burst_ns: 1_000_000_000,
+            next_ns: 0,
+        },
+        0,
+    )?;
     // 5. Orphans: a namespace and a veth of slot 999, a host route of slot 998,
     //    a NAT entry of slot 777.
     ip(&["netns", "add", &format!("{p}-ns-999")])?;
@@ -229,6 +260,7 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
             DiffKind::Mismatch,
             "map SLOTS[4].flags.GUEST_VETH".into(),
         ),
+        (Some(4), DiffKind::Mismatch, "map RATE[4]".into()),
         (Some(999), DiffKind::Orphan, format!("namespace {p}-ns-999")),
         (Some(999), DiffKind::Orphan, format!("link {orphan_veth}")),
         (Some(998), DiffKind::Orphan, "route 10.11.3.230/32".into()),
@@ -245,6 +277,11 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
     ensure!(
         route.expected == format!("10.11.0.1/32 via 10.12.0.3 dev {p}-veth-1"),
         "{route:?}"
+    );
+    let limit = find(&r, Some(4), DiffKind::Mismatch, "map RATE[4]").unwrap();
+    ensure!(
+        limit.expected == "none" && limit.found == "1000 B/s, burst 1000 B",
+        "{limit:?}"
     );
     let mac = find(&r, Some(4), DiffKind::Mismatch, "MAC of link tap0").unwrap();
     ensure!(

@@ -124,7 +124,8 @@ pub use maps::{FlowTable, Maps};
 pub use netns::in_netns;
 pub use pins::UPLINK_LINK_PIN;
 pub use policy::{
-    Cidr, CidrError, DEFAULT_EGRESS_DENY, EgressRules, EgressView, MIN_BURST_BYTES, RateLimit,
+    Cidr, CidrError, DEFAULT_EGRESS_DENY, EgressRules, EgressView, MIN_BURST_BYTES,
+    PolicyDifference, RateLimit,
 };
 pub use reap::ReapReport;
 pub use stats::TableUsage;

@@ -250,6 +250,40 @@ fn wanted_entries(slot: u32, rules: &EgressRules) -> Result<BTreeMap<Cidr, u32>,
     Ok(out)
 }
 
+/// One part of a slot's policy whose map entries differ from the agent's
+/// (`Datapath::policy_differences`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDifference {
+    /// The map entry, as `netagent verify` names objects.
+    pub object: String,
+    /// What the agent wrote.
+    pub expected: String,
+    /// What the map holds.
+    pub found: String,
+}
+
+/// A slot's rules as one line: `allow 198.18.0.0/15; deny 10.0.0.0/8`, or `none`.
+fn rules_text(entries: &BTreeMap<Cidr, u32>) -> String {
+    let list = |action| {
+        entries
+            .iter()
+            .filter(|(_, a)| **a == action)
+            .map(|(c, _)| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let parts: Vec<String> = [("allow", list(POLICY_ALLOW)), ("deny", list(POLICY_DENY))]
+        .into_iter()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(name, l)| format!("{name} {l}"))
+        .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
 /// Mask of a /16 in the maps' address form (network order).
 const NET16_MASK: u32 = u32::from_ne_bytes([255, 255, 0, 0]);
 
@@ -402,6 +436,67 @@ impl Datapath {
             None => netagent_common::RateLimit::default(),
         };
         self.maps.set_rate(index, &value)
+    }
+
+    /// How slot `index`'s policy in the maps differs from the wanted one (guest
+    /// MAC, egress rules, bandwidth limit), compared in the maps' own form so
+    /// that what was written reads back equal: one difference per part that
+    /// differs, none when the maps hold exactly these.
+    pub fn policy_differences(
+        &self,
+        index: u32,
+        guest_mac: Option<[u8; 6]>,
+        egress: &EgressRules,
+        rate: Option<RateLimit>,
+    ) -> Result<Vec<PolicyDifference>, BpfError> {
+        self.check_index(index)?;
+        let mut out = Vec::new();
+        let mac_text = |m: Option<[u8; 6]>| {
+            m.map_or("none".to_string(), |m| {
+                crate::slot::addressing::format_mac(&m)
+            })
+        };
+        let found_mac = self.guest_mac(index)?;
+        if found_mac != guest_mac {
+            out.push(PolicyDifference {
+                object: format!("map SLOTS[{index}].guest_mac"),
+                expected: mac_text(guest_mac),
+                found: mac_text(found_mac),
+            });
+        }
+        let wanted = wanted_entries(index, egress)?;
+        let found: BTreeMap<Cidr, u32> = self
+            .maps
+            .policy_rules(index)?
+            .into_iter()
+            .map(|(k, r)| (Cidr::from_key(&k), r.action))
+            .collect();
+        if found != wanted {
+            out.push(PolicyDifference {
+                object: format!("map POLICY (slot {index}'s egress rules)"),
+                expected: rules_text(&wanted),
+                found: rules_text(&found),
+            });
+        }
+        let want = rate
+            .filter(|r| r.rate_bytes_per_sec > 0)
+            .map_or(netagent_common::RateLimit::default(), RateLimit::to_map);
+        let have = self.maps.rate(index)?;
+        let same = have.rate_bytes_per_sec == want.rate_bytes_per_sec
+            && (want.rate_bytes_per_sec == 0 || have.burst_ns == want.burst_ns);
+        if !same {
+            let text = |v: &netagent_common::RateLimit| {
+                RateLimit::from_map(v).map_or("none".to_string(), |l| {
+                    format!("{} B/s, burst {} B", l.rate_bytes_per_sec, l.burst_bytes)
+                })
+            };
+            out.push(PolicyDifference {
+                object: format!("map RATE[{index}]"),
+                expected: text(&want),
+                found: text(&have),
+            });
+        }
+        Ok(out)
     }
 
     /// Slot `index`'s bandwidth limit, if it has one.
