@@ -262,6 +262,23 @@ pub struct PolicyDifference {
     pub found: String,
 }
 
+/// Whether a slot's POLICY entries `have` are other than the `wanted` ones
+/// (each wanted CIDR with its action and prefix length, and nothing else).
+fn entries_differ(have: &BTreeMap<Cidr, PolicyRule>, wanted: &BTreeMap<Cidr, u32>) -> bool {
+    have.len() != wanted.len()
+        || wanted
+            .iter()
+            .any(|(cidr, action)| have.get(cidr) != Some(&rule(cidr, *action)))
+}
+
+/// The POLICY value of `cidr` with `action`.
+fn rule(cidr: &Cidr, action: u32) -> PolicyRule {
+    PolicyRule {
+        action,
+        prefix_len: u32::from(cidr.len),
+    }
+}
+
 /// A slot's rules as one line: `allow 198.18.0.0/15; deny 10.0.0.0/8`, or `none`.
 fn rules_text(entries: &BTreeMap<Cidr, u32>) -> String {
     let list = |action| {
@@ -465,13 +482,9 @@ impl Datapath {
             });
         }
         let wanted = wanted_entries(index, egress)?;
-        let found: BTreeMap<Cidr, u32> = self
-            .maps
-            .policy_rules(index)?
-            .into_iter()
-            .map(|(k, r)| (Cidr::from_key(&k), r.action))
-            .collect();
-        if found != wanted {
+        let found = self.entries_of(index)?;
+        if entries_differ(&found, &wanted) {
+            let found = found.iter().map(|(c, r)| (*c, r.action)).collect();
             out.push(PolicyDifference {
                 object: format!("map POLICY (slot {index}'s egress rules)"),
                 expected: rules_text(&wanted),
@@ -545,16 +558,19 @@ impl Datapath {
         Ok((info.flags & SLOT_F_GUEST_MAC != 0).then_some(info.guest_mac))
     }
 
-    fn rules_of(&self, slot: u32) -> Result<EgressRules, BpfError> {
-        let mut rules = EgressRules::default();
-        let mut entries: Vec<(Cidr, PolicyRule)> = self
+    /// `slot`'s POLICY entries, by CIDR.
+    fn entries_of(&self, slot: u32) -> Result<BTreeMap<Cidr, PolicyRule>, BpfError> {
+        Ok(self
             .maps
             .policy_rules(slot)?
             .into_iter()
             .map(|(k, r)| (Cidr::from_key(&k), r))
-            .collect();
-        entries.sort_by_key(|(c, _)| *c);
-        for (cidr, rule) in entries {
+            .collect())
+    }
+
+    fn rules_of(&self, slot: u32) -> Result<EgressRules, BpfError> {
+        let mut rules = EgressRules::default();
+        for (cidr, rule) in self.entries_of(slot)? {
             match rule.action {
                 POLICY_ALLOW => rules.allow.push(cidr),
                 _ => rules.deny.push(cidr),
@@ -568,21 +584,8 @@ impl Datapath {
     /// the previous entries are restored.
     fn replace_rules(&mut self, slot: u32, rules: &EgressRules) -> Result<bool, BpfError> {
         let wanted = wanted_entries(slot, rules)?;
-        let old: BTreeMap<Cidr, PolicyRule> = self
-            .maps
-            .policy_rules(slot)?
-            .into_iter()
-            .map(|(k, r)| (Cidr::from_key(&k), r))
-            .collect();
-        let changed = old.len() != wanted.len()
-            || wanted.iter().any(|(cidr, action)| {
-                old.get(cidr)
-                    != Some(&PolicyRule {
-                        action: *action,
-                        prefix_len: u32::from(cidr.len),
-                    })
-            });
-        if !changed {
+        let old = self.entries_of(slot)?;
+        if !entries_differ(&old, &wanted) {
             return Ok(false);
         }
         let result = self.write_rules(slot, &wanted, &old);
@@ -610,10 +613,7 @@ impl Datapath {
         old: &BTreeMap<Cidr, PolicyRule>,
     ) -> Result<(), BpfError> {
         for (cidr, action) in wanted {
-            let rule = PolicyRule {
-                action: *action,
-                prefix_len: u32::from(cidr.len),
-            };
+            let rule = rule(cidr, *action);
             if old.get(cidr) != Some(&rule) {
                 self.maps.insert_policy(&cidr.key(slot), &rule)?;
             }

@@ -214,12 +214,8 @@ impl SlotManager {
         }
         // Every slot left runs this build's programs now: replies may be
         // translated for the guest on the uplink (see `CONFIG_F_TO_GUEST_MARK`).
-        mgr.with_datapath(|dp| dp.set_to_guest_mark(true).map_err(|e| e.to_string()))
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
-            .map_err(|e| {
-                start_err("let the uplink translate replies for the guests")(StepError::Other(e))
-            })?;
+        mgr.with_datapath(|dp| dp.set_to_guest_mark(true))?
+            .map_err(|e| start_err("let the uplink translate replies for the guests")(e.into()))?;
         *lock(&mgr.startup) = Some(adopted.clone());
         let monitor = local_addrs::spawn_monitor(Arc::downgrade(&mgr), mgr.host_ns.as_fd())
             .map_err(|e| start_err("watch the agent namespace's addresses")(e.into()))?;
