@@ -123,6 +123,12 @@ pub const HOST_VETH_INDEX_BASE: u32 = 1 << 20;
 pub const TO_GUEST_MARK: u32 = 0x6e61_0000;
 /// The bits of `skb->mark` that say `TO_GUEST_MARK`; the others are the slot.
 pub const TO_GUEST_MARK_MASK: u32 = 0xffff_0000;
+/// With `TO_GUEST_MARK`: the guest's MACs are not known yet, so `slot_ingress`
+/// hands the (translated) packet to `tap0` with `bpf_redirect_neigh`. Slot
+/// indexes fit in the 15 bits below it.
+pub const TO_GUEST_MARK_NEIGH: u32 = 0x8000;
+/// The slot index in a `TO_GUEST_MARK` mark.
+pub const TO_GUEST_MARK_SLOT: u32 = 0x7fff;
 
 /// A masquerade port whose TCP flow is closed (RST, or FIN both ways) and idle this
 /// long may be taken by a new flow to the same destination before the reaper frees
@@ -160,11 +166,16 @@ pub const CONFIG_F_UPLINK: u32 = 1;
 /// straight to the peer's ingress (`bpf_redirect_peer`).
 pub const CONFIG_F_UPLINK_PEER: u32 = 2;
 /// `GlobalConfig::flags`: every slot's `eth0` runs a `slot_ingress` that knows
-/// `TO_GUEST_MARK`, so `uplink_ingress` may translate a reply for the guest and
-/// mark it. Set at load on fresh maps; on maps reused from a previous run it is
-/// cleared at load and set once every slot is adopted (its hooks replaced by this
-/// build's programs): until then an older `slot_ingress` may be on a slot's
-/// `eth0`, and it gets replies for the vpeer address, as it expects.
+/// `TO_GUEST_MARK`. Then `uplink_ingress` translates every reply (and ICMP
+/// error) of a guest flow for the guest and marks it, and `slot_ingress` hands
+/// an unmarked packet for the vpeer address to the slot namespace's stack
+/// unless it answers a guest → host flow (`MAP_HOST_FLOWS`): no packet of a
+/// flow the guest did not open reaches the guest by that address. Set at load
+/// on fresh maps; on maps reused from a previous run it is cleared at load and
+/// set once every slot is adopted (its hooks replaced by this build's
+/// programs): until then an older `slot_ingress` may be on a slot's `eth0`, so
+/// replies go to the vpeer address and every `slot_ingress` translates all
+/// vpeer traffic for the guest, as before.
 pub const CONFIG_F_TO_GUEST_MARK: u32 = 4;
 /// `SlotInfo::flags`: the slot is live; anything else makes programs pass packets.
 pub const SLOT_F_ACTIVE: u32 = 1;
@@ -196,6 +207,30 @@ pub const STATE_RST: u32 = 1 << 4;
 /// (`NAT_EGRESS` looked up first, no policy lookups), and the agent removes it
 /// when a change of the policy or of `MAP_LOCAL_ADDRS` denies its destination.
 pub const STATE_GUEST: u32 = 1 << 5;
+/// Not a TCP state: a masquerade flow of the slot namespace's own stack
+/// (`FLOW_SCOPE_SLOT_NS`), set in both of its entries, so `uplink_ingress`
+/// hands its replies to that stack (vpeer address, unmarked) and the
+/// allocator rebuilds its `NAT_EGRESS` key from the reverse entry. Entries
+/// without it are the guest's (so are those of versions before it).
+pub const STATE_SLOT_NS: u32 = 1 << 6;
+
+/// `FlowKey::scope` of a guest's flow (and of every key outside
+/// `MAP_NAT_EGRESS`). Earlier versions wrote 0 here, so their flows read as
+/// the guest's, as they were.
+pub const FLOW_SCOPE_GUEST: u8 = 0;
+/// `FlowKey::scope` of a masquerade flow of the slot namespace's own stack.
+pub const FLOW_SCOPE_SLOT_NS: u8 = 1;
+
+/// The `FlowKey::scope` of the `MAP_NAT_EGRESS` key of a masquerade flow whose
+/// entry (either one) has the `STATE_*` bits `state`.
+#[inline(always)]
+pub const fn flow_scope(state: u32) -> u8 {
+    if state & STATE_SLOT_NS != 0 {
+        FLOW_SCOPE_SLOT_NS
+    } else {
+        FLOW_SCOPE_GUEST
+    }
+}
 
 /// IP protocol numbers the datapath translates.
 pub const IPPROTO_ICMP: u8 = 1;
@@ -277,8 +312,14 @@ pub struct FlowKey {
     pub dport: u16,
     /// IP protocol.
     pub proto: u8,
+    /// Whose flow a `MAP_NAT_EGRESS` key names: `FLOW_SCOPE_GUEST` (0, and in
+    /// every other map) or `FLOW_SCOPE_SLOT_NS`. Both are keyed by the slot's
+    /// vpeer address, so this keeps a flow of the slot namespace's own stack
+    /// apart from a guest flow with the same ports, as conntrack would: each
+    /// gets its own masquerade port and its replies go back to its own side.
+    pub scope: u8,
     /// Explicit padding, always zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
 }
 
 /// A NAT or tracked-flow entry: the address/port a packet of this direction is
@@ -438,6 +479,8 @@ const _: () = assert!(core::mem::size_of::<GuestL2>() == 16);
 const _: () = assert!(core::mem::size_of::<SlotInfo>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
+const _: () = assert!(MAX_SLOT_INDEX <= TO_GUEST_MARK_SLOT);
+const _: () = assert!(TO_GUEST_MARK_NEIGH & (TO_GUEST_MARK_SLOT | TO_GUEST_MARK_MASK) == 0);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
 
 /// A `MAP_NEXT_HOPS` entry: the next hop `bpf_fib_lookup` gave for packets

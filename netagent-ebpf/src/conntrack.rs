@@ -1,10 +1,11 @@
-//! Flow bookkeeping shared by the masquerade and the host → guest flows: TCP state
-//! bits, the rate-limited `last_seen` refresh, and the `HOST_FLOWS` table.
+//! Flow bookkeeping shared by the masquerade and the flows between the host and
+//! the guest: TCP state bits, the rate-limited `last_seen` refresh, and the
+//! `HOST_FLOWS` table.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use netagent_common::{
     DropReason, FLOW_TOUCH_INTERVAL_NS, FlowKey, NatEntry, STATE_FIN_ORIG, STATE_FIN_REPLY,
-    STATE_GUEST, STATE_REPLIED, STATE_RST, STATE_SYN,
+    STATE_GUEST, STATE_REPLIED, STATE_RST, STATE_SLOT_NS, STATE_SYN,
 };
 
 use crate::{
@@ -91,7 +92,7 @@ pub fn touch(entry: *mut NatEntry, l4: &L4, dir: Dir, now: u64) {
     let bits = state_bits(l4, dir);
     let state = if opens_connection(l4, dir) && e.state & CLOSING_BITS != 0 {
         // A new connection: the TCP state starts over, who opened the flow stays.
-        bits | (e.state & STATE_GUEST)
+        bits | (e.state & (STATE_GUEST | STATE_SLOT_NS))
     } else {
         e.state | bits
     };
@@ -105,25 +106,30 @@ pub fn touch(entry: *mut NatEntry, l4: &L4, dir: Dir, now: u64) {
     }
 }
 
-/// The host → guest flow this guest packet replies to, if any. `key` is the
-/// original direction as it arrived on `eth0`.
+/// The tracked flow between the host and the guest that `key` (a packet as it
+/// arrives on `eth0`, or as it would) belongs to, if any: a host → guest flow
+/// to HostIP, or the host's side of a guest → host flow to the vpeer address.
 #[inline(always)]
 pub fn host_flow_lookup(key: &FlowKey) -> Option<*mut NatEntry> {
     HOST_FLOWS.get_ptr_mut(key)
 }
 
-/// Creates or refreshes the host → guest flow `key` (as it arrives on `eth0`),
-/// translated to `guest` (network order).
+/// Creates or refreshes a flow between the host and the guest in `HOST_FLOWS`,
+/// keyed as the host's packets arrive on `eth0` (`key`: to HostIP for a flow
+/// the host opened, to the vpeer address for one the guest opened) and
+/// translated to `guest` (network order) and the key's destination port. `l4`
+/// and `dir`: the packet at hand and its direction in the flow.
 #[inline(always)]
 pub fn host_flow_track(
     key: &FlowKey,
     l4: &L4,
+    dir: Dir,
     slot: u32,
     guest: u32,
     now: u64,
 ) -> Result<(), DropReason> {
     if let Some(entry) = HOST_FLOWS.get_ptr_mut(key) {
-        touch(entry, l4, Dir::Original, now);
+        touch(entry, l4, dir, now);
         return Ok(());
     }
     let entry = NatEntry {
@@ -132,7 +138,7 @@ pub fn host_flow_track(
         port: key.dport,
         _pad: 0,
         slot,
-        state: state_bits(l4, Dir::Original),
+        state: state_bits(l4, dir),
     };
     match HOST_FLOWS.insert(key, &entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(()),

@@ -16,13 +16,15 @@
 //!
 //! Everything else: replies of host → guest flows always pass and leave as
 //! HostIP; what the guest opens meets the egress policy (`policy`), then goes
-//! to the host stack as the vpeer address when it stays on the host, else is
-//! masqueraded with a newly allocated port (`STATE_GUEST`).
+//! to the host stack as the vpeer address when it stays on the host (tracked in
+//! `HOST_FLOWS` as the host's replies will arrive, so `slot_ingress` tells them
+//! from traffic for the slot namespace's own stack), else is masqueraded with a
+//! newly allocated port (`STATE_GUEST`).
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use netagent_common::{
-    Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig, GuestL2,
-    STATE_GUEST, SlotInfo,
+    Counter, DropReason, FLOW_SCOPE_GUEST, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig,
+    GuestL2, STATE_GUEST, SlotInfo,
 };
 
 use crate::{
@@ -59,7 +61,8 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
             sport: l4.dport,
             dport: l4.sport,
             proto: ip.proto,
-            _pad: [0; 3],
+            scope: 0,
+            _pad: [0; 2],
         };
         if let Some(flow) = conntrack::host_flow_lookup(&original) {
             conntrack::touch(flow, &l4, Dir::Reply, conntrack::now_ns());
@@ -74,7 +77,29 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
     // (A bool, not an `Option` of the config: LLVM turns a filtered map
     // pointer into masking it, which the verifier refuses.)
     if stays_on_host(ip.daddr, host) || !has_uplink(cfg) {
-        // For the host stack (or no uplink to masquerade to): as the vpeer.
+        // For the host stack (or no uplink to masquerade to): as the vpeer, and
+        // tracked so the host's replies find their way back to the guest.
+        if l4.translatable() && l4.kind != L4Kind::IcmpEchoReply {
+            let reply = FlowKey {
+                saddr: ip.daddr,
+                daddr: info.vpeer_ip,
+                sport: l4.dport,
+                dport: l4.sport,
+                proto: ip.proto,
+                scope: 0,
+                _pad: [0; 2],
+            };
+            let guest = u32::from_ne_bytes(GUEST_IP_BYTES);
+            conntrack::host_flow_track(
+                &reply,
+                &l4,
+                Dir::Original,
+                slot,
+                guest,
+                conntrack::now_ns(),
+            )
+            .map_err(drop)?;
+        }
         return to_host(ctx, &l4, ip, info, info.vpeer_ip).map_err(drop);
     }
     masquerade(ctx, ip, &l4, slot, info.vpeer_ip, cfg, STATE_GUEST, known)
@@ -113,7 +138,8 @@ fn established(
         sport: l4.sport,
         dport: l4.dport,
         proto: ip.proto,
-        _pad: [0; 3],
+        scope: 0,
+        _pad: [0; 2],
     };
     let Some(entry) = nat::snat_v4_lookup(&key) else {
         return Ok(Fast::Slow(Known::Absent));
@@ -190,7 +216,8 @@ fn icmp_error(
             sport: q.sport,
             dport: q.dport,
             proto: q.proto,
-            _pad: [0; 3],
+            scope: 0,
+            _pad: [0; 2],
         })
         .is_some(),
         _ => false,
@@ -222,7 +249,7 @@ fn icmp_error(
     if q.daddr != guest {
         return Err(drop(DropReason::UnsupportedProtocol));
     }
-    masquerade_icmp_error(ctx, cfg, ip, &q, slot, info.vpeer_ip)
+    masquerade_icmp_error(ctx, cfg, ip, &q, slot, info.vpeer_ip, FLOW_SCOPE_GUEST)
 }
 
 /// Records the guest's MAC and the MAC it sends to (as its frame arrived from the

@@ -24,9 +24,9 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
 use netagent_common::{
-    DropReason, FlowKey, GlobalConfig, IPPROTO_TCP, NAT_COLLISION_RETRIES, NAT_PORT_CURSOR_COUNT,
-    NAT_PORT_SECRET_INDEX, NAT_REUSE_CLOSED_AFTER_NS, NAT_SEQUENTIAL_PROBES, NatEntry,
-    STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_RST, nat_port_hash,
+    DropReason, FLOW_SCOPE_SLOT_NS, FlowKey, GlobalConfig, IPPROTO_TCP, NAT_COLLISION_RETRIES,
+    NAT_PORT_CURSOR_COUNT, NAT_PORT_SECRET_INDEX, NAT_REUSE_CLOSED_AFTER_NS, NAT_SEQUENTIAL_PROBES,
+    NatEntry, STATE_FIN_ORIG, STATE_FIN_REPLY, STATE_RST, STATE_SLOT_NS, flow_scope, nat_port_hash,
 };
 
 use crate::maps::{NAT_EGRESS, NAT_INGRESS, NAT_PORT_CURSORS};
@@ -133,7 +133,8 @@ fn snat_v4_port_cursor(reverse: &FlowKey) -> Option<(PortCursor, u64)> {
 /// order (see the module doc), claims the first free one in `NAT_INGRESS`
 /// (`BPF_NOEXIST`; a closed idle TCP flow's port is reclaimed first), then
 /// inserts `NAT_EGRESS`; if that second insert fails the first is undone.
-/// Returns the egress entry.
+/// A flow of the slot namespace's own stack (`FLOW_SCOPE_SLOT_NS`) gets
+/// `STATE_SLOT_NS` in both entries. Returns the egress entry.
 #[inline(always)]
 pub fn snat_v4_alloc(
     key: &FlowKey,
@@ -146,13 +147,18 @@ pub fn snat_v4_alloc(
         return Err(DropReason::NatPortsExhausted);
     }
     let range = u32::from(cfg.port_max - cfg.port_min) + 1;
+    let owner = if key.scope == FLOW_SCOPE_SLOT_NS {
+        STATE_SLOT_NS
+    } else {
+        0
+    };
     let reverse_value = NatEntry {
         last_seen_ns: now,
         addr: key.saddr,
         port: key.sport,
         _pad: 0,
         slot,
-        state: 0,
+        state: owner,
     };
     let mut reverse = FlowKey {
         saddr: key.daddr,
@@ -160,7 +166,8 @@ pub fn snat_v4_alloc(
         sport: key.dport,
         dport: 0,
         proto: key.proto,
-        _pad: [0; 3],
+        scope: 0,
+        _pad: [0; 2],
     };
     // Every index of the array exists: no lookup fails.
     let Some((cursor, hash)) = snat_v4_port_cursor(&reverse) else {
@@ -198,7 +205,7 @@ pub fn snat_v4_alloc(
             port: port.to_be(),
             _pad: 0,
             slot,
-            state,
+            state: state | owner,
         };
         return match NAT_EGRESS.insert(key, &forward, u64::from(BPF_NOEXIST)) {
             Ok(()) => Ok(forward),
@@ -239,7 +246,8 @@ fn snat_v4_reclaim_closed(reverse: &FlowKey, now: u64) -> bool {
         sport: rev.port,
         dport: reverse.sport,
         proto: reverse.proto,
-        _pad: [0; 3],
+        scope: flow_scope(rev.state),
+        _pad: [0; 2],
     };
     let (state, last_seen) = match NAT_EGRESS.get_ptr(&forward_key) {
         // SAFETY: as above.

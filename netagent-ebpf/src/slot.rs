@@ -1,29 +1,41 @@
 //! `slot_ingress` (on `eth0`, every slot namespace, one shared instance):
 //! a reply `uplink_ingress` already translated for the guest (`TO_GUEST_MARK`,
-//! which names the slot) goes on to `tap0` untouched. Other
-//! packets for a slot's vpeer address or HostIP are for that slot's guest (the
-//! slot is found by the destination in `ADDR_SLOTS`). Their destination becomes 169.254.0.21 (HostIP
-//! flows are tracked so the guest's replies leave as HostIP again) and they go to
-//! `tap0`: with `bpf_redirect` once `veth_ingress` has learned the guest's MAC,
-//! with `bpf_redirect_neigh` (the kernel resolves it) before that. When `tap0`
-//! is a veth to a guest namespace (`SLOT_F_GUEST_VETH`), a frame with the
-//! guest's MAC goes straight to the peer's ingress (`bpf_redirect_peer`), as a
-//! TAP's frame goes straight to the VMM: no transmit on `tap0` and no second
-//! backlog pass in the guest's namespace.
+//! which names the slot) goes on to `tap0` untouched. Other packets are found
+//! a slot by their destination (`ADDR_SLOTS`):
+//! - to HostIP: for the guest; the destination becomes 169.254.0.21 and the
+//!   flow is tracked (`HOST_FLOWS`), so the guest's replies leave as HostIP
+//!   again;
+//! - to the vpeer address: the host's side of a flow the guest opened to the
+//!   host (tracked in `HOST_FLOWS` by `veth_ingress`) goes to the guest
+//!   likewise; anything else (a flow the host opens to the vpeer address,
+//!   replies to the slot namespace's own flows) is the slot namespace's and
+//!   passes untouched. Until `CONFIG_F_TO_GUEST_MARK` is set (an upgrade
+//!   adopting slots), replies of guest flows may still come unmarked to the
+//!   vpeer address, so every packet for it goes to the guest, as before.
+//!
+//! A packet for the guest goes to `tap0`: with `bpf_redirect` once
+//! `veth_ingress` has learned the guest's MAC, with `bpf_redirect_neigh` (the
+//! kernel resolves it) before that. When `tap0` is a veth to a guest namespace
+//! (`SLOT_F_GUEST_VETH`), a frame with the guest's MAC goes straight to the
+//! peer's ingress (`bpf_redirect_peer`), as a TAP's frame goes straight to the
+//! VMM: no transmit on `tap0` and no second backlog pass in the guest's
+//! namespace.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use netagent_common::{
-    Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, SLOT_F_GUEST_VETH,
-    TO_GUEST_MARK, TO_GUEST_MARK_MASK,
+    CONFIG_F_TO_GUEST_MARK, Counter, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID,
+    SLOT_F_GUEST_VETH, SlotInfo, TO_GUEST_MARK, TO_GUEST_MARK_MASK, TO_GUEST_MARK_NEIGH,
+    TO_GUEST_MARK_SLOT,
 };
 
 use crate::{
-    conntrack, csum, fwd,
-    maps::{GUEST_L2, slot_by_addr, slot_info},
-    parse::{self, IP_DST_OFF, L4Kind},
+    conntrack::{self, Dir},
+    csum, fwd,
+    maps::{GUEST_L2, config, slot_by_addr, slot_info},
+    parse::{self, IP_DST_OFF, Ipv4, L4Kind},
     stats::{self, Drop},
 };
 
@@ -32,7 +44,7 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     // SAFETY: reading a field of the context the kernel passed in.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if mark & TO_GUEST_MARK_MASK == TO_GUEST_MARK {
-        return Ok(pass_translated(ctx, mark & !TO_GUEST_MARK_MASK));
+        return Ok(pass_translated(ctx, mark));
     }
     let ip = match parse::ipv4(ctx) {
         Ok(Some(ip)) => ip,
@@ -53,6 +65,14 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     let to_host_ip = ip.daddr == info.host_ip;
     if !to_host_ip && ip.daddr != info.vpeer_ip {
         return Ok(TC_ACT_OK as i32);
+    }
+    // (A bool, not a filtered `Option` of the config: see `guest`.)
+    let marked = match config() {
+        Some(cfg) => cfg.flags & CONFIG_F_TO_GUEST_MARK != 0,
+        None => false,
+    };
+    if !to_host_ip && marked {
+        return to_vpeer(ctx, &ip, slot, info);
     }
     let l4 = parse::l4(ctx, &ip).map_err(drop)?;
     let guest = u32::from_ne_bytes(GUEST_IP_BYTES);
@@ -76,18 +96,80 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
             sport: l4.sport,
             dport: l4.dport,
             proto: ip.proto,
-            _pad: [0; 3],
+            scope: 0,
+            _pad: [0; 2],
         };
-        conntrack::host_flow_track(&key, &l4, slot, guest, conntrack::now_ns()).map_err(drop)?;
+        conntrack::host_flow_track(&key, &l4, Dir::Original, slot, guest, conntrack::now_ns())
+            .map_err(drop)?;
     }
     csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_DST_OFF, ip.daddr, guest).map_err(drop)?;
+    to_guest(ctx, slot, info).map_err(drop)
+}
+
+/// A packet for the vpeer address of `slot` once every reply of a guest flow
+/// comes marked (module doc): the host's side of a guest → host flow, and an
+/// ICMP error about one of the guest's datagrams to the host, go to the guest;
+/// everything else is the slot namespace's and passes untouched.
+#[inline(always)]
+fn to_vpeer(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Result<i32, Drop> {
+    let pass = Ok(TC_ACT_OK as i32);
+    let drop = |reason| Drop::new(slot, reason);
+    let Ok(l4) = parse::l4(ctx, ip) else {
+        return pass; // the slot namespace's stack judges it
+    };
+    let guest = u32::from_ne_bytes(GUEST_IP_BYTES);
+    if l4.kind == L4Kind::IcmpError {
+        let Ok(q) = parse::icmp_error_quote(ctx, ip) else {
+            return pass;
+        };
+        // The quote is a datagram the guest sent to the host as the vpeer: its
+        // flow is keyed as the host's side of it arrives.
+        let key = FlowKey {
+            saddr: q.daddr,
+            daddr: q.saddr,
+            sport: q.dport,
+            dport: q.sport,
+            proto: q.proto,
+            scope: 0,
+            _pad: [0; 2],
+        };
+        if q.saddr != ip.daddr || conntrack::host_flow_lookup(&key).is_none() {
+            return pass;
+        }
+        csum::quoted_addr_rewrite(ctx, &q, q.check, csum::QUOTED_SRC, q.saddr, guest)
+            .map_err(drop)?;
+    } else {
+        if !l4.translatable() {
+            return pass;
+        }
+        let key = FlowKey {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: l4.sport,
+            dport: l4.dport,
+            proto: ip.proto,
+            scope: 0,
+            _pad: [0; 2],
+        };
+        let Some(flow) = conntrack::host_flow_lookup(&key) else {
+            return pass;
+        };
+        conntrack::touch(flow, &l4, Dir::Reply, conntrack::now_ns());
+    }
+    csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_DST_OFF, ip.daddr, guest).map_err(drop)?;
+    to_guest(ctx, slot, info).map_err(drop)
+}
+
+/// Counts a packet translated for the guest of `slot` and sends it to `tap0`.
+/// With the guest's addresses known, the frame is addressed here and skips the
+/// kernel's route and neighbour lookup.
+#[inline(always)]
+fn to_guest(ctx: &TcContext, slot: u32, info: &SlotInfo) -> Result<i32, DropReason> {
     stats::count_packet(slot, Counter::TO_GUEST_PACKETS, ctx.len());
-    // With the guest's addresses known, address the frame here and skip the
-    // kernel's route and neighbour lookup.
     if let Some(l2) = GUEST_L2.get(slot)
         && l2.flags & GUEST_L2_F_VALID != 0
     {
-        fwd::set_macs(ctx, &l2.gateway_mac, &l2.guest_mac).map_err(drop)?;
+        fwd::set_macs(ctx, &l2.gateway_mac, &l2.guest_mac)?;
         if info.flags & SLOT_F_GUEST_VETH != 0 {
             return Ok(fwd::redirect_peer_as_host(ctx, info.tap_ifindex));
         }
@@ -96,18 +178,23 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     Ok(fwd::redirect_neigh(info.tap_ifindex))
 }
 
-/// A reply `uplink_ingress` already translated for the guest of `slot` and
-/// addressed to it (`TO_GUEST_MARK`): counted and sent on to `tap0` as it is.
-/// The mark is cleared first, so the guest's side never sees it. (A slot
-/// deleted meanwhile has no `tap0` left: the packet is dropped.)
+/// A reply `uplink_ingress` already translated for the guest of the slot its
+/// `mark` names (`TO_GUEST_MARK`): counted and sent on to `tap0` as it is, by
+/// `bpf_redirect_neigh` when the mark says the guest's MACs were not known
+/// (`TO_GUEST_MARK_NEIGH`). The mark is cleared first, so the guest's side
+/// never sees it. (A slot deleted meanwhile has no `tap0` left: the packet is
+/// dropped.)
 #[inline(always)]
-fn pass_translated(ctx: &TcContext, slot: u32) -> i32 {
+fn pass_translated(ctx: &TcContext, mark: u32) -> i32 {
     ctx.set_mark(0);
+    let slot = mark & TO_GUEST_MARK_SLOT;
     let Some(info) = slot_info(slot) else {
         return TC_ACT_SHOT as i32;
     };
     stats::count_packet(slot, Counter::TO_GUEST_PACKETS, ctx.len());
-    if info.flags & SLOT_F_GUEST_VETH != 0 {
+    if mark & TO_GUEST_MARK_NEIGH != 0 {
+        fwd::redirect_neigh(info.tap_ifindex)
+    } else if info.flags & SLOT_F_GUEST_VETH != 0 {
         fwd::redirect_peer_as_host(ctx, info.tap_ifindex)
     } else {
         fwd::redirect(info.tap_ifindex)

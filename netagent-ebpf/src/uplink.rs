@@ -1,14 +1,18 @@
 //! `uplink_ingress` (on the uplink, agent namespace): replies to masqueraded
 //! flows get their original port back and go straight to the slot's `eth0`
-//! ingress with `bpf_redirect_peer(host veth)`: translated for the guest
-//! (169.254.0.21, the guest's MACs, `TO_GUEST_MARK`) once its addresses are
-//! known (and `CONFIG_F_TO_GUEST_MARK` says every `slot_ingress` knows the
-//! mark), else to the vpeer address for `slot_ingress` to translate. Everything
-//! else is the host's own traffic and passes untouched.
+//! ingress with `bpf_redirect_peer(host veth)`. A guest flow's reply (and an
+//! ICMP error about one) is translated for the guest here (169.254.0.21, the
+//! guest's MACs once known) and marked `TO_GUEST_MARK`, so `slot_ingress` only
+//! passes it on; a flow of the slot namespace's own stack (`STATE_SLOT_NS`)
+//! gets the vpeer address, unmarked, for that stack. (Until
+//! `CONFIG_F_TO_GUEST_MARK` says every `slot_ingress` knows the mark, every
+//! reply goes to the vpeer address for `slot_ingress` to translate.)
+//! Everything else is the host's own traffic and passes untouched.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use netagent_common::{
-    CONFIG_F_TO_GUEST_MARK, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig, TO_GUEST_MARK,
+    CONFIG_F_TO_GUEST_MARK, DropReason, FlowKey, GUEST_IP_BYTES, GUEST_L2_F_VALID, GlobalConfig,
+    STATE_SLOT_NS, SlotInfo, TO_GUEST_MARK, TO_GUEST_MARK_NEIGH,
 };
 
 use crate::{
@@ -54,35 +58,23 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         sport: l4.sport,
         dport: l4.dport,
         proto: ip.proto,
-        _pad: [0; 3],
+        scope: 0,
+        _pad: [0; 2],
     };
     let Some(entry) = nat::rev_snat_v4_lookup(&key) else {
         return pass;
     };
     conntrack::touch(entry, &l4, Dir::Reply, conntrack::now_ns());
     // SAFETY: pointer from a successful lookup, valid for this run.
-    let (slot, vpeer, orig_port) = unsafe { ((*entry).slot, (*entry).addr, (*entry).port) };
+    let (slot, vpeer, orig_port, state) =
+        unsafe { ((*entry).slot, (*entry).addr, (*entry).port, (*entry).state) };
     let Some(info) = slot_info(slot) else {
         return pass;
     };
     let drop = |reason| Drop::new(slot, reason);
-    // Once the guest's addresses are known (it has sent since the slot came
-    // up), the reply is translated for the guest right here and `slot_ingress`
-    // only passes it on (`TO_GUEST_MARK`); before, it goes to the vpeer address
-    // and `slot_ingress` translates it again.
-    let guest_l2 = if cfg.flags & CONFIG_F_TO_GUEST_MARK == 0 {
-        None // an older slot_ingress may be on eth0 (an upgrade adopting slots)
-    } else {
-        match GUEST_L2.get(slot) {
-            Some(l2) if l2.flags & GUEST_L2_F_VALID != 0 => Some((l2.gateway_mac, l2.guest_mac)),
-            _ => None,
-        }
-    };
-    let daddr = match guest_l2 {
-        Some(_) => u32::from_ne_bytes(GUEST_IP_BYTES),
-        None => vpeer,
-    };
-    csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_DST_OFF, ip.daddr, daddr).map_err(drop)?;
+    let to = ToSlot::of(cfg, slot, state);
+    csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_DST_OFF, ip.daddr, to.daddr(vpeer))
+        .map_err(drop)?;
     csum::l4_port_rewrite(
         ctx,
         &l4,
@@ -92,14 +84,65 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         orig_port,
     )
     .map_err(drop)?;
-    match guest_l2 {
-        Some((gateway_mac, guest_mac)) => {
-            fwd::set_macs(ctx, &gateway_mac, &guest_mac).map_err(drop)?;
-            ctx.set_mark(TO_GUEST_MARK | slot);
+    to.hand_over(ctx, info, slot).map_err(drop)
+}
+
+/// Who a reply of a masqueraded flow is for, and how it reaches them.
+enum ToSlot {
+    /// The guest (a guest flow, with `CONFIG_F_TO_GUEST_MARK`): translated to
+    /// 169.254.0.21 here and marked for `slot_ingress`, which only passes it
+    /// on; addressed to the guest's MACs when they are known, else marked
+    /// `TO_GUEST_MARK_NEIGH` for `slot_ingress` to let the kernel resolve them.
+    Guest { macs: Option<([u8; 6], [u8; 6])> },
+    /// The vpeer address: a flow of the slot namespace's own stack, which
+    /// gets it unmarked; or any flow while an older `slot_ingress` may be on a
+    /// slot's `eth0` (no `CONFIG_F_TO_GUEST_MARK`: an upgrade adopting slots),
+    /// which translates it for the guest itself.
+    Vpeer,
+}
+
+impl ToSlot {
+    /// Where a reply of the flow of `slot` with the `STATE_*` bits `state` goes.
+    #[inline(always)]
+    fn of(cfg: &GlobalConfig, slot: u32, state: u32) -> ToSlot {
+        if state & STATE_SLOT_NS != 0 || cfg.flags & CONFIG_F_TO_GUEST_MARK == 0 {
+            return ToSlot::Vpeer;
         }
-        None => fwd::set_macs(ctx, &info.veth_mac, &info.eth0_mac).map_err(drop)?,
+        let macs = match GUEST_L2.get(slot) {
+            Some(l2) if l2.flags & GUEST_L2_F_VALID != 0 => Some((l2.gateway_mac, l2.guest_mac)),
+            _ => None,
+        };
+        ToSlot::Guest { macs }
     }
-    Ok(fwd::redirect_peer(info.veth_ifindex))
+
+    /// The destination address the reply gets (`vpeer`: the flow's).
+    #[inline(always)]
+    fn daddr(&self, vpeer: u32) -> u32 {
+        match self {
+            ToSlot::Guest { .. } => u32::from_ne_bytes(GUEST_IP_BYTES),
+            ToSlot::Vpeer => vpeer,
+        }
+    }
+
+    /// Addresses and marks the translated reply and hands it to the ingress of
+    /// the slot's `eth0`.
+    #[inline(always)]
+    fn hand_over(&self, ctx: &TcContext, info: &SlotInfo, slot: u32) -> Result<i32, DropReason> {
+        match self {
+            ToSlot::Guest {
+                macs: Some((gateway_mac, guest_mac)),
+            } => {
+                fwd::set_macs(ctx, gateway_mac, guest_mac)?;
+                ctx.set_mark(TO_GUEST_MARK | slot);
+            }
+            ToSlot::Guest { macs: None } => {
+                fwd::set_macs(ctx, &info.veth_mac, &info.eth0_mac)?;
+                ctx.set_mark(TO_GUEST_MARK | TO_GUEST_MARK_NEIGH | slot);
+            }
+            ToSlot::Vpeer => fwd::set_macs(ctx, &info.veth_mac, &info.eth0_mac)?,
+        }
+        Ok(fwd::redirect_peer(info.veth_ifindex))
+    }
 }
 
 /// An ICMP error about a masqueraded flow (e.g. "fragmentation needed", which
@@ -129,13 +172,15 @@ fn icmp_error(ctx: &TcContext, cfg: &GlobalConfig, ip: &Ipv4) -> Result<i32, Dro
         sport: q.dport,
         dport: q.sport,
         proto: q.proto,
-        _pad: [0; 3],
+        scope: 0,
+        _pad: [0; 2],
     };
     let Some(entry) = nat::rev_snat_v4_lookup(&key) else {
         return pass;
     };
     // SAFETY: pointer from a successful lookup, valid for this run.
-    let (slot, vpeer, orig_port) = unsafe { ((*entry).slot, (*entry).addr, (*entry).port) };
+    let (slot, vpeer, orig_port, state) =
+        unsafe { ((*entry).slot, (*entry).addr, (*entry).port, (*entry).state) };
     let Some(info) = slot_info(slot) else {
         return pass;
     };
@@ -146,10 +191,11 @@ fn icmp_error(ctx: &TcContext, cfg: &GlobalConfig, ip: &Ipv4) -> Result<i32, Dro
         dport: 0,
         tcp_flags: 0,
     };
-    csum::ipv4_addr_rewrite(ctx, &outer, ip.l4_off(), IP_DST_OFF, ip.daddr, vpeer).map_err(drop)?;
-    csum::quoted_addr_rewrite(ctx, &q, q.check, csum::QUOTED_SRC, q.saddr, vpeer).map_err(drop)?;
+    let to = ToSlot::of(cfg, slot, state);
+    let daddr = to.daddr(vpeer);
+    csum::ipv4_addr_rewrite(ctx, &outer, ip.l4_off(), IP_DST_OFF, ip.daddr, daddr).map_err(drop)?;
+    csum::quoted_addr_rewrite(ctx, &q, q.check, csum::QUOTED_SRC, q.saddr, daddr).map_err(drop)?;
     csum::quoted_port_rewrite(ctx, &q, ip.l4_off(), PortField::Source, q.sport, orig_port)
         .map_err(drop)?;
-    fwd::set_macs(ctx, &info.veth_mac, &info.eth0_mac).map_err(drop)?;
-    Ok(fwd::redirect_peer(info.veth_ifindex))
+    to.hand_over(ctx, info, slot).map_err(drop)
 }

@@ -1,18 +1,21 @@
 //! `veth_ingress` (on the slot's host veth, agent namespace): the slot is the
 //! one of this veth, read off its ifindex (`HOST_VETH_INDEX_BASE + (k << 15) +
 //! slot`, checked against the slot's `veth_ifindex`) or, for a veth that got
-//! another index, from `VETH_SLOTS`. The guest's frames, checked and
-//! handed over untouched by `tap_ingress`, take `guest`'s fast path
-//! (established flows) or meet the egress policy, and are translated there;
-//! packets of the slot
-//! namespace's own stack (source vpeer) to the world are masqueraded here. Both
-//! get the uplink address and a port allocated here and leave by the uplink
-//! (`fwd::to_uplink`: `bpf_redirect_neigh`, or straight into a veth uplink's
-//! peer). Everything else (traffic to host addresses, ARP) goes up the host
-//! stack.
+//! another index, from `VETH_SLOTS`. The guest's frames, checked and handed
+//! over untouched by `tap_ingress`, take `guest`'s fast path (established
+//! flows) or meet the egress policy, and are translated there; packets of the
+//! slot namespace's own stack (source vpeer) to the world are masqueraded
+//! here, as flows of their own (`FLOW_SCOPE_SLOT_NS`) whose replies
+//! `uplink_ingress` hands back to that stack. Both get the uplink address and
+//! a port allocated here and leave by the uplink (`fwd::to_uplink`:
+//! `bpf_redirect_neigh`, or straight into a veth uplink's peer). Everything
+//! else (traffic to host addresses, ARP) goes up the host stack.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use netagent_common::{Counter, DropReason, FlowKey, GUEST_IP_BYTES, GlobalConfig};
+use netagent_common::{
+    Counter, DropReason, FLOW_SCOPE_GUEST, FLOW_SCOPE_SLOT_NS, FlowKey, GUEST_IP_BYTES,
+    GlobalConfig,
+};
 
 use crate::{
     addr::is_multicast_or_broadcast,
@@ -67,11 +70,12 @@ pub fn try_veth_ingress(ctx: &TcContext) -> Result<i32, Drop> {
 
 /// Masquerades a packet of `slot` toward the world: the flow is keyed by the
 /// slot's vpeer address (unique per slot, whatever the packet's source — the
-/// guest's 169.254.0.21 or the vpeer itself), the source becomes the uplink
-/// address and an allocated port in one rewrite, and the packet leaves by the
-/// uplink. `guest` is `STATE_GUEST` for the guest's packets (they passed the
-/// egress policy), else 0; the flow's entry gets it. `known`: what the caller
-/// already knows of the flow's entry.
+/// guest's 169.254.0.21 or the vpeer itself) and whose it is, the source
+/// becomes the uplink address and an allocated port in one rewrite, and the
+/// packet leaves by the uplink. `guest` is `STATE_GUEST` for the guest's
+/// packets (they passed the egress policy; the flow's entry gets it), else 0:
+/// a flow of the slot namespace's own stack (`FLOW_SCOPE_SLOT_NS`). `known`:
+/// what the caller already knows of the flow's entry.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn masquerade(
@@ -96,7 +100,12 @@ pub fn masquerade(
         sport: l4.sport,
         dport: l4.dport,
         proto: ip.proto,
-        _pad: [0; 3],
+        scope: if guest != 0 {
+            FLOW_SCOPE_GUEST
+        } else {
+            FLOW_SCOPE_SLOT_NS
+        },
+        _pad: [0; 2],
     };
     let now = conntrack::now_ns();
     let (nat_ip, nat_port) = snat(&key, l4, slot, cfg, guest, known, now)?;
@@ -164,8 +173,9 @@ pub fn snat(
             // concurrent writers only race on plain integers.
             let e = unsafe { &mut *entry };
             if e.state & guest != guest {
-                // A flow of the slot's own stack (or of a previous agent) that
-                // the guest's packet, checked, now uses as well.
+                // A flow a version before `FLOW_SCOPE_SLOT_NS` made for the slot
+                // namespace's own stack under the guest's key, which the guest's
+                // packet, checked, now uses as well.
                 e.state |= guest;
             }
             Ok((e.addr, e.port))
@@ -198,11 +208,12 @@ fn icmp_error(ctx: &TcContext, cfg: &GlobalConfig, ip: &Ipv4, slot: u32) -> Resu
     if q.daddr != ip.saddr {
         return Err(drop(DropReason::UnsupportedProtocol));
     }
-    masquerade_icmp_error(ctx, cfg, ip, &q, slot, ip.saddr)
+    masquerade_icmp_error(ctx, cfg, ip, &q, slot, ip.saddr, FLOW_SCOPE_SLOT_NS)
 }
 
 /// Sends an ICMP error about a masqueraded flow of `slot` to the world: the
-/// quoted packet is a reply to the slot's flow keyed by `vpeer_ip`; the outer
+/// quoted packet is a reply to the slot's flow keyed by `vpeer_ip` and
+/// `scope` (the guest's or the slot namespace's); the outer
 /// source and the quoted destination become the flow's uplink address and port.
 /// Errors about flows that were never masqueraded are dropped.
 #[inline(always)]
@@ -213,6 +224,7 @@ pub fn masquerade_icmp_error(
     q: &Quoted,
     slot: u32,
     vpeer_ip: u32,
+    scope: u8,
 ) -> Result<i32, Drop> {
     let drop = |reason| Drop::new(slot, reason);
     // The original-direction key of the flow the quoted reply belongs to.
@@ -222,7 +234,8 @@ pub fn masquerade_icmp_error(
         sport: q.dport,
         dport: q.sport,
         proto: q.proto,
-        _pad: [0; 3],
+        scope,
+        _pad: [0; 2],
     };
     let Some(entry) = nat::snat_v4_lookup(&key) else {
         return Err(drop(DropReason::UnsupportedProtocol));

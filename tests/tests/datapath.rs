@@ -12,13 +12,13 @@ use netagent::bpf::{
 };
 use netagent::config::Timeouts;
 use netagent_common::{
-    CONFIG_F_TO_GUEST_MARK, CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GUEST_L2_F_VALID,
-    GlobalConfig, GuestL2, HOST_VETH_INDEX_BASE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    MAP_NAT_PORT_CURSORS, MAP_NEXT_HOPS, NAT_PORT_CURSOR_COUNT, NAT_PORT_SECRET_INDEX,
-    NAT_REUSE_CLOSED_AFTER_NS, NEXT_HOP_CACHE_NS, NatEntry, NextHop, POLICY_DENY, PolicyKey,
-    PolicyRule, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG,
-    STATE_FIN_REPLY, STATE_GUEST, STATE_REPLIED, STATE_RST, STATE_SYN, SlotInfo, SlotStats,
-    TO_GUEST_MARK, nat_port_hash, next_hop_index,
+    CONFIG_F_TO_GUEST_MARK, CONFIG_F_UPLINK, Counter, DropReason, FLOW_SCOPE_SLOT_NS, FlowKey,
+    GUEST_L2_F_VALID, GlobalConfig, GuestL2, HOST_VETH_INDEX_BASE, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, MAP_NAT_PORT_CURSORS, MAP_NEXT_HOPS, NAT_PORT_CURSOR_COUNT, NAT_PORT_SECRET_INDEX,
+    NAT_REUSE_CLOSED_AFTER_NS, NEXT_HOP_CACHE_NS, NatEntry, NextHop, POLICY_ALLOW, POLICY_DENY,
+    PolicyKey, PolicyRule, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_FIN_ORIG,
+    STATE_FIN_REPLY, STATE_GUEST, STATE_REPLIED, STATE_RST, STATE_SLOT_NS, STATE_SYN, SlotInfo,
+    SlotStats, TO_GUEST_MARK, TO_GUEST_MARK_NEIGH, flow_scope, nat_port_hash, next_hop_index,
 };
 use netagent_tests::packet::{
     self, PacketBuilder, arp_request, ipv6_udp_frame, tcp_flags, verify_checksums,
@@ -60,7 +60,16 @@ fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowK
         sport: sport.to_be(),
         dport: dport.to_be(),
         proto,
-        _pad: [0; 3],
+        scope: 0,
+        _pad: [0; 2],
+    }
+}
+
+/// The `NAT_EGRESS` key of a masquerade flow of the slot namespace's own stack.
+fn stack_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        scope: FLOW_SCOPE_SLOT_NS,
+        ..key(src, sport, dst, dport, proto)
     }
 }
 
@@ -321,8 +330,8 @@ fn guest_tcp_is_masqueraded_in_one_rewrite_keyed_by_vpeer() {
 /// nothing cuts the flow), a deny rule for the destination, the destination
 /// into LOCAL_ADDRS and a host → guest flow the packet would be the reply of:
 /// the flow's packets still leave masqueraded on their port, while a new flow
-/// to the same destination is dropped, and so is the guest's packet on the
-/// tuple of a flow the slot's own stack made (no `STATE_GUEST`).
+/// to the same destination is dropped, and so is the guest's packet with the
+/// ports of a flow the slot's own stack made (a flow of its own, not that one).
 #[test]
 fn established_guest_flow_skips_policy_local_address_and_host_flow_lookups() {
     let Some(mut dp) = datapath() else { return };
@@ -364,8 +373,8 @@ fn established_guest_flow_skips_policy_local_address_and_host_flow_lookups() {
     // A new flow to the same destination: a host address now, denied.
     let new = guest_frame(PacketBuilder::udp(sock(GUEST, 5354), sock(WAN, 53), b"q"));
     assert_eq!(from_tap(&dp, &new.build()).verdict, TC_ACT_SHOT);
-    // The tuple of the slot's own flow, from the guest: not a guest flow, so
-    // the slow path, and denied.
+    // The ports of the slot's own flow, from the guest: not that flow (its key
+    // has the slot namespace's scope), so the slow path, and denied.
     let on_own = guest_frame(PacketBuilder::udp(sock(GUEST, 7000), sock(WAN, 53), b"q"));
     assert_eq!(from_tap(&dp, &on_own.build()).verdict, TC_ACT_SHOT);
     let s = stats(&dp);
@@ -376,55 +385,114 @@ fn established_guest_flow_skips_policy_local_address_and_host_flow_lookups() {
         .maps()
         .flow(
             FlowTable::NatEgress,
-            &key(VPEER, 7000, WAN, 53, IPPROTO_UDP),
+            &stack_key(VPEER, 7000, WAN, 53, IPPROTO_UDP),
         )
         .unwrap()
         .unwrap();
     assert_eq!(
-        e.state & STATE_GUEST,
-        0,
-        "the denied guest packet did not mark it"
+        e.state & (STATE_GUEST | STATE_SLOT_NS),
+        STATE_SLOT_NS,
+        "the denied guest packet did not touch it"
     );
 }
 
-/// A guest packet that passed the policy on the tuple of a flow the slot's own
-/// stack made marks it `STATE_GUEST` (it then takes the fast path), and a TCP
-/// connection starting over on a closed entry keeps the mark.
+/// The guest's flow and a flow of the slot's own stack with the same ports are
+/// two flows (two keys, two ports): the guest's entries are marked
+/// `STATE_GUEST`, the stack's `STATE_SLOT_NS`. A flow an older version made for
+/// the stack under the guest's key (neither bit) is marked `STATE_GUEST` by a
+/// guest packet that passed the policy, which then uses its port. A TCP
+/// connection starting over on a closed entry keeps the marks.
 #[test]
 fn guest_flows_are_marked_and_keep_the_mark() {
-    let Some(dp) = datapath() else { return };
-    let own = from_vpeer(PacketBuilder::udp(sock(VPEER, 7000), sock(WAN, 53), b"q"));
-    let (_, port) = masquerade(&dp, &own);
-    let k = key(VPEER, 7000, WAN, 53, IPPROTO_UDP);
-    let state = |k: &FlowKey| {
+    let Some(mut dp) = datapath() else { return };
+    fn egress(dp: &Datapath, k: &FlowKey) -> u32 {
         dp.maps()
             .flow(FlowTable::NatEgress, k)
             .unwrap()
-            .unwrap()
+            .expect("NAT_EGRESS entry")
             .state
-    };
-    assert_eq!(state(&k) & STATE_GUEST, 0);
+    }
+    fn ingress(dp: &Datapath, port: u16, proto: u8) -> u32 {
+        dp.maps()
+            .flow(FlowTable::NatIngress, &key(WAN, 53, UPLINK_IP, port, proto))
+            .unwrap()
+            .expect("NAT_INGRESS entry")
+            .state
+    }
+    const OWNER: u32 = STATE_GUEST | STATE_SLOT_NS;
+    let own = from_vpeer(PacketBuilder::udp(sock(VPEER, 7000), sock(WAN, 53), b"q"));
+    let (_, own_port) = masquerade(&dp, &own);
     let guest = guest_frame(PacketBuilder::udp(sock(GUEST, 7000), sock(WAN, 53), b"q"));
-    assert_eq!(guest_masquerade(&dp, &guest).1, port);
-    assert_ne!(state(&k) & STATE_GUEST, 0);
+    let (_, guest_port) = guest_masquerade(&dp, &guest);
+    assert_ne!(own_port, guest_port, "two flows, two ports");
+    assert_eq!(guest_masquerade(&dp, &guest).1, guest_port);
+    assert_eq!(masquerade(&dp, &own).1, own_port);
+    let udp = IPPROTO_UDP;
+    assert_eq!(
+        egress(&dp, &stack_key(VPEER, 7000, WAN, 53, udp)) & OWNER,
+        STATE_SLOT_NS
+    );
+    assert_eq!(ingress(&dp, own_port, udp) & OWNER, STATE_SLOT_NS);
+    assert_eq!(
+        egress(&dp, &key(VPEER, 7000, WAN, 53, udp)) & OWNER,
+        STATE_GUEST
+    );
+    assert_eq!(ingress(&dp, guest_port, udp) & OWNER, 0);
 
-    let syn = guest_frame(PacketBuilder::tcp(
-        sock(GUEST, 41000),
-        sock(WAN, 80),
-        tcp_flags::SYN,
-    ));
-    let rst = guest_frame(PacketBuilder::tcp(
-        sock(GUEST, 41000),
-        sock(WAN, 80),
-        tcp_flags::RST,
-    ));
-    let (_, p) = guest_masquerade(&dp, &syn);
-    assert_eq!(guest_masquerade(&dp, &rst).1, p);
-    let tk = key(VPEER, 41000, WAN, 80, IPPROTO_TCP);
-    assert_eq!(state(&tk), STATE_SYN | STATE_RST | STATE_GUEST);
-    // A new SYN on the closed entry: the TCP state starts over, the mark stays.
-    assert_eq!(guest_masquerade(&dp, &syn).1, p);
-    assert_eq!(state(&tk), STATE_SYN | STATE_GUEST);
+    // An older version's flow of the stack, under the guest's key.
+    let old = key(VPEER, 7001, WAN, 53, udp);
+    let entry = |addr: Ipv4Addr, port: u16| NatEntry {
+        last_seen_ns: netagent_now(),
+        addr: map_ip(addr),
+        port: port.to_be(),
+        _pad: 0,
+        slot: SLOT,
+        state: 0,
+    };
+    let maps = dp.maps_mut();
+    maps.insert_flow(FlowTable::NatEgress, &old, &entry(UPLINK_IP, 20001))
+        .unwrap();
+    maps.insert_flow(
+        FlowTable::NatIngress,
+        &key(WAN, 53, UPLINK_IP, 20001, udp),
+        &entry(VPEER, 7001),
+    )
+    .unwrap();
+    let on_old = guest_frame(PacketBuilder::udp(sock(GUEST, 7001), sock(WAN, 53), b"q"));
+    assert_eq!(guest_masquerade(&dp, &on_old).1, 20001);
+    assert_eq!(egress(&dp, &old) & OWNER, STATE_GUEST);
+
+    for (scope_key, owner, from) in [
+        (key(VPEER, 41000, WAN, 80, IPPROTO_TCP), STATE_GUEST, GUEST),
+        (
+            stack_key(VPEER, 41000, WAN, 80, IPPROTO_TCP),
+            STATE_SLOT_NS,
+            VPEER,
+        ),
+    ] {
+        let frame = |flags| {
+            let b = PacketBuilder::tcp(sock(from, 41000), sock(WAN, 80), flags);
+            if from == GUEST {
+                guest_frame(b)
+            } else {
+                from_vpeer(b)
+            }
+        };
+        let send = |b: &PacketBuilder| {
+            if from == GUEST {
+                guest_masquerade(&dp, b).1
+            } else {
+                masquerade(&dp, b).1
+            }
+        };
+        let (syn, rst) = (frame(tcp_flags::SYN), frame(tcp_flags::RST));
+        let p = send(&syn);
+        assert_eq!(send(&rst), p);
+        assert_eq!(egress(&dp, &scope_key), STATE_SYN | STATE_RST | owner);
+        // A new SYN on the closed entry: the TCP state starts over, the mark stays.
+        assert_eq!(send(&syn), p);
+        assert_eq!(egress(&dp, &scope_key), STATE_SYN | owner);
+    }
 }
 
 #[test]
@@ -785,6 +853,22 @@ fn slot_ingress_finds_the_slot_by_destination() {
     .unwrap();
     maps.set_addr_slot(vpeer9, 9).unwrap();
     maps.set_addr_slot(host9, 9).unwrap();
+    // Each guest asked a host address from port 5353 (as `veth_ingress` tracks it).
+    for (vpeer, slot) in [(VPEER, SLOT), (vpeer9, 9)] {
+        maps.insert_flow(
+            FlowTable::HostFlows,
+            &key(WAN, 53, vpeer, 5353, IPPROTO_UDP),
+            &NatEntry {
+                last_seen_ns: netagent_now(),
+                addr: map_ip(GUEST),
+                port: 5353u16.to_be(),
+                _pad: 0,
+                slot,
+                state: 0,
+            },
+        )
+        .unwrap();
+    }
     for (dst, slot) in [(VPEER, SLOT), (vpeer9, 9), (HOST_IP, SLOT), (host9, 9)] {
         let before = dp.slot_stats(slot).unwrap().counters[Counter::TO_GUEST_PACKETS];
         let pkt = PacketBuilder::udp(sock(WAN, 53), sock(dst, 5353), b"a").macs(VETH_MAC, ETH0_MAC);
@@ -846,13 +930,18 @@ fn veth_masquerades_tcp_with_a_new_port() {
         .maps()
         .flow(
             FlowTable::NatEgress,
-            &key(VPEER, 40000, WAN, 80, IPPROTO_TCP),
+            &stack_key(VPEER, 40000, WAN, 80, IPPROTO_TCP),
         )
         .unwrap()
-        .expect("NAT_EGRESS entry");
+        .expect("NAT_EGRESS entry, keyed as the slot namespace's");
     assert_eq!(
         (egress.addr, egress.port, egress.slot, egress.state),
-        (map_ip(UPLINK_IP), port.to_be(), SLOT, STATE_SYN),
+        (
+            map_ip(UPLINK_IP),
+            port.to_be(),
+            SLOT,
+            STATE_SYN | STATE_SLOT_NS
+        ),
         "the slot's own stack opened it: no STATE_GUEST (no fast path for the guest)"
     );
     let ingress = dp
@@ -864,8 +953,8 @@ fn veth_masquerades_tcp_with_a_new_port() {
         .unwrap()
         .expect("NAT_INGRESS entry");
     assert_eq!(
-        (ingress.addr, ingress.port, ingress.slot),
-        (map_ip(VPEER), 40000u16.to_be(), SLOT)
+        (ingress.addr, ingress.port, ingress.slot, ingress.state),
+        (map_ip(VPEER), 40000u16.to_be(), SLOT, STATE_SLOT_NS)
     );
     let s = stats(&dp);
     assert_eq!(s.counters[Counter::NAT_ALLOCATIONS], 1);
@@ -896,11 +985,11 @@ fn veth_reuses_the_entry_of_a_known_flow() {
         .maps()
         .flow(
             FlowTable::NatEgress,
-            &key(VPEER, 40001, WAN, 80, IPPROTO_TCP),
+            &stack_key(VPEER, 40001, WAN, 80, IPPROTO_TCP),
         )
         .unwrap()
         .unwrap();
-    assert_eq!(egress.state, STATE_SYN | STATE_FIN_ORIG);
+    assert_eq!(egress.state, STATE_SYN | STATE_FIN_ORIG | STATE_SLOT_NS);
 }
 
 #[test]
@@ -994,27 +1083,39 @@ fn veth_drops_when_ports_are_exhausted() {
     assert_eq!(port, 40000);
 }
 
-/// Seeds a masquerade flow WAN:80 ← UPLINK:40000 ← VPEER:1111 with both halves'
-/// TCP state and last-seen time.
+/// Seeds a masquerade flow of the guest WAN:80 ← UPLINK:40000 ← VPEER:1111
+/// with both halves' TCP state and last-seen time.
 fn seed_tcp_flow(dp: &mut Datapath, fwd_state: u32, rev_state: u32, last_seen_ns: u64) {
-    put_tcp_flow(dp, 1111, 40000, (fwd_state, rev_state), last_seen_ns);
+    put_tcp_flow(dp, 0, 1111, 40000, (fwd_state, rev_state), last_seen_ns);
 }
 
 /// Writes both halves of the masquerade flow VPEER:`sport` → WAN:80 (uplink
-/// `port`) with the halves' TCP `states` (forward, reverse) and last-seen time.
-fn put_tcp_flow(dp: &mut Datapath, sport: u16, port: u16, states: (u32, u32), last_seen_ns: u64) {
+/// `port`) with the halves' TCP `states` (forward, reverse) and last-seen time:
+/// the guest's (`owner` 0) or the slot namespace's (`STATE_SLOT_NS`).
+fn put_tcp_flow(
+    dp: &mut Datapath,
+    owner: u32,
+    sport: u16,
+    port: u16,
+    states: (u32, u32),
+    last_seen_ns: u64,
+) {
     let entry = |addr: Ipv4Addr, port: u16, state: u32| NatEntry {
         last_seen_ns,
         addr: map_ip(addr),
         port: port.to_be(),
         _pad: 0,
         slot: SLOT,
-        state,
+        state: state | owner,
+    };
+    let forward = FlowKey {
+        scope: flow_scope(owner),
+        ..key(VPEER, sport, WAN, 80, IPPROTO_TCP)
     };
     dp.maps_mut()
         .insert_flow(
             FlowTable::NatEgress,
-            &key(VPEER, sport, WAN, 80, IPPROTO_TCP),
+            &forward,
             &entry(UPLINK_IP, port, states.0),
         )
         .unwrap();
@@ -1246,11 +1347,11 @@ fn veth_seeds_the_port_cursor_and_the_hash_key_at_random() {
     assert_eq!(used, vec![index], "only the destination's cursor is set");
 }
 
-/// Rewrites the masquerade flow VPEER:`sport` → WAN:80 (uplink `port`) as
-/// closed (FIN both ways) and idle since `last_seen_ns`.
+/// Rewrites the slot namespace's masquerade flow VPEER:`sport` → WAN:80
+/// (uplink `port`) as closed (FIN both ways) and idle since `last_seen_ns`.
 fn close_tcp_flow(dp: &mut Datapath, sport: u16, port: u16, last_seen_ns: u64) {
     let states = (STATE_SYN | STATE_FIN_ORIG, STATE_REPLIED | STATE_FIN_REPLY);
-    put_tcp_flow(dp, sport, port, states, last_seen_ns);
+    put_tcp_flow(dp, STATE_SLOT_NS, sport, port, states, last_seen_ns);
 }
 
 #[test]
@@ -1298,7 +1399,7 @@ fn veth_reuses_a_destinations_oldest_closed_port_first() {
                 dp.maps()
                     .flow(
                         FlowTable::NatEgress,
-                        &key(VPEER, sports[i], WAN, 80, IPPROTO_TCP)
+                        &stack_key(VPEER, sports[i], WAN, 80, IPPROTO_TCP)
                     )
                     .unwrap()
                     .is_none(),
@@ -1623,53 +1724,67 @@ fn requote(quoted: &[u8], source: bool, addr: Ipv4Addr, port: u16) -> Vec<u8> {
 
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 
+/// An ICMP error about a masqueraded datagram (a router's "fragmentation
+/// needed") goes back to whoever sent the datagram. For the guest's flows
+/// `uplink_ingress` restores the guest's address and port in the outer header
+/// and the quote, addresses the frame to the guest and marks it, and
+/// `slot_ingress` passes it on; for the slot namespace's own flows it restores
+/// the vpeer address, unmarked, and `slot_ingress` leaves it to that stack.
 #[test]
-fn icmp_errors_about_masqueraded_flows_reach_the_guest_rewritten() {
+fn icmp_errors_about_masqueraded_flows_reach_their_sender_rewritten() {
     let Some(dp) = datapath() else { return };
-    let flows = [
-        from_vpeer(PacketBuilder::udp(
-            sock(VPEER, 5353),
-            sock(WAN, 53),
-            b"big query",
-        )),
-        from_vpeer(PacketBuilder::tcp(
-            sock(VPEER, 40200),
-            sock(WAN, 443),
-            tcp_flags::ACK,
-        ))
-        .payload(&[1; 64]),
-        from_vpeer(PacketBuilder::icmp_echo_request(VPEER, WAN, 0x321, 5)),
-    ];
-    for (i, original) in flows.iter().enumerate() {
-        let orig = packet::parse(&original.build()).unwrap();
-        let orig_port = orig.sport;
-        let (on_wire, port) = masquerade(&dp, original);
-        // A router on the way says "fragmentation needed" (type 3 code 4) about it.
-        let quoted = quote(&on_wire.frame[14..]);
-        let err = PacketBuilder::icmp(ROUTER, UPLINK_IP, 3, 4)
-            .payload(&quoted)
-            .macs(WAN_MAC, UPLINK_MAC);
-        let at_eth0 = run(&dp, Program::UplinkIngress, &err.build());
-        assert_eq!(at_eth0.verdict, TC_ACT_REDIRECT, "flow {i}");
-        let expected = PacketBuilder::icmp(ROUTER, VPEER, 3, 4)
-            .payload(&requote_src(&quoted, VPEER, orig_port))
-            .macs(VETH_MAC, ETH0_MAC);
-        assert_frame(&at_eth0, &expected.build());
-        assert_ne!(port, orig_port, "the quote had the masquerade port");
+    for from in [GUEST, VPEER] {
+        let flows = [
+            PacketBuilder::udp(sock(from, 5353), sock(WAN, 53), b"big query"),
+            PacketBuilder::tcp(sock(from, 40200), sock(WAN, 443), tcp_flags::ACK).payload(&[1; 64]),
+            PacketBuilder::icmp_echo_request(from, WAN, 0x321, 5),
+        ];
+        for (i, original) in flows.into_iter().enumerate() {
+            let orig_port = packet::parse(&original.build()).unwrap().sport;
+            let (on_wire, port) = if from == GUEST {
+                guest_masquerade(&dp, &guest_frame(original))
+            } else {
+                masquerade(&dp, &from_vpeer(original))
+            };
+            assert_ne!(port, orig_port, "the quote has the masquerade port");
+            // A router on the way says "fragmentation needed" (type 3 code 4) about it.
+            let quoted = quote(&on_wire.frame[14..]);
+            let err = PacketBuilder::icmp(ROUTER, UPLINK_IP, 3, 4)
+                .payload(&quoted)
+                .macs(WAN_MAC, UPLINK_MAC);
+            let at_eth0 = run(&dp, Program::UplinkIngress, &err.build());
+            assert_eq!(at_eth0.verdict, TC_ACT_REDIRECT, "{from} flow {i}");
+            let (src_mac, dst_mac, mark) = if from == GUEST {
+                (TAP_MAC, GUEST_MAC, TO_GUEST_MARK | SLOT)
+            } else {
+                (VETH_MAC, ETH0_MAC, 0)
+            };
+            let expected = PacketBuilder::icmp(ROUTER, from, 3, 4)
+                .payload(&requote_src(&quoted, from, orig_port))
+                .macs(src_mac, dst_mac);
+            assert_frame(&at_eth0, &expected.build());
+            assert_eq!(at_eth0.mark, mark, "{from} flow {i}");
+            let inner = &at_eth0.frame[14 + 20 + 8..];
+            assert_eq!(
+                packet::internet_checksum(&inner[..20]),
+                0,
+                "quoted header checksum"
+            );
 
-        // In the slot namespace the quoted source becomes the guest's.
-        let to_guest = run(&dp, Program::SlotIngress, &at_eth0.frame);
-        assert_eq!(to_guest.verdict, TC_ACT_REDIRECT, "flow {i}");
-        let expected = PacketBuilder::icmp(ROUTER, GUEST, 3, 4)
-            .payload(&requote_src(&quoted, GUEST, orig_port))
-            .macs(VETH_MAC, ETH0_MAC);
-        assert_frame(&to_guest, &expected.build());
-        let inner = &to_guest.frame[14 + 20 + 8..];
-        assert_eq!(
-            packet::internet_checksum(&inner[..20]),
-            0,
-            "quoted header checksum"
-        );
+            let at_slot = dp
+                .test_run_marked(Program::SlotIngress, &at_eth0.frame, at_eth0.mark)
+                .unwrap();
+            let verdict = if from == GUEST {
+                TC_ACT_REDIRECT
+            } else {
+                TC_ACT_OK
+            };
+            assert_eq!(
+                (at_slot.verdict, &at_slot.frame, at_slot.mark),
+                (verdict, &at_eth0.frame, 0),
+                "{from} flow {i}"
+            );
+        }
     }
 }
 
@@ -1694,11 +1809,17 @@ fn icmp_errors_about_other_traffic_pass_untouched() {
     assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &err));
 }
 
+/// `veth_ingress` learns the guest's MACs from its frames. Before that a
+/// packet for the guest keeps the MACs of the veth hop and is left to
+/// `bpf_redirect_neigh`; after it, it is addressed to the guest: by
+/// `slot_ingress` for HostIP traffic, by `uplink_ingress` for replies (marked;
+/// marked `TO_GUEST_MARK_NEIGH` when the MACs are not known, which
+/// `slot_ingress` passes on as it is).
 #[test]
-fn veth_learns_the_guest_l2_and_slot_ingress_uses_it() {
+fn veth_learns_the_guest_l2_and_the_datapath_uses_it() {
     let Some(mut dp) = datapath() else { return };
-    let to_guest =
-        PacketBuilder::udp(sock(WAN, 53), sock(VPEER, 5353), b"answer").macs(VETH_MAC, ETH0_MAC);
+    let to_guest = PacketBuilder::udp(sock(VETH_IP, 53), sock(HOST_IP, 5353), b"answer")
+        .macs(VETH_MAC, ETH0_MAC);
     // Before the guest has sent anything: MACs left to bpf_redirect_neigh.
     let out = run(&dp, Program::SlotIngress, &to_guest.build());
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
@@ -1706,7 +1827,7 @@ fn veth_learns_the_guest_l2_and_slot_ingress_uses_it() {
     assert_eq!(dp.maps().guest_l2(SLOT).unwrap(), GuestL2::default());
 
     let from_guest = guest_frame(PacketBuilder::udp(sock(GUEST, 5353), sock(WAN, 53), b"q"));
-    from_tap(&dp, &from_guest.build());
+    let (_, port) = guest_masquerade(&dp, &from_guest);
     assert_eq!(
         dp.maps().guest_l2(SLOT).unwrap(),
         GuestL2 {
@@ -1724,6 +1845,29 @@ fn veth_learns_the_guest_l2_and_slot_ingress_uses_it() {
             .macs(TAP_MAC, GUEST_MAC)
             .with_dst(GUEST, 5353)
             .build(),
+    );
+    // A reply of the guest's flow, translated and addressed on the uplink.
+    let reply = PacketBuilder::udp(sock(WAN, 53), sock(UPLINK_IP, port), b"reply")
+        .macs(WAN_MAC, UPLINK_MAC);
+    let out = run(&dp, Program::UplinkIngress, &reply.build());
+    assert_eq!(
+        (out.verdict, out.mark),
+        (TC_ACT_REDIRECT, TO_GUEST_MARK | SLOT)
+    );
+    let for_guest = reply.clone().with_dst(GUEST, 5353);
+    assert_frame(&out, &for_guest.clone().macs(TAP_MAC, GUEST_MAC).build());
+    // With the MACs forgotten: marked for the kernel's neighbour lookup.
+    dp.maps_mut().clear_guest_l2(SLOT).unwrap();
+    let out = run(&dp, Program::UplinkIngress, &reply.build());
+    let mark = TO_GUEST_MARK | TO_GUEST_MARK_NEIGH | SLOT;
+    assert_eq!((out.verdict, out.mark), (TC_ACT_REDIRECT, mark));
+    assert_frame(&out, &for_guest.macs(VETH_MAC, ETH0_MAC).build());
+    let at_slot = dp
+        .test_run_marked(Program::SlotIngress, &out.frame, out.mark)
+        .unwrap();
+    assert_eq!(
+        (at_slot.verdict, &at_slot.frame, at_slot.mark),
+        (TC_ACT_REDIRECT, &out.frame, 0)
     );
 
     // A new MAC (the guest rebooted with another NIC address) replaces the old.
@@ -1748,8 +1892,8 @@ fn veth_learns_the_guest_l2_and_slot_ingress_uses_it() {
 fn guest_icmp_errors_about_its_flows_leave_translated() {
     let Some(dp) = datapath() else { return };
     // The guest's DNS query went out masqueraded...
-    let query = from_vpeer(PacketBuilder::udp(sock(VPEER, 5353), sock(WAN, 53), b"q"));
-    let (_, port) = masquerade(&dp, &query);
+    let query = guest_frame(PacketBuilder::udp(sock(GUEST, 5353), sock(WAN, 53), b"q"));
+    let (_, port) = guest_masquerade(&dp, &query);
     // ...the late answer reached the guest (as 198.18.0.100:53 → guest:5353), whose
     // socket is gone: it answers "port unreachable", quoting what it got.
     let answer = PacketBuilder::udp(sock(WAN, 53), sock(GUEST, 5353), b"late answer");
@@ -1801,25 +1945,110 @@ fn guest_icmp_errors_to_the_host_leave_as_host_ip() {
 
 // ---------------------------------------------------------------- slot_ingress
 
+/// Traffic for the vpeer address is the slot namespace's, except the host's
+/// side of a flow the guest opened to the host. A connection the host opens to
+/// the vpeer address passes `slot_ingress` untouched, and nothing is tracked;
+/// the guest's connection to a host address it may reach (an allow rule of its
+/// own) leaves as the vpeer, tracked in `HOST_FLOWS` as the host's replies will
+/// arrive, and those replies, and an ICMP error about the guest's datagram, go
+/// to the guest. The same from another port of the host passes.
 #[test]
-fn slot_dnat_of_vpeer_traffic_to_the_guest() {
-    let Some(dp) = datapath() else { return };
-    let pkt = PacketBuilder::tcp(sock(WAN, 80), sock(VPEER, 40010), tcp_flags::ACK)
-        .macs(VETH_MAC, ETH0_MAC)
-        .payload(b"response bytes");
-    let frame = pkt.build();
-    let out = run(&dp, Program::SlotIngress, &frame);
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    // redirect_neigh writes the MACs at transmit time; the program leaves them.
-    assert_frame(&out, &pkt.with_dst(GUEST, 40010).build());
-    let s = stats(&dp);
-    assert_eq!(s.counters[Counter::TO_GUEST_PACKETS], 1);
-    assert_eq!(s.counters[Counter::TO_GUEST_BYTES], frame.len() as u64);
-    assert_eq!(
-        dp.table_usage().unwrap().host_flows,
-        0,
-        "vpeer traffic is stateless"
+fn vpeer_traffic_reaches_the_guest_only_on_its_flows_to_the_host() {
+    let Some(mut dp) = datapath() else { return };
+    let to_vpeer = |b: PacketBuilder| b.macs(VETH_MAC, ETH0_MAC);
+    fn passes(dp: &Datapath, frame: &[u8]) {
+        let out = run(dp, Program::SlotIngress, frame);
+        assert_eq!((out.verdict, &out.frame[..]), (TC_ACT_OK, frame));
+    }
+    passes(
+        &dp,
+        &to_vpeer(PacketBuilder::tcp(
+            sock(VETH_IP, 50000),
+            sock(VPEER, 22),
+            tcp_flags::SYN,
+        ))
+        .build(),
     );
+    assert_eq!(dp.table_usage().unwrap().host_flows, 0);
+
+    dp.maps_mut()
+        .insert_policy(
+            &PolicyKey::new(SLOT, map_ip(VETH_IP), 32),
+            &PolicyRule {
+                action: POLICY_ALLOW,
+                prefix_len: 32,
+            },
+        )
+        .unwrap();
+    let syn = guest_frame(PacketBuilder::tcp(
+        sock(GUEST, 40010),
+        sock(VETH_IP, 80),
+        tcp_flags::SYN,
+    ));
+    let out = from_tap(&dp, &syn.build());
+    assert_eq!(out.verdict, TC_ACT_OK, "up the host stack");
+    assert_frame(
+        &out,
+        &syn.with_src(VPEER, 40010).macs(ETH0_MAC, VETH_MAC).build(),
+    );
+    let flow_key = key(VETH_IP, 80, VPEER, 40010, IPPROTO_TCP);
+    let flow = || {
+        dp.maps()
+            .flow(FlowTable::HostFlows, &flow_key)
+            .unwrap()
+            .expect("HOST_FLOWS entry")
+    };
+    let f = flow();
+    assert_eq!(
+        (f.addr, f.port, f.slot, f.state),
+        (map_ip(GUEST), 40010u16.to_be(), SLOT, STATE_SYN)
+    );
+
+    let synack = to_vpeer(PacketBuilder::tcp(
+        sock(VETH_IP, 80),
+        sock(VPEER, 40010),
+        tcp_flags::SYN | tcp_flags::ACK,
+    ));
+    let out = run(&dp, Program::SlotIngress, &synack.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_frame(
+        &out,
+        &synack
+            .with_dst(GUEST, 40010)
+            .macs(TAP_MAC, GUEST_MAC)
+            .build(),
+    );
+    assert_eq!(flow().state, STATE_SYN | STATE_REPLIED);
+    passes(
+        &dp,
+        &to_vpeer(PacketBuilder::tcp(
+            sock(VETH_IP, 81),
+            sock(VPEER, 40010),
+            tcp_flags::ACK,
+        ))
+        .build(),
+    );
+
+    // "Port unreachable" from the host about the guest's datagram, and about
+    // a datagram of the slot namespace's.
+    let sent = PacketBuilder::tcp(sock(VPEER, 40010), sock(VETH_IP, 80), tcp_flags::SYN);
+    let quoted = quote(&sent.ipv4_bytes());
+    let err = to_vpeer(PacketBuilder::icmp(VETH_IP, VPEER, 3, 3).payload(&quoted));
+    let out = run(&dp, Program::SlotIngress, &err.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_frame(
+        &out,
+        &PacketBuilder::icmp(VETH_IP, GUEST, 3, 3)
+            .payload(&requote_src(&quoted, GUEST, 40010))
+            .macs(TAP_MAC, GUEST_MAC)
+            .build(),
+    );
+    let other = quote(&PacketBuilder::udp(sock(VPEER, 5000), sock(VETH_IP, 53), b"q").ipv4_bytes());
+    passes(
+        &dp,
+        &to_vpeer(PacketBuilder::icmp(VETH_IP, VPEER, 3, 3).payload(&other)).build(),
+    );
+    assert_eq!(stats(&dp).counters[Counter::TO_GUEST_PACKETS], 2);
 }
 
 #[test]
@@ -2118,7 +2347,10 @@ fn reap_uses_the_closing_timeout_after_fins() {
         )
         .unwrap()
         .unwrap();
-    assert_eq!(ingress.state, STATE_REPLIED | STATE_FIN_REPLY);
+    assert_eq!(
+        ingress.state,
+        STATE_REPLIED | STATE_FIN_REPLY | STATE_SLOT_NS
+    );
     let t = Timeouts::default(); // closing: 10 s
     let r = dp.reap_at(&t, netagent_now() + 11_000_000_000).unwrap();
     assert_eq!(r.nat_flows, 1);
@@ -2217,8 +2449,8 @@ fn program_cost_per_packet() {
         sock(WAN, 80),
         tcp_flags::ACK,
     ));
-    guest_masquerade(&dp, &guest_tcp);
-    let cases: [(&str, Program, Vec<u8>); 7] = [
+    let (_, guest_port) = guest_masquerade(&dp, &guest_tcp);
+    let cases: [(&str, Program, Vec<u8>); 8] = [
         (
             "tap: guest TCP to the world",
             Program::TapIngress,
@@ -2235,7 +2467,12 @@ fn program_cost_per_packet() {
             syn.build(),
         ),
         (
-            "uplink: reply of a known flow",
+            "uplink: reply of a guest flow (translated, marked)",
+            Program::UplinkIngress,
+            PacketBuilder::tcp(sock(WAN, 80), sock(UPLINK_IP, guest_port), tcp_flags::ACK).build(),
+        ),
+        (
+            "uplink: reply of a slot namespace's flow",
             Program::UplinkIngress,
             PacketBuilder::tcp(sock(WAN, 80), sock(UPLINK_IP, port), tcp_flags::ACK).build(),
         ),
@@ -2245,7 +2482,7 @@ fn program_cost_per_packet() {
             PacketBuilder::tcp(sock(WAN, 80), sock(UPLINK_IP, 45000), tcp_flags::ACK).build(),
         ),
         (
-            "slot: to vpeer",
+            "slot: to vpeer, the slot namespace's (pass)",
             Program::SlotIngress,
             PacketBuilder::tcp(sock(WAN, 80), sock(VPEER, 40100), tcp_flags::ACK).build(),
         ),
@@ -3462,7 +3699,7 @@ fn a_new_connection_on_a_closed_tuple_is_not_reaped_as_closing() {
         .maps()
         .flow(
             FlowTable::NatEgress,
-            &key(VPEER, 1234, WAN, 80, IPPROTO_TCP),
+            &stack_key(VPEER, 1234, WAN, 80, IPPROTO_TCP),
         )
         .unwrap()
         .unwrap();
@@ -3474,7 +3711,10 @@ fn a_new_connection_on_a_closed_tuple_is_not_reaped_as_closing() {
         )
         .unwrap()
         .unwrap();
-    assert_eq!((egress.state, ingress.state), (STATE_SYN, STATE_REPLIED));
+    assert_eq!(
+        (egress.state, ingress.state),
+        (STATE_SYN | STATE_SLOT_NS, STATE_REPLIED | STATE_SLOT_NS)
+    );
     let r = dp.reap_at(&t, netagent_now() + 60 * 1_000_000_000).unwrap();
     assert_eq!(
         r.total(),

@@ -21,9 +21,9 @@ use netagent::bpf::{
     Program, RateLimit, TEST_RUN_IFINDEX, TestRunOutput,
 };
 use netagent_common::{
-    CONFIG_F_TO_GUEST_MARK, CONFIG_F_UPLINK, Counter, DropReason, FlowKey, GlobalConfig,
-    IPPROTO_UDP, NatEntry, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE, STATE_GUEST,
-    SlotInfo, SlotStats,
+    CONFIG_F_TO_GUEST_MARK, CONFIG_F_UPLINK, Counter, DropReason, FLOW_SCOPE_SLOT_NS, FlowKey,
+    GlobalConfig, IPPROTO_UDP, NatEntry, SLOT_ETH0_IFINDEX, SLOT_F_ACTIVE, SLOT_TAP_IFINDEX_BASE,
+    STATE_GUEST, SlotInfo, SlotStats,
 };
 use netagent_tests::packet::{
     self, ETHERTYPE_IPV4, PacketBuilder, arp_request, ethernet_header, ipv6_udp_frame, tcp_flags,
@@ -908,7 +908,8 @@ fn flow_keys(vpeer: Ipv4Addr, sport: u16, dst: Ipv4Addr, port: u16) -> (FlowKey,
         sport: sp.to_be(),
         dport: dp.to_be(),
         proto: IPPROTO_UDP,
-        _pad: [0; 3],
+        scope: 0,
+        _pad: [0; 2],
     };
     (k(vpeer, sport, dst, 53), k(dst, 53, UPLINK_IP, port))
 }
@@ -964,7 +965,8 @@ fn policy_changes_cut_the_guest_flows_they_deny() {
     let out = w.dp.test_run(Program::VethIngress, &own).unwrap();
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     let p_own = packet::parse(&out.frame).unwrap().sport;
-    let f_own = flow_keys(VPEER, 2000, WAN, p_own);
+    let mut f_own = flow_keys(VPEER, 2000, WAN, p_own);
+    f_own.0.scope = FLOW_SCOPE_SLOT_NS; // a key of its own, apart from the guest's
 
     // Slot 7 denies WAN: its guest flow to WAN goes, the rest stays.
     w.dp.set_slot_egress(SLOT, &rules(&[], &["198.18.0.100/32"]))

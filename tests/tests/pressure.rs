@@ -229,7 +229,8 @@ impl Agent {
                 sport: 1000u16.to_be(),
                 dport: 443u16.to_be(),
                 proto: IPPROTO_TCP,
-                _pad: [0; 3],
+                scope: 0,
+                _pad: [0; 2],
             };
             let entry = NatEntry {
                 last_seen_ns: now,
@@ -1253,7 +1254,8 @@ fn table_counts_at_65536_entries() -> Result<()> {
             sport: (1000 + (i % 50_000) as u16).to_be(),
             dport: 80u16.to_be(),
             proto: IPPROTO_UDP,
-            _pad: [0; 3],
+            scope: 0,
+            _pad: [0; 2],
         };
         // Half the flows idle for an hour, half fresh.
         let entry = NatEntry {

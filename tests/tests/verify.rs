@@ -209,7 +209,8 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
         sport: 4000u16.to_be(),
         dport: 80u16.to_be(),
         proto: 6,
-        _pad: [0; 3],
+        scope: 0,
+        _pad: [0; 2],
     };
     nat.insert(
         orphan_key,

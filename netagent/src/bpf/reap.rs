@@ -6,7 +6,7 @@
 
 use netagent_common::{
     FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatEntry, STATE_FIN_ORIG, STATE_FIN_REPLY,
-    STATE_REPLIED, STATE_RST,
+    STATE_REPLIED, STATE_RST, flow_scope,
 };
 
 use super::maps::FlowTable;
@@ -71,7 +71,8 @@ pub fn reverse_of_egress(k: &FlowKey, e: &NatEntry) -> FlowKey {
         sport: k.dport,
         dport: e.port,
         proto: k.proto,
-        _pad: [0; 3],
+        scope: 0,
+        _pad: [0; 2],
     }
 }
 
@@ -83,7 +84,8 @@ pub fn egress_of_reverse(k: &FlowKey, e: &NatEntry) -> FlowKey {
         sport: e.port,
         dport: k.sport,
         proto: k.proto,
-        _pad: [0; 3],
+        scope: flow_scope(e.state),
+        _pad: [0; 2],
     }
 }
 
