@@ -56,7 +56,10 @@ pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
 /// Version of the map layout (the `#[repr(C)]` keys and values below and what
 /// their fields mean). A restarted agent reuses pinned maps only when their
 /// stored layout matches its own (see `netagent::bpf::layout`): bump this with
-/// any change to a key or value struct, even one that keeps its size.
+/// any change to a key or value struct, even one that keeps its size, unless
+/// what an earlier version wrote still reads the same. (`FlowKey::scope` and
+/// `STATE_SLOT_NS` are such a change: they were zero padding and an unused bit,
+/// and zero means what every earlier flow was, the guest's.)
 pub const LAYOUT_VERSION: u32 = 1;
 
 /// Bounded tries when a masquerade port is taken (Cilium's

@@ -2,7 +2,8 @@
 //! the maps a previous run pinned.
 //!
 //! The descriptor is text: `LAYOUT_VERSION` (netagent-common, bumped with any
-//! change to a key or value struct), the size of every key and value struct,
+//! change to a key or value struct that older maps would not read the same),
+//! the size of every key and value struct,
 //! and one line per map with its type, key size, value size and max_entries
 //! (the latter from the configuration). Its FNV-1a hash is the short id the
 //! logs show. It is stored beside the map pins as the pinned one-entry array

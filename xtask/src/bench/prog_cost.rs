@@ -28,7 +28,7 @@ use anyhow::{Context, Result, bail};
 use super::Plan;
 use super::agent::Agent;
 use super::proc::{ns_cmd, run_bounded};
-use super::topology::{GUEST_IP, Run, SERVER_IP, UPLINK, UPLINK_IP, VPEER_IP};
+use super::topology::{GUEST_IP, HOST_IP, Run, SERVER_IP, UPLINK, UPLINK_IP, VETH_IP, VPEER_IP};
 
 /// ns per packet of one program on one crafted frame.
 #[derive(Debug, Clone)]
@@ -96,6 +96,8 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
     let guest: Ipv4Addr = GUEST_IP.parse()?;
     let server: Ipv4Addr = SERVER_IP.parse()?;
     let vpeer: Ipv4Addr = VPEER_IP.parse()?;
+    let veth: Ipv4Addr = VETH_IP.parse()?;
+    let host_ip: Ipv4Addr = HOST_IP.parse()?;
     let uplink: Ipv4Addr = UPLINK_IP.parse()?;
     let mac = [0x02, 0, 0, 0, 0, 1];
     let dir = &run.dir;
@@ -179,17 +181,17 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
         &tcp_frame(mac, mac, vpeer, server, VPEER_PORT, SERVER_PORT),
     )?;
     // The guest's flow: the fast path.
-    masquerade(
+    let guest_port = masquerade(
         "guest → world TCP, established flow (fast path: masquerade, next hop, out by the uplink)",
         &tcp_frame(TAP_MAC, guest_mac, guest, server, GUEST_PORT, SERVER_PORT),
     )?;
 
     // The guest's MACs are known (learned above), so the reply is translated
     // for the guest here, addressed to it and marked for the slot.
-    let frame = tcp_frame(mac, mac, server, uplink, SERVER_PORT, vpeer_port);
+    let frame = tcp_frame(mac, mac, server, uplink, SERVER_PORT, guest_port);
     let reply = case(
         "uplink_ingress",
-        "world → slot TCP reply, guest L2 known (reverse NAT to the guest, MACs, mark, redirect_peer)",
+        "world → guest TCP reply, guest L2 known (reverse NAT to the guest, MACs, mark, redirect_peer)",
         &agent.host_ns,
         SkbCtx::on(uplink_ifindex),
         &frame,
@@ -197,8 +199,24 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
         &|v, data| {
             v == TC_ACT_REDIRECT
                 && addr_at(data, 30) == Some(guest)
-                && port_at(data, 36) == Some(VPEER_PORT)
+                && port_at(data, 36) == Some(GUEST_PORT)
                 && data.get(0..6) == Some(&guest_mac[..])
+        },
+    )?;
+
+    // A reply of the slot namespace's own flow: to the vpeer address, unmarked.
+    let frame = tcp_frame(mac, mac, server, uplink, SERVER_PORT, vpeer_port);
+    case(
+        "uplink_ingress",
+        "world → slot namespace TCP reply (reverse NAT to the vpeer address, redirect_peer)",
+        &agent.host_ns,
+        SkbCtx::on(uplink_ifindex),
+        &frame,
+        singles,
+        &|v, data| {
+            v == TC_ACT_REDIRECT
+                && addr_at(data, 30) == Some(vpeer)
+                && port_at(data, 36) == Some(VPEER_PORT)
         },
     )?;
 
@@ -228,12 +246,12 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
         &|v, data| v == TC_ACT_REDIRECT && data == reply,
     )?;
 
-    // A packet for the vpeer address (one the uplink did not translate):
-    // translated here, addressed to the guest's known MACs, bpf_redirect.
-    let frame = tcp_frame(mac, mac, server, vpeer, SERVER_PORT, GUEST_PORT);
+    // The host reaches the guest at HostIP: a tracked flow (made by the first
+    // run), translated here, addressed to the guest's known MACs, bpf_redirect.
+    let frame = tcp_frame(mac, mac, veth, host_ip, SERVER_PORT, GUEST_PORT);
     case(
         "slot_ingress",
-        "world → guest TCP to the vpeer address, guest L2 known (DNAT to guest, MACs, redirect)",
+        "host → guest TCP to HostIP, flow tracked, guest L2 known (DNAT to guest, MACs, redirect)",
         &slot_ns,
         SkbCtx::default(),
         &frame,
@@ -244,6 +262,19 @@ pub fn measure(run: &Run, agent: &Agent, plan: &Plan) -> Result<Vec<ProgCost>> {
                 && data.get(0..6) == Some(&guest_mac[..])
                 && data.get(6..12) == Some(&TAP_MAC[..])
         },
+    )?;
+
+    // The host reaches the slot namespace at the vpeer address: no flow of
+    // the guest's, so it passes to that namespace's stack.
+    let frame = tcp_frame(mac, mac, veth, vpeer, SERVER_PORT, 22);
+    case(
+        "slot_ingress",
+        "host → slot namespace TCP to the vpeer address (no guest flow: untouched, TC_ACT_OK)",
+        &slot_ns,
+        SkbCtx::default(),
+        &frame,
+        repeat,
+        &|v, data| v == TC_ACT_OK && data == frame,
     )?;
     Ok(out)
 }
