@@ -10,6 +10,7 @@ mod debian;
 mod fuzz;
 mod guest;
 mod soak;
+mod stale_pins;
 mod test;
 mod toolchain;
 

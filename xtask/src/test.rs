@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::{build_ebpf, debian, fuzz, run_cmd, workspace_root};
+use crate::{build_ebpf, debian, fuzz, run_cmd, stale_pins, workspace_root};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -19,6 +19,7 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> Result<()> {
     debian::install(debian::TEST_PACKAGES)?;
+    stale_pins::sweep()?;
     build_ebpf::run(&build_ebpf::Options {})?;
     crate::guest::run(&crate::guest::Options {})?;
     let root = workspace_root();
