@@ -9,7 +9,7 @@ use super::stats::{
     Metric, Path, Summary, paired_difference, paired_ratio, paired_ratio_values, percentile,
     summarize,
 };
-use super::workloads::{SMALL_MSS, UDP_PAYLOAD};
+use super::workloads::{SMALL_MSS, UDP_PAYLOAD, Workload};
 use super::{Plan, Results};
 
 /// Where and on what the run happened.
@@ -764,41 +764,8 @@ fn render_limits(o: &mut String, plan: &Plan, r: &Results) {
             f64::from(real) / 256.0
         ));
     }
-    if !r.prog_cost.is_empty()
-        && let (Some(mss), Some(fl)) = (
-            med(r, Path::Netagent, n0, Metric::StreamMssGbps),
-            med_at(r, plan, Path::Floor, n0, Metric::StreamGbps),
-        )
-    {
-        // The guest's egress path: tap_ingress, then veth_ingress's fast path.
-        let egress: f64 = r
-            .prog_cost
-            .iter()
-            .filter(|p| {
-                p.program == "tap_ingress"
-                    || (p.program == "veth_ingress" && p.case.starts_with("guest"))
-            })
-            .map(|p| p.ns_per_packet)
-            .sum();
-        // Frame of a small-MSS segment: MSS + TCP/IP headers with timestamps + Ethernet.
-        let pps = mss * 1e9 / 8.0 / f64::from(SMALL_MSS + 32 + 20 + 14);
-        let budget = 1e9 / pps;
-        let na = med(r, Path::Netagent, n0, Metric::StreamGbps).unwrap_or(f64::NAN);
-        if na < 1.1 * fl {
-            items.push(format!(
-                "**Stream.** The guest's two egress programs cost {} ns per packet \
-                 (BPF_PROG_TEST_RUN; a single run's time includes a timer read), about {:.0} % of \
-                 the {} ns a small-MSS segment takes end to end at the measured {} Gbit/s — but a \
-                 stream's packets are GSO batches of up to 64 KiB, so the programs run once per \
-                 batch, not per segment. The rest is the kernel's share of the path (the guest's \
-                 veth hop and its backlog pass, the TCP stacks and their copies) and the noise of a shared 2-vCPU machine, which moves single runs \
-                 by more than the 10 % asked for (see the per-round ratios).",
-                num(egress),
-                egress / budget * 100.0,
-                num(budget),
-                num(mss),
-            ));
-        }
+    if let Some(item) = stream_limit(r, n0) {
+        items.push(item);
     }
     if let Some(item) = crr_limit(r, n0) {
         items.push(item);
@@ -863,6 +830,60 @@ fn render_limits(o: &mut String, plan: &Plan, r: &Results) {
         let _ = writeln!(o, "- {i}");
     }
     let _ = writeln!(o);
+}
+
+/// The stream target's limit, when it is missed: how far f0 itself (the two
+/// TCP stacks on one veth pair, no forwarding) is ahead of floor per round —
+/// the rate no forwarding path can pass — so what share of f0's rate 1.1 ×
+/// floor asks for, the share netagent reached, and where the datapath's cost
+/// of a stream lands.
+fn stream_limit(r: &Results, n0: u32) -> Option<String> {
+    let m = Metric::StreamGbps;
+    let per_round = |a, b| paired_ratio(&r.samples, a, b, n0, m).filter(|p| p.count >= 3);
+    let vs_floor = per_round(Path::Netagent, Path::Floor)?;
+    if vs_floor.median >= 1.1 {
+        return None;
+    }
+    let f0_vs_floor = per_round(Path::F0, Path::Floor)?;
+    let vs_f0 = per_round(Path::Netagent, Path::F0)?;
+    let at_least = |a, b| {
+        paired_ratio_values(&r.samples, a, b, n0, m)
+            .iter()
+            .filter(|&&x| x >= 1.1)
+            .count()
+    };
+    // The reply direction's programs, once per ACK, in the live stream runs.
+    let acks: f64 = r
+        .live_cost
+        .iter()
+        .filter(|c| {
+            c.workload == Workload::Stream
+                && (c.program == "uplink_ingress" || c.program == "slot_ingress")
+        })
+        .map(|c| c.ns_per_run)
+        .sum();
+    let ack_cost = if acks > 0.0 {
+        format!(" ({} ns per ACK in this run's live stream)", num(acks))
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "**Stream.** f0 itself, the two TCP stacks on one veth pair with no forwarding at all, \
+         reached {:.2} × floor per round (1.1 × or more in {} of {} rounds), so 1.1 × floor asks \
+         netagent for {:.0} % of f0's rate; it reached {:.0} % (per round), and 1.1 × floor in \
+         {} of {} rounds. One stream saturates the receiving CPU (the server's copy to user \
+         space; `cargo xtask bench --perf DIR` shows it busy with f0 and netagent alike). The \
+         datapath's share of that CPU is the reply direction: `uplink_ingress` and \
+         `slot_ingress` run once per ACK{ack_cost}, with two namespace crossings, while the data \
+         direction's programs run once per GSO batch of up to 64 KiB on the sending CPU.",
+        f0_vs_floor.median,
+        at_least(Path::F0, Path::Floor),
+        f0_vs_floor.count,
+        110.0 / f0_vs_floor.median,
+        vs_f0.median * 100.0,
+        at_least(Path::Netagent, Path::Floor),
+        vs_floor.count,
+    ))
 }
 
 /// The new-connection target's limit, when it is missed: how far f0 itself is
@@ -1333,6 +1354,45 @@ mod tests {
             [200.0, 150.0, 100.0, 160.0],
         );
         assert!(crr_limit(&met, 1).is_none());
+    }
+
+    #[test]
+    fn a_missed_stream_target_says_what_share_of_f0_it_asks_for() {
+        let mut r = Results::default();
+        rounds(
+            &mut r.samples,
+            1,
+            Metric::StreamGbps,
+            [26.0, 25.0, 20.0, 24.0],
+        );
+        let live = |program, ns_per_run| live_cost::LiveCost {
+            workload: Workload::Stream,
+            program,
+            runs: 1000,
+            ns_per_run,
+        };
+        r.live_cost = vec![
+            live("tap_ingress", 100.0),
+            live("uplink_ingress", 200.0),
+            live("slot_ingress", 80.0),
+        ];
+        let item = stream_limit(&r, 1).expect("missed: an item");
+        assert!(
+            item.contains("reached 1.04 × floor per round (1.1 × or more in 0 of 3 rounds)")
+                && item.contains("asks netagent for 106 % of f0's rate; it reached 92 %")
+                && item.contains("and 1.1 × floor in 0 of 3 rounds")
+                && item.contains("(280 ns per ACK in this run's live stream)"),
+            "{item}"
+        );
+
+        let mut met = Results::default();
+        rounds(
+            &mut met.samples,
+            1,
+            Metric::StreamGbps,
+            [30.0, 25.0, 20.0, 28.0],
+        );
+        assert!(stream_limit(&met, 1).is_none());
     }
 
     #[test]
