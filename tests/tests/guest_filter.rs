@@ -1014,6 +1014,65 @@ fn policy_changes_cut_the_guest_flows_they_deny() {
     assert_eq!(packet::parse(&out.frame).unwrap().sport, p_own);
 }
 
+/// The guest's flows to host addresses always meet the policy on the guest's
+/// side, but their `HOST_FLOWS` entries (keyed to the vpeer address, as the
+/// host's replies arrive) let the replies through: a change that denies the
+/// address cuts them too, and only them — not the host's flows to HostIP, not
+/// a flow to an address still allowed.
+#[test]
+fn policy_changes_cut_the_guests_flows_to_host_addresses() {
+    let Some(mut w) = world() else { return };
+    let allowed = Ipv4Addr::new(10, 12, 0, 2); // slot 1's host veth: a host address
+    w.dp.set_slot_egress(SLOT, &rules(&["10.12.0.14/32", "10.12.0.2/32"], &[]))
+        .unwrap();
+    let reply_key = |host: Ipv4Addr| FlowKey {
+        saddr: map_ip(host),
+        daddr: map_ip(VPEER),
+        sport: 53u16.to_be(),
+        dport: 40000u16.to_be(),
+        proto: IPPROTO_UDP,
+        scope: 0,
+        _pad: [0; 2],
+    };
+    for host in [VETH_IP, allowed] {
+        let out = w.guest(&guest_udp(host));
+        assert_eq!(out.verdict, TC_ACT_OK, "to {host}: up the host stack");
+        assert_eq!(packet::parse(&out.frame).unwrap().src, VPEER);
+        assert!(
+            w.dp.maps()
+                .flow(FlowTable::HostFlows, &reply_key(host))
+                .unwrap()
+                .is_some(),
+            "to {host}: tracked"
+        );
+    }
+    // The host's own flow to the guest at HostIP.
+    let to_host_ip = PacketBuilder::udp(sock(VETH_IP, 5000), sock(HOST_IP, 53), b"q")
+        .macs(VETH_MAC, ETH0_MAC)
+        .build();
+    let out = w.dp.test_run(Program::SlotIngress, &to_host_ip).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(w.dp.table_usage().unwrap().host_flows, 3);
+
+    // The slot keeps only the second address.
+    w.dp.set_slot_egress(SLOT, &rules(&["10.12.0.2/32"], &[]))
+        .unwrap();
+    let tracked = |host| {
+        w.dp.maps()
+            .flow(FlowTable::HostFlows, &reply_key(host))
+            .unwrap()
+            .is_some()
+    };
+    assert!(
+        !tracked(VETH_IP),
+        "the flow to the address no longer allowed"
+    );
+    assert!(tracked(allowed));
+    assert_eq!(w.dp.table_usage().unwrap().host_flows, 2);
+    assert_eq!(w.guest(&guest_udp(VETH_IP)).verdict, TC_ACT_SHOT);
+    assert_eq!(w.drops(DropReason::HostDenied), 1);
+}
+
 /// The userspace evaluation the purge uses (`Datapath::egress_verdict`) gives
 /// the datapath's verdict for every address: each is sent as a new flow and
 /// the program's verdict and drop counter are compared with it.

@@ -6,6 +6,9 @@
 //! destination the new state denies (or makes a host address) are removed,
 //! both halves (`NAT_INGRESS`, then `NAT_EGRESS`, as the reaper does). The
 //! guest's next packet of such a flow goes the slow way and meets the policy.
+//! The guest's flows to host addresses always take the slow way, but their
+//! `HOST_FLOWS` entries let the host's replies through: those the new state
+//! denies go too.
 //!
 //! Order: the change is written first, then the kernel is asked to wait for
 //! an RCU grace period (`membarrier(MEMBARRIER_CMD_GLOBAL)`, i.e.
@@ -14,6 +17,8 @@
 //! only then is `NAT_EGRESS` walked (in batches) and evaluated
 //! (`EgressView`, the datapath's evaluation in userspace). A flow allocated
 //! after the change met the new rules.
+
+use std::collections::HashMap;
 
 use netagent_common::{SLOT_F_ACTIVE, STATE_GUEST};
 
@@ -73,14 +78,41 @@ impl Datapath {
     }
 
     /// Removes both halves of every guest masquerade flow of `slot` (`None`:
-    /// every slot) the current policy and `LOCAL_ADDRS` deny; returns how many
-    /// flows.
+    /// every slot) the current policy and `LOCAL_ADDRS` deny, and every flow
+    /// its guest opened to a host address that the policy now denies (in
+    /// `HOST_FLOWS`, keyed to the slot's vpeer address: the host's replies
+    /// would still reach the guest); returns how many flows.
     pub(super) fn purge_denied_flows(&mut self, slot: Option<u32>) -> Result<usize, BpfError> {
         wait_for_running_programs();
-        let flows = self.maps.flows(FlowTable::NatEgress)?;
-        let mut slots: Vec<u32> = flows
+        let in_scope = |s: u32| slot.is_none_or(|want| want == s);
+        let masquerade: Vec<_> = self
+            .maps
+            .flows(FlowTable::NatEgress)?
+            .into_iter()
+            .filter(|(_, e)| e.state & STATE_GUEST != 0 && in_scope(e.slot))
+            .collect();
+        let mut vpeers = HashMap::new();
+        let mut to_host = Vec::new();
+        for (key, entry) in self.maps.flows(FlowTable::HostFlows)? {
+            if !in_scope(entry.slot) {
+                continue;
+            }
+            let vpeer = match vpeers.get(&entry.slot) {
+                Some(&v) => v,
+                None => {
+                    let v = self.maps.slot(entry.slot)?.vpeer_ip;
+                    vpeers.insert(entry.slot, v);
+                    v
+                }
+            };
+            // The others are the host's flows to HostIP, which no egress rule cuts.
+            if key.daddr == vpeer {
+                to_host.push((key, entry));
+            }
+        }
+        let mut slots: Vec<u32> = masquerade
             .iter()
-            .filter(|(_, e)| e.state & STATE_GUEST != 0 && slot.is_none_or(|s| s == e.slot))
+            .chain(&to_host)
             .map(|(_, e)| e.slot)
             .collect();
         slots.sort_unstable();
@@ -90,16 +122,21 @@ impl Datapath {
         }
         let view = self.egress_view(&slots)?;
         let mut removed = 0;
-        for (key, entry) in flows {
-            if entry.state & STATE_GUEST == 0
-                || slot.is_some_and(|s| s != entry.slot)
-                || view.keeps_masquerade_flow(entry.slot, key.daddr)
-            {
+        for (key, entry) in masquerade {
+            if view.keeps_masquerade_flow(entry.slot, key.daddr) {
                 continue;
             }
             self.maps
                 .remove_flow(FlowTable::NatIngress, &reverse_of_egress(&key, &entry))?;
             self.maps.remove_flow(FlowTable::NatEgress, &key)?;
+            removed += 1;
+        }
+        // Keyed as the host's side arrives: the address the guest reached is the source.
+        for (key, entry) in to_host {
+            if view.egress_check(entry.slot, key.saddr).is_ok() {
+                continue;
+            }
+            self.maps.remove_flow(FlowTable::HostFlows, &key)?;
             removed += 1;
         }
         Ok(removed)
