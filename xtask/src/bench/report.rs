@@ -370,12 +370,13 @@ pub fn render(plan: &Plan, c: &Conditions, r: &Results) -> String {
     }
     let _ = writeln!(
         o,
-        "## Rerun\n\n```\ncargo xtask bench                       # everything (30–40 minutes with teardown)\n\
+        "## Rerun\n\n```\ncargo xtask bench                       # everything (this one: {:.0} minutes before teardown)\n\
          cargo xtask bench --quick               # smoke run, N = 1, report under target/bench/\n\
          cargo xtask bench --paths floor,netagent --workloads rr,stream --slots 1,1000 --rounds 3\n```\n\n\
          Needs root; it builds its own namespaces (prefix `xb` + 4 hex digits), never touches the \
          machine's real interfaces, routes or iptables, and removes everything at the end, also on \
-         Ctrl-C (a run killed with SIGKILL is cleaned up by the next run)."
+         Ctrl-C (a run killed with SIGKILL is cleaned up by the next run).",
+        r.elapsed.as_secs_f64() / 60.0
     );
     o
 }
