@@ -325,6 +325,28 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+impl FlowKey {
+    /// The key of these fields (network order) in `FLOW_SCOPE_GUEST`, padding zero.
+    #[inline(always)]
+    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
+        FlowKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            scope: FLOW_SCOPE_GUEST,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The same key in `scope` (`FLOW_SCOPE_*`).
+    #[inline(always)]
+    pub const fn in_scope(self, scope: u8) -> FlowKey {
+        FlowKey { scope, ..self }
+    }
+}
+
 /// A NAT or tracked-flow entry: the address/port a packet of this direction is
 /// translated to, and the bookkeeping the reaper needs.
 #[repr(C)]

@@ -55,15 +55,7 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
         return icmp_error(ctx, cfg, ip, slot, info);
     }
     if l4.translatable() {
-        let original = FlowKey {
-            saddr: ip.daddr,
-            daddr: info.host_ip,
-            sport: l4.dport,
-            dport: l4.sport,
-            proto: ip.proto,
-            scope: 0,
-            _pad: [0; 2],
-        };
+        let original = FlowKey::new(ip.daddr, info.host_ip, l4.dport, l4.sport, ip.proto);
         if let Some(flow) = conntrack::host_flow_lookup(&original) {
             conntrack::touch(flow, &l4, Dir::Reply, conntrack::now_ns());
             count_from_guest(ctx, slot);
@@ -80,15 +72,7 @@ pub fn from_guest(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Res
         // For the host stack (or no uplink to masquerade to): as the vpeer, and
         // tracked so the host's replies find their way back to the guest.
         if l4.translatable() && l4.kind != L4Kind::IcmpEchoReply {
-            let reply = FlowKey {
-                saddr: ip.daddr,
-                daddr: info.vpeer_ip,
-                sport: l4.dport,
-                dport: l4.sport,
-                proto: ip.proto,
-                scope: 0,
-                _pad: [0; 2],
-            };
+            let reply = FlowKey::new(ip.daddr, info.vpeer_ip, l4.dport, l4.sport, ip.proto);
             let guest = u32::from_ne_bytes(GUEST_IP_BYTES);
             conntrack::host_flow_track(
                 &reply,
@@ -132,15 +116,7 @@ fn established(
     let Some(cfg) = global_config() else {
         return Ok(Fast::Slow(Known::NotLookedUp));
     };
-    let key = FlowKey {
-        saddr: info.vpeer_ip,
-        daddr: ip.daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.proto,
-        scope: 0,
-        _pad: [0; 2],
-    };
+    let key = FlowKey::new(info.vpeer_ip, ip.daddr, l4.sport, l4.dport, ip.proto);
     let Some(entry) = nat::snat_v4_lookup(&key) else {
         return Ok(Fast::Slow(Known::Absent));
     };
@@ -210,15 +186,13 @@ fn icmp_error(
     let uplink = !stays_on_host(ip.daddr, host) && has_uplink(cfg);
     // The original direction of a host → guest flow the quote belongs to.
     let host_flow = match &quote {
-        Ok(q) if q.daddr == guest => conntrack::host_flow_lookup(&FlowKey {
-            saddr: q.saddr,
-            daddr: info.host_ip,
-            sport: q.sport,
-            dport: q.dport,
-            proto: q.proto,
-            scope: 0,
-            _pad: [0; 2],
-        })
+        Ok(q) if q.daddr == guest => conntrack::host_flow_lookup(&FlowKey::new(
+            q.saddr,
+            info.host_ip,
+            q.sport,
+            q.dport,
+            q.proto,
+        ))
         .is_some(),
         _ => false,
     };

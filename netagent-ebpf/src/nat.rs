@@ -160,15 +160,7 @@ pub fn snat_v4_alloc(
         slot,
         state: owner,
     };
-    let mut reverse = FlowKey {
-        saddr: key.daddr,
-        daddr: cfg.uplink_ip,
-        sport: key.dport,
-        dport: 0,
-        proto: key.proto,
-        scope: 0,
-        _pad: [0; 2],
-    };
+    let mut reverse = FlowKey::new(key.daddr, cfg.uplink_ip, key.dport, 0, key.proto);
     // Every index of the array exists: no lookup fails.
     let Some((cursor, hash)) = snat_v4_port_cursor(&reverse) else {
         return Err(DropReason::NatPortsExhausted);
@@ -240,15 +232,14 @@ fn snat_v4_reclaim_closed(reverse: &FlowKey, now: u64) -> bool {
     };
     // SAFETY: pointer from a successful lookup, valid for this run; copied at once.
     let rev = unsafe { *rev };
-    let forward_key = FlowKey {
-        saddr: rev.addr,
-        daddr: reverse.saddr,
-        sport: rev.port,
-        dport: reverse.sport,
-        proto: reverse.proto,
-        scope: flow_scope(rev.state),
-        _pad: [0; 2],
-    };
+    let forward_key = FlowKey::new(
+        rev.addr,
+        reverse.saddr,
+        rev.port,
+        reverse.sport,
+        reverse.proto,
+    )
+    .in_scope(flow_scope(rev.state));
     let (state, last_seen) = match NAT_EGRESS.get_ptr(&forward_key) {
         // SAFETY: as above.
         Some(fwd) => unsafe {

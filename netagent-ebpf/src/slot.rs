@@ -90,15 +90,7 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         if !l4.translatable() {
             return Err(drop(DropReason::UnsupportedProtocol));
         }
-        let key = FlowKey {
-            saddr: ip.saddr,
-            daddr: ip.daddr,
-            sport: l4.sport,
-            dport: l4.dport,
-            proto: ip.proto,
-            scope: 0,
-            _pad: [0; 2],
-        };
+        let key = FlowKey::new(ip.saddr, ip.daddr, l4.sport, l4.dport, ip.proto);
         conntrack::host_flow_track(&key, &l4, Dir::Original, slot, guest, conntrack::now_ns())
             .map_err(drop)?;
     }
@@ -124,15 +116,7 @@ fn to_vpeer(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Result<i3
         };
         // The quote is a datagram the guest sent to the host as the vpeer: its
         // flow is keyed as the host's side of it arrives.
-        let key = FlowKey {
-            saddr: q.daddr,
-            daddr: q.saddr,
-            sport: q.dport,
-            dport: q.sport,
-            proto: q.proto,
-            scope: 0,
-            _pad: [0; 2],
-        };
+        let key = FlowKey::new(q.daddr, q.saddr, q.dport, q.sport, q.proto);
         if q.saddr != ip.daddr || conntrack::host_flow_lookup(&key).is_none() {
             return pass;
         }
@@ -142,15 +126,7 @@ fn to_vpeer(ctx: &TcContext, ip: &Ipv4, slot: u32, info: &SlotInfo) -> Result<i3
         if !l4.translatable() {
             return pass;
         }
-        let key = FlowKey {
-            saddr: ip.saddr,
-            daddr: ip.daddr,
-            sport: l4.sport,
-            dport: l4.dport,
-            proto: ip.proto,
-            scope: 0,
-            _pad: [0; 2],
-        };
+        let key = FlowKey::new(ip.saddr, ip.daddr, l4.sport, l4.dport, ip.proto);
         let Some(flow) = conntrack::host_flow_lookup(&key) else {
             return pass;
         };

@@ -52,15 +52,7 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     if port < cfg.port_min || port > cfg.port_max {
         return pass;
     }
-    let key = FlowKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.proto,
-        scope: 0,
-        _pad: [0; 2],
-    };
+    let key = FlowKey::new(ip.saddr, ip.daddr, l4.sport, l4.dport, ip.proto);
     let Some(entry) = nat::rev_snat_v4_lookup(&key) else {
         return pass;
     };
@@ -166,15 +158,7 @@ fn icmp_error(ctx: &TcContext, cfg: &GlobalConfig, ip: &Ipv4) -> Result<i32, Dro
         return pass;
     }
     // The reply-direction key of the quoted (outgoing) datagram.
-    let key = FlowKey {
-        saddr: q.daddr,
-        daddr: q.saddr,
-        sport: q.dport,
-        dport: q.sport,
-        proto: q.proto,
-        scope: 0,
-        _pad: [0; 2],
-    };
+    let key = FlowKey::new(q.daddr, q.saddr, q.dport, q.sport, q.proto);
     let Some(entry) = nat::rev_snat_v4_lookup(&key) else {
         return pass;
     };

@@ -94,19 +94,12 @@ pub fn masquerade(
     if !l4.translatable() || l4.kind == L4Kind::IcmpEchoReply {
         return Err(drop(DropReason::UnsupportedProtocol));
     }
-    let key = FlowKey {
-        saddr: vpeer_ip,
-        daddr: ip.daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.proto,
-        scope: if guest != 0 {
-            FLOW_SCOPE_GUEST
-        } else {
-            FLOW_SCOPE_SLOT_NS
-        },
-        _pad: [0; 2],
+    let scope = if guest != 0 {
+        FLOW_SCOPE_GUEST
+    } else {
+        FLOW_SCOPE_SLOT_NS
     };
+    let key = FlowKey::new(vpeer_ip, ip.daddr, l4.sport, l4.dport, ip.proto).in_scope(scope);
     let now = conntrack::now_ns();
     let (nat_ip, nat_port) = snat(&key, l4, slot, cfg, guest, known, now)?;
     snat_and_send(ctx, ip, l4, nat_ip, nat_port, cfg, now).map_err(drop)
@@ -228,15 +221,7 @@ pub fn masquerade_icmp_error(
 ) -> Result<i32, Drop> {
     let drop = |reason| Drop::new(slot, reason);
     // The original-direction key of the flow the quoted reply belongs to.
-    let key = FlowKey {
-        saddr: vpeer_ip,
-        daddr: q.saddr,
-        sport: q.dport,
-        dport: q.sport,
-        proto: q.proto,
-        scope,
-        _pad: [0; 2],
-    };
+    let key = FlowKey::new(vpeer_ip, q.saddr, q.dport, q.sport, q.proto).in_scope(scope);
     let Some(entry) = nat::snat_v4_lookup(&key) else {
         return Err(drop(DropReason::UnsupportedProtocol));
     };

@@ -54,23 +54,18 @@ fn map_ip(ip: Ipv4Addr) -> u32 {
 }
 
 fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        saddr: map_ip(src),
-        daddr: map_ip(dst),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
+    FlowKey::new(
+        map_ip(src),
+        map_ip(dst),
+        sport.to_be(),
+        dport.to_be(),
         proto,
-        scope: 0,
-        _pad: [0; 2],
-    }
+    )
 }
 
 /// The `NAT_EGRESS` key of a masquerade flow of the slot namespace's own stack.
 fn stack_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        scope: FLOW_SCOPE_SLOT_NS,
-        ..key(src, sport, dst, dport, proto)
-    }
+    key(src, sport, dst, dport, proto).in_scope(FLOW_SCOPE_SLOT_NS)
 }
 
 fn small_config() -> DatapathConfig {
@@ -1108,10 +1103,7 @@ fn put_tcp_flow(
         slot: SLOT,
         state: state | owner,
     };
-    let forward = FlowKey {
-        scope: flow_scope(owner),
-        ..key(VPEER, sport, WAN, 80, IPPROTO_TCP)
-    };
+    let forward = key(VPEER, sport, WAN, 80, IPPROTO_TCP).in_scope(flow_scope(owner));
     dp.maps_mut()
         .insert_flow(
             FlowTable::NatEgress,

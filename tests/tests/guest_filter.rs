@@ -902,14 +902,8 @@ fn seed_guest_flow(
 /// The NAT_EGRESS and NAT_INGRESS keys of a UDP flow `vpeer`:`sport` →
 /// `dst`:53 masqueraded to uplink port `port`.
 fn flow_keys(vpeer: Ipv4Addr, sport: u16, dst: Ipv4Addr, port: u16) -> (FlowKey, FlowKey) {
-    let k = |s: Ipv4Addr, sp: u16, d: Ipv4Addr, dp: u16| FlowKey {
-        saddr: map_ip(s),
-        daddr: map_ip(d),
-        sport: sp.to_be(),
-        dport: dp.to_be(),
-        proto: IPPROTO_UDP,
-        scope: 0,
-        _pad: [0; 2],
+    let k = |s: Ipv4Addr, sp: u16, d: Ipv4Addr, dp: u16| {
+        FlowKey::new(map_ip(s), map_ip(d), sp.to_be(), dp.to_be(), IPPROTO_UDP)
     };
     (k(vpeer, sport, dst, 53), k(dst, 53, UPLINK_IP, port))
 }
@@ -1025,14 +1019,14 @@ fn policy_changes_cut_the_guests_flows_to_host_addresses() {
     let allowed = Ipv4Addr::new(10, 12, 0, 2); // slot 1's host veth: a host address
     w.dp.set_slot_egress(SLOT, &rules(&["10.12.0.14/32", "10.12.0.2/32"], &[]))
         .unwrap();
-    let reply_key = |host: Ipv4Addr| FlowKey {
-        saddr: map_ip(host),
-        daddr: map_ip(VPEER),
-        sport: 53u16.to_be(),
-        dport: 40000u16.to_be(),
-        proto: IPPROTO_UDP,
-        scope: 0,
-        _pad: [0; 2],
+    let reply_key = |host: Ipv4Addr| {
+        FlowKey::new(
+            map_ip(host),
+            map_ip(VPEER),
+            53u16.to_be(),
+            40000u16.to_be(),
+            IPPROTO_UDP,
+        )
     };
     for host in [VETH_IP, allowed] {
         let out = w.guest(&guest_udp(host));

@@ -223,15 +223,13 @@ impl Agent {
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
         let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
         for i in 0..n {
-            let key = FlowKey {
-                saddr: map_ip(Ipv4Addr::new(10, 99, (i >> 8) as u8, i as u8)),
-                daddr: map_ip(Ipv4Addr::new(198, 19, 0, 1)),
-                sport: 1000u16.to_be(),
-                dport: 443u16.to_be(),
-                proto: IPPROTO_TCP,
-                scope: 0,
-                _pad: [0; 2],
-            };
+            let key = FlowKey::new(
+                map_ip(Ipv4Addr::new(10, 99, (i >> 8) as u8, i as u8)),
+                map_ip(Ipv4Addr::new(198, 19, 0, 1)),
+                1000u16.to_be(),
+                443u16.to_be(),
+                IPPROTO_TCP,
+            );
             let entry = NatEntry {
                 last_seen_ns: now,
                 addr: map_ip(UPLINK_IP),
@@ -1248,15 +1246,13 @@ fn table_counts_at_65536_entries() -> Result<()> {
     let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
     let t = Instant::now();
     for i in 0..N {
-        let key = FlowKey {
-            saddr: map_ip(Ipv4Addr::new(10, 12, (i >> 8) as u8, i as u8)),
-            daddr: map_ip(WAN),
-            sport: (1000 + (i % 50_000) as u16).to_be(),
-            dport: 80u16.to_be(),
-            proto: IPPROTO_UDP,
-            scope: 0,
-            _pad: [0; 2],
-        };
+        let key = FlowKey::new(
+            map_ip(Ipv4Addr::new(10, 12, (i >> 8) as u8, i as u8)),
+            map_ip(WAN),
+            (1000 + (i % 50_000) as u16).to_be(),
+            80u16.to_be(),
+            IPPROTO_UDP,
+        );
         // Half the flows idle for an hour, half fresh.
         let entry = NatEntry {
             last_seen_ns: if i % 2 == 0 {

@@ -203,15 +203,13 @@ fn verify_lists_every_difference_and_nothing_on_a_healthy_agent() -> Result<()> 
     let mut nat: HashMap<MapData, FlowKey, NatEntry> = HashMap::try_from(aya::maps::Map::HashMap(
         MapData::from_pin(pins.join(MAP_NAT_EGRESS))?,
     ))?;
-    let orphan_key = FlowKey {
-        saddr: u32::from_ne_bytes([10, 12, 6, 19]),
-        daddr: u32::from_ne_bytes([198, 18, 0, 2]),
-        sport: 4000u16.to_be(),
-        dport: 80u16.to_be(),
-        proto: 6,
-        scope: 0,
-        _pad: [0; 2],
-    };
+    let orphan_key = FlowKey::new(
+        u32::from_ne_bytes([10, 12, 6, 19]),
+        u32::from_ne_bytes([198, 18, 0, 2]),
+        4000u16.to_be(),
+        80u16.to_be(),
+        6,
+    );
     nat.insert(
         orphan_key,
         NatEntry {

@@ -65,28 +65,12 @@ pub fn timeout_ns(timeouts: &Timeouts, proto: u8, state: u32) -> u64 {
 
 /// The NAT_INGRESS key of the masquerade flow whose NAT_EGRESS entry is `(k, e)`.
 pub fn reverse_of_egress(k: &FlowKey, e: &NatEntry) -> FlowKey {
-    FlowKey {
-        saddr: k.daddr,
-        daddr: e.addr,
-        sport: k.dport,
-        dport: e.port,
-        proto: k.proto,
-        scope: 0,
-        _pad: [0; 2],
-    }
+    FlowKey::new(k.daddr, e.addr, k.dport, e.port, k.proto)
 }
 
 /// The NAT_EGRESS key of the masquerade flow whose NAT_INGRESS entry is `(k, e)`.
 pub fn egress_of_reverse(k: &FlowKey, e: &NatEntry) -> FlowKey {
-    FlowKey {
-        saddr: e.addr,
-        daddr: k.saddr,
-        sport: e.port,
-        dport: k.sport,
-        proto: k.proto,
-        scope: flow_scope(e.state),
-        _pad: [0; 2],
-    }
+    FlowKey::new(e.addr, k.saddr, e.port, k.sport, k.proto).in_scope(flow_scope(e.state))
 }
 
 impl Datapath {
