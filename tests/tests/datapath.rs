@@ -63,6 +63,18 @@ fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowK
     )
 }
 
+/// A fresh `HOST_FLOWS` entry of `slot`'s guest on port `guest_port`.
+fn host_flow(slot: u32, guest_port: u16) -> NatEntry {
+    NatEntry {
+        last_seen_ns: netagent_now(),
+        addr: map_ip(GUEST),
+        port: guest_port.to_be(),
+        _pad: 0,
+        slot,
+        state: 0,
+    }
+}
+
 /// The `NAT_EGRESS` key of a masquerade flow of the slot namespace's own stack.
 fn stack_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
     key(src, sport, dst, dport, proto).in_scope(FLOW_SCOPE_SLOT_NS)
@@ -349,14 +361,7 @@ fn established_guest_flow_skips_policy_local_address_and_host_flow_lookups() {
     maps.insert_flow(
         FlowTable::HostFlows,
         &key(WAN, 53, HOST_IP, 5353, IPPROTO_UDP),
-        &NatEntry {
-            last_seen_ns: netagent_now(),
-            addr: map_ip(GUEST),
-            port: 5353u16.to_be(),
-            _pad: 0,
-            slot: SLOT,
-            state: 0,
-        },
+        &host_flow(SLOT, 5353),
     )
     .unwrap();
 
@@ -853,14 +858,7 @@ fn slot_ingress_finds_the_slot_by_destination() {
         maps.insert_flow(
             FlowTable::HostFlows,
             &key(WAN, 53, vpeer, 5353, IPPROTO_UDP),
-            &NatEntry {
-                last_seen_ns: netagent_now(),
-                addr: map_ip(GUEST),
-                port: 5353u16.to_be(),
-                _pad: 0,
-                slot,
-                state: 0,
-            },
+            &host_flow(slot, 5353),
         )
         .unwrap();
     }
