@@ -110,7 +110,8 @@ pub struct NatConfig {
     pub port_max: u16,
     /// Entries in each masquerade table (egress and ingress).
     pub table_size: u32,
-    /// Entries in the host → guest flow table.
+    /// Entries in the table of flows between the host and the guests: the
+    /// host's to a HostIP, and a guest's to a host address its slot allows.
     pub host_flow_table_size: u32,
 }
 
