@@ -5,6 +5,8 @@
 //! the slot namespace at the vpeer address; and the guest's own connection to
 //! a host address (allowed by a rule of its slot) leaves as the vpeer and gets
 //! its replies, while none of the slot namespace's packets reaches the guest.
+//! Once with the guest behind a TAP (a frame pump standing in for the VMM),
+//! once behind a veth guest link.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
@@ -14,6 +16,7 @@ use anyhow::{Context, Result, ensure};
 use netagent::bpf::{Cidr, EgressRules};
 use netagent::slot::GuestLink;
 use netagent_common::Counter;
+use netagent_tests::pump::{Offload, Pump};
 use netagent_tests::world::{UDP_ECHO_PORT, UPLINK_IP, WAN_IP, World};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,16 +68,36 @@ fn exchange(to: SocketAddrV4, msg: &[u8]) -> Result<SocketAddrV4> {
 }
 
 #[test]
-fn the_slot_namespaces_own_traffic_stays_its_own() -> Result<()> {
+fn the_slot_namespaces_own_traffic_stays_its_own_with_a_veth_guest() -> Result<()> {
+    slot_stack(false)
+}
+
+#[test]
+fn the_slot_namespaces_own_traffic_stays_its_own_with_a_tap_guest() -> Result<()> {
+    slot_stack(true)
+}
+
+/// The scenario of the module doc, with the guest behind a TAP (a frame pump
+/// standing in for the VMM) or a veth guest link.
+fn slot_stack(tap: bool) -> Result<()> {
     let Some(world) = World::new()? else {
         return Ok(());
     };
     let agent = world.start_agent(|_| {})?;
     let guest_ns = world.guest_namespace(2)?;
-    let g = GuestLink::Veth {
-        guest_netns: guest_ns.clone(),
+    let g = if tap {
+        GuestLink::Tap
+    } else {
+        GuestLink::Veth {
+            guest_netns: guest_ns.clone(),
+        }
     };
     let (slot, _) = agent.run(|m| async move { m.create(2, g).await })??;
+    let _pump = if tap {
+        Some(Pump::start(&slot.namespace, &guest_ns, Offload::On)?)
+    } else {
+        None
+    };
     let (slot_ns, vpeer, veth_ip) = (slot.namespace.clone(), slot.vpeer_ip, slot.veth_ip);
 
     // The guest and the slot namespace's stack, both from port 40404 to the wan
