@@ -158,11 +158,12 @@ impl Netlink {
         })
     }
 
-    /// Creates a veth pair with the ifindexes and MACs given, `this` up: `this`
-    /// in this connection's namespace, `peer` placed directly into the
-    /// namespace `peer_ns`. The peer stays down (a veth cannot open until the
-    /// pair is linked, which the kernel does after configuring the peer).
-    pub async fn veth_add_up(
+    /// Creates a veth pair with the ifindexes and MACs given, both ends down:
+    /// `this` in this connection's namespace, `peer` placed directly into the
+    /// namespace `peer_ns`. (Down, so that an ingress qdisc can be added before
+    /// they open: on a link that is up, adding one waits for an RCU grace
+    /// period, `dev_deactivate`.)
+    pub async fn veth_add_pair(
         &self,
         this: &VethEnd<'_>,
         peer: &VethEnd<'_>,
@@ -177,7 +178,6 @@ impl Netlink {
         let msg = LinkVeth::new(this.name, peer.name)
             .index(this.index)
             .address(this.mac.to_vec())
-            .up()
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
             .build();
         self.handle.link().add(msg).execute().await.map_err(|e| {

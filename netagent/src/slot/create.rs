@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use netagent_common::{HOST_VETH_INDEX_BASE, SLOT_ETH0_IFINDEX, SLOT_TAP_IFINDEX_BASE};
 
@@ -212,6 +213,7 @@ async fn build(
 ) -> Result<(), Failed> {
     use CreateStep::*;
     let host = mgr.host();
+    let mut times = StepTimes::start();
 
     // Namespace: one the pool made ready in the background, else one made
     // here. Either way it carries IPv4 only (no IPv6 link-local addresses,
@@ -232,11 +234,13 @@ async fn build(
     let mut slot_tc = TcSocket::from_socket(tc).map_err(at(Namespace))?;
     let slot = Netlink::from_socket(netlink).map_err(at(Namespace))?;
     mgr.inject(Namespace).map_err(at(Namespace))?;
+    times.lap(Namespace);
 
     // Veth pair with both ifindexes explicit (the kernel honours the peer's only
     // then, and fails rather than pick another): `eth0` gets SLOT_ETH0_IFINDEX,
-    // which the shared `tap_ingress` redirects to. Both ends get their MACs and
-    // the host end comes up in the same request. The host end asks for an index derived
+    // which the shared `tap_ingress` redirects to. Both ends get their MACs in
+    // the same request and come up once their qdiscs are on (below). The host
+    // end asks for an index derived
     // from the slot index; if that one is taken in the agent namespace (another
     // agent), the pair is made inside the slot namespace instead (any host
     // index there) and the host end moved over, which costs a netns move (an RCU
@@ -257,7 +261,7 @@ async fn build(
             index,
             mac: veth_mac,
         };
-        direct = host.veth_add_up(&this, &eth0, ns.as_fd()).await;
+        direct = host.veth_add_pair(&this, &eth0, ns.as_fd()).await;
         match &direct {
             // The index is held by this slot's veth retired by a delete a
             // moment ago (or another agent's link): try the next one.
@@ -284,30 +288,35 @@ async fn build(
         host.link_set_mac(veth_index, veth_mac)
             .await
             .map_err(at(Veth))?;
-        host.link_up(veth_index).await.map_err(at(Veth))?;
         slot.link_set_mac(eth0.index, eth0.mac)
             .await
             .map_err(at(Veth))?;
-        slot.link_up(eth0.index).await.map_err(at(Veth))?;
     } else {
         undo.push(Undo::HostLink(addr.veth.clone()));
-        // A veth cannot open before its peer is linked to it, which happens
-        // after the peer's own settings: the peer comes up here.
-        slot.link_up(eth0.index).await.map_err(at(Veth))?;
     }
+    // The ingress qdiscs the datapath's filters go on, added while the links
+    // are down: on a link that is up the kernel waits for an RCU grace period
+    // first (`dev_deactivate`), once per qdisc.
+    mgr.add_host_ingress_qdisc(veth_index).map_err(at(Veth))?;
+    slot_tc.add_ingress_qdisc(eth0.index).map_err(at(Veth))?;
+    host.link_up(veth_index).await.map_err(at(Veth))?;
+    slot.link_up(eth0.index).await.map_err(at(Veth))?;
     mgr.inject(Veth).map_err(at(Veth))?;
+    times.lap(Veth);
 
     // Host end.
     host.addr_add(veth_index, addr.veth_ip, VETH_PREFIX)
         .await
         .map_err(at(HostVeth))?;
     mgr.inject(HostVeth).map_err(at(HostVeth))?;
+    times.lap(HostVeth);
 
     // Slot end (`lo` came up with the namespace).
     slot.addr_add(eth0.index, addr.vpeer_ip, VETH_PREFIX)
         .await
         .map_err(at(SlotVeth))?;
     mgr.inject(SlotVeth).map_err(at(SlotVeth))?;
+    times.lap(SlotVeth);
 
     // Guest side: TAP, or a veth into the guest namespace; either way `tap0` has
     // the slot's fixed ifindex (the kernel fails rather than pick another; the
@@ -330,10 +339,14 @@ async fn build(
         }
     }
     undo.push(Undo::SlotLink(addr.tap.clone()));
+    slot_tc
+        .add_ingress_qdisc(tap_index)
+        .map_err(at(GuestLink))?;
     configure_tap(&slot, tap_index)
         .await
         .map_err(at(GuestLink))?;
     mgr.inject(GuestLink).map_err(at(GuestLink))?;
+    times.lap(GuestLink);
 
     if let Some(guest_ns) = guest_ns {
         let guest = Netlink::connect_in(guest_ns.as_fd()).map_err(at(GuestConfig))?;
@@ -362,6 +375,7 @@ async fn build(
             .await
             .map_err(at(GuestConfig))?;
         mgr.inject(GuestConfig).map_err(at(GuestConfig))?;
+        times.lap(GuestConfig);
     }
 
     // Routes.
@@ -369,11 +383,13 @@ async fn build(
         .await
         .map_err(at(SlotRoute))?;
     mgr.inject(SlotRoute).map_err(at(SlotRoute))?;
+    times.lap(SlotRoute);
     host.route_add_host(addr.host_ip, addr.vpeer_ip)
         .await
         .map_err(at(HostRoute))?;
     undo.push(Undo::HostRoute(addr.host_ip));
     mgr.inject(HostRoute).map_err(at(HostRoute))?;
+    times.lap(HostRoute);
 
     // Datapath.
     let sd = SlotDatapath {
@@ -402,7 +418,46 @@ async fn build(
     mgr.attach_slot(&sd, &mut slot_tc).map_err(at(Datapath))?;
     mgr.write_policy(addr.index, policy).map_err(at(Datapath))?;
     mgr.inject(Datapath).map_err(at(Datapath))?;
+    times.lap(Datapath);
+    times.log(addr.index);
     Ok(())
+}
+
+/// How long each step of one create took, logged at debug level once it
+/// succeeded (`RUST_LOG=netagent=debug`): where a slow create spends its time.
+struct StepTimes {
+    last: Instant,
+    laps: Vec<(CreateStep, Duration)>,
+}
+
+impl StepTimes {
+    fn start() -> StepTimes {
+        StepTimes {
+            last: Instant::now(),
+            laps: Vec::with_capacity(CreateStep::ALL.len()),
+        }
+    }
+
+    /// `step` is done: the time since the previous one.
+    fn lap(&mut self, step: CreateStep) {
+        let now = Instant::now();
+        self.laps.push((step, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self, index: u32) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let total: Duration = self.laps.iter().map(|(_, d)| *d).sum();
+        let steps = self
+            .laps
+            .iter()
+            .map(|(step, d)| format!("{} {} µs", step.name(), d.as_micros()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::debug!(slot = index, total_us = total.as_micros() as u64, %steps, "slot created");
+    }
 }
 
 /// MAC, txqueuelen and up (one request), then the address, on the slot's

@@ -577,6 +577,15 @@ impl SlotManager {
     /// Attaches a slot's programs; interface indices resolve in the host namespace.
     /// `slot_tc` is a tc socket in the slot's namespace; the host veth's
     /// filter goes through the manager's own tc socket in the agent namespace.
+    /// Adds the `ingress` qdisc to the agent namespace's link `ifindex` (a new
+    /// slot's host veth, before it is up: see `create`).
+    pub(super) fn add_host_ingress_qdisc(&self, ifindex: u32) -> Result<(), StepError> {
+        blocking(|| {
+            lock(&self.host_tc).add_ingress_qdisc(ifindex)?;
+            Ok(())
+        })
+    }
+
     pub(super) fn attach_slot(
         &self,
         slot: &SlotDatapath<'_>,
