@@ -66,12 +66,7 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     if !to_host_ip && ip.daddr != info.vpeer_ip {
         return Ok(TC_ACT_OK as i32);
     }
-    // (A bool, not a filtered `Option` of the config: see `guest`.)
-    let marked = match config() {
-        Some(cfg) => cfg.flags & CONFIG_F_TO_GUEST_MARK != 0,
-        None => false,
-    };
-    if !to_host_ip && marked {
+    if !to_host_ip && replies_marked() {
         return to_vpeer(ctx, &ip, slot, info);
     }
     let l4 = parse::l4(ctx, &ip).map_err(drop)?;
@@ -96,6 +91,16 @@ pub fn try_slot_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     }
     csum::ipv4_addr_rewrite(ctx, &l4, ip.l4_off(), IP_DST_OFF, ip.daddr, guest).map_err(drop)?;
     to_guest(ctx, slot, info).map_err(drop)
+}
+
+/// Whether `CONFIG_F_TO_GUEST_MARK` is set (every reply of a guest flow comes
+/// marked). A bool, not a filtered `Option` of the config: see `guest`.
+#[inline(always)]
+fn replies_marked() -> bool {
+    match config() {
+        Some(cfg) => cfg.flags & CONFIG_F_TO_GUEST_MARK != 0,
+        None => false,
+    }
 }
 
 /// A packet for the vpeer address of `slot` once every reply of a guest flow
